@@ -1,0 +1,12 @@
+//! The tidepool API.
+//!
+//! - [`v1alpha1`]: the `ConnectionPool` custom resource.
+//! - [`validate`]: the same rules the API server enforces, for inputs that do
+//!   not pass through it (the agent's standalone files, operator snapshots).
+//! - [`crd`]: the CustomResourceDefinition as the chart ships it.
+
+pub mod crd;
+pub mod validate;
+pub mod v1alpha1;
+
+pub use v1alpha1::{ConnectionPool, ConnectionPoolSpec, ConnectionPoolStatus};

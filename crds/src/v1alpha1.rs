@@ -1,0 +1,305 @@
+//! `ConnectionPool`, group `tidepool.dev`, version `v1alpha1`.
+//!
+//! Every field carries a doc comment: it becomes the OpenAPI description that
+//! `kubectl explain connectionpool.spec.<field>` prints. Validation lives in
+//! the schema (types, ranges, enums) and in CEL rules whose messages name the
+//! field and the rule, so `kubectl apply` of a bad pool says what to change.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Go-style duration as Kubernetes CEL's `duration()` accepts it: one or
+/// more `<number><unit>` groups, units `h`, `m`, `s`, `ms`, `us`, `ns`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+
+/// `host:port` with an IPv6 host in brackets; the port range is checked apart.
+pub const ADDRESS_PATTERN: &str =
+    r"^(\[[0-9a-fA-F:.]+\]|[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?):[0-9]{1,5}$";
+
+/// The most addresses a static target may list.
+pub const MAX_STATIC_ADDRESSES: usize = 256;
+
+/// How a pool of gRPC connections to one target is kept.
+///
+/// Field meanings follow go-micro's gRPC client pool (PoolSize, PoolTTL,
+/// PoolMaxIdle, PoolMaxStreams), applied per backend address by the tidepool
+/// agent on every node.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tidepool.dev",
+    version = "v1alpha1",
+    kind = "ConnectionPool",
+    plural = "connectionpools",
+    singular = "connectionpool",
+    shortname = "cpool",
+    category = "tidepool",
+    namespaced,
+    doc = "A ConnectionPool declares a gRPC target and how connections to it are pooled by the tidepool agent on every node.",
+    status = "ConnectionPoolStatus",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.target","description":"The target as the operator resolved it"}"#,
+    printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size","description":"Connections kept per address"}"#,
+    printcolumn = r#"{"name":"Streams","type":"integer","jsonPath":".status.totals.streams","description":"Streams in use, summed over addresses and nodes"}"#,
+    printcolumn = r#"{"name":"Connections","type":"integer","jsonPath":".status.totals.connections","description":"Open connections, summed over addresses and nodes"}"#,
+    printcolumn = r#"{"name":"Synced","type":"integer","jsonPath":".status.agents.synced","description":"Agents running the current generation"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.agents.desired","description":"Agents that should run this pool"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Every desired agent runs the current generation and the pool has addresses"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.maxIdle) || self.maxIdle <= self.size",
+        "message": "spec.maxIdle must be less than or equal to spec.size",
+        "fieldPath": ".maxIdle",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct ConnectionPoolSpec {
+    /// The gRPC backend: a Service in this namespace, or a static list of
+    /// addresses. Exactly one of `service` and `addresses` must be set.
+    pub target: Target,
+
+    /// Connections kept per backend address (go-micro PoolSize). Streams that
+    /// find every kept connection at maxStreams follow `whenFull`. At least 1.
+    #[serde(default = "default_size")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub size: i32,
+
+    /// How long a connection lives before it is retired, as a duration such
+    /// as `60s` or `5m` (go-micro PoolTTL). A retired connection takes no new
+    /// streams and closes when its last stream ends; each connection's
+    /// lifetime is jittered by ±10% so they do not all reconnect at once.
+    /// At least 1s.
+    #[serde(default = "default_ttl")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('1s')",
+            "message": "spec.ttl must be a duration of at least 1s, such as 30s, 1m or 1h30m",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
+    pub ttl: String,
+
+    /// Idle connections (no streams) kept per address (go-micro PoolMaxIdle);
+    /// an idle connection beyond this is closed. Between 0 and `size`. When
+    /// unset: 50, or `size` if that is smaller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_idle: Option<i32>,
+
+    /// Concurrent streams (in-flight RPCs) per connection (go-micro
+    /// PoolMaxStreams). The agent uses the smaller of this and the server's
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS. At least 1.
+    #[serde(default = "default_max_streams")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_streams: i32,
+
+    /// What a stream does when every kept connection to its address is at
+    /// maxStreams and the pool already holds `size` connections: `Overflow`
+    /// dials an extra connection outside the pool, used once and closed, as
+    /// go-micro does; `Wait` queues the stream (first in, first out) for up
+    /// to `acquireTimeout`, then fails it with RESOURCE_EXHAUSTED.
+    #[serde(default)]
+    pub when_full: WhenFull,
+
+    /// With `whenFull: Wait`, how long a stream may wait for a free slot, as
+    /// a duration such as `500ms` or `2s`.
+    #[serde(default = "default_acquire_timeout")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')",
+            "message": "spec.acquireTimeout must be a duration such as 500ms, 1s or 2m",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
+    pub acquire_timeout: String,
+
+    /// A dedicated port on which every agent accepts this pool's traffic,
+    /// for clients that cannot set the HTTP/2 authority. Without it, clients
+    /// reach the pool on the agent's shared port (15000) by authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub listen_port: Option<i32>,
+}
+
+/// Where a pool's connections go.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.service) != has(self.addresses)",
+        "message": "spec.target must set exactly one of service or addresses",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct Target {
+    /// A Service in the pool's namespace. The operator resolves its ready
+    /// endpoints through EndpointSlices and follows them as pods come and go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceTarget>,
+
+    /// Static backend addresses as `host:port`, IPv6 hosts in brackets
+    /// (`[fd00::7]:50051`). For backends outside the cluster and standalone
+    /// agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub addresses: Option<Vec<Address>>,
+}
+
+/// A static backend address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(transparent)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.matches('^(\\\\[[0-9a-fA-F:.]+\\\\]|[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?):[0-9]{1,5}$') && int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535",
+        "message": "spec.target.addresses: each address must be host:port with a port from 1 to 65535, IPv6 hosts in brackets, such as 10.0.3.7:50051 or [fd00::7]:50051",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct Address(#[schemars(length(min = 3, max = 261))] pub String);
+
+/// A Service and one of its ports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceTarget {
+    /// The Service's name, in the pool's namespace.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+
+    /// The Service port: a number from 1 to 65535, or the name of one of the
+    /// Service's ports (such as `grpc`).
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "type(self) == int ? (self >= 1 && self <= 65535) : self.matches('^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$')",
+            "message": "spec.target.service.port must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
+    pub port: IntOrString,
+}
+
+/// What a stream does when the pool is full.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum WhenFull {
+    /// Dial an extra connection outside the pool, used once and closed
+    /// (go-micro's behaviour); counted as overflow.
+    #[default]
+    Overflow,
+    /// Queue for up to `acquireTimeout`, then fail with RESOURCE_EXHAUSTED.
+    Wait,
+}
+
+fn default_size() -> i32 {
+    100
+}
+fn default_ttl() -> String {
+    "1m".into()
+}
+fn default_max_streams() -> i32 {
+    20
+}
+fn default_acquire_timeout() -> String {
+    "1s".into()
+}
+
+/// The default for `maxIdle` when it is unset: 50, or `size` if smaller.
+pub fn effective_max_idle(spec: &ConnectionPoolSpec) -> i32 {
+    spec.max_idle.unwrap_or(50.min(spec.size))
+}
+
+/// What the operator observed of a pool, written by server-side apply.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionPoolStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The target as resolved: `service:port` or the first static address
+    /// and how many more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+
+    /// `Ready`: every desired agent runs the current generation and the pool
+    /// has addresses. `Distributed`: how many agents acknowledged it.
+    /// `Degraded`: an agent rejected it, or the target cannot be resolved;
+    /// the reason and message say which.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// How many agents should run this pool and how many do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<AgentCounts>,
+
+    /// Occupancy summed over every address and node. Exact even when
+    /// `addresses` is capped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+
+    /// Occupancy per backend address, summed over nodes; the busiest
+    /// addresses first, at most 50 entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub addresses: Vec<AddressStatus>,
+}
+
+/// Agents for a pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentCounts {
+    /// Agents that should run the pool (one per eligible node).
+    pub desired: i32,
+    /// Agents that acknowledged the pool's current generation.
+    pub synced: i32,
+    /// Agents that rejected the current generation; see the Degraded condition.
+    #[serde(default)]
+    pub rejected: i32,
+}
+
+/// Occupancy summed over a pool's addresses and nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// Backend addresses the pool currently resolves to.
+    pub addresses: i32,
+    /// Open pooled connections.
+    pub connections: i64,
+    /// Streams (in-flight RPCs) in use.
+    pub streams: i64,
+    /// Connections with no stream.
+    pub idle: i64,
+    /// Connections at max streams.
+    #[serde(default)]
+    pub busy: i64,
+    /// Streams that found the pool full and used an overflow connection.
+    #[serde(default)]
+    pub overflow: i64,
+}
+
+/// Occupancy of one backend address, summed over nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressStatus {
+    /// The backend `host:port`.
+    pub address: String,
+    /// Open pooled connections to this address.
+    pub connections: i64,
+    /// Connections at max streams.
+    pub busy: i64,
+    /// Connections with no stream.
+    pub idle: i64,
+    /// Streams in use.
+    pub streams: i64,
+    /// Streams that used an overflow connection.
+    #[serde(default)]
+    pub overflow: i64,
+    /// Nodes whose agents reported this address.
+    pub nodes: i32,
+}

@@ -1,0 +1,319 @@
+//! The rules of the ConnectionPool schema and its CEL validations, applied
+//! in Rust for inputs that never reach the API server: standalone agent
+//! files and the settings an agent receives. Messages match the API server's
+//! so a user sees the same words either way.
+
+use std::fmt;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::v1alpha1::{effective_max_idle, ConnectionPoolSpec, MAX_STATIC_ADDRESSES};
+
+/// One rule a field breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's path, such as `spec.maxIdle`.
+    pub field: String,
+    /// What is wrong and what would be accepted.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every rule a spec breaks, joined for display.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct SpecErrors(pub Vec<FieldError>);
+
+/// A spec's settings in the units the agent uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Connections kept per address.
+    pub size: u32,
+    /// A connection's lifetime before jitter.
+    pub ttl: Duration,
+    /// Idle connections kept per address.
+    pub max_idle: u32,
+    /// Streams per connection.
+    pub max_streams: u32,
+    /// Whether a full pool waits (`true`) or overflows.
+    pub wait_when_full: bool,
+    /// How long a waiting stream may wait.
+    pub acquire_timeout: Duration,
+}
+
+/// Parses a Go-style duration (`1h30m`, `500ms`, `1.5s`) as Kubernetes CEL's
+/// `duration()` does. Returns `None` for anything else.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_len);
+        if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+            return None;
+        }
+        let value: f64 = num.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = next;
+    }
+    if !total.is_finite() || total > 1e12 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// Checks a `host:port` address: a DNS name or IPv4 address, or an IPv6
+/// address in brackets, and a port from 1 to 65535.
+pub fn check_address(a: &str) -> Result<(), String> {
+    let accepted = "must be host:port with a port from 1 to 65535, IPv6 hosts in brackets, such as 10.0.3.7:50051 or [fd00::7]:50051";
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err(format!("{a:?} {accepted}"));
+    };
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.chars().all(|c| c.is_ascii_digit())
+        && matches!(port.parse::<u32>(), Ok(1..=65535));
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && !host.starts_with(['-', '.'])
+            && !host.ends_with(['-', '.'])
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(format!("{a:?} {accepted}"))
+    }
+}
+
+fn is_port_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 15
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+impl ConnectionPoolSpec {
+    /// Applies every rule the CRD enforces and converts the spec into the
+    /// agent's units. All broken rules are reported, not just the first.
+    pub fn settings(&self) -> Result<Settings, SpecErrors> {
+        let mut errs = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errs.push(FieldError { field: field.into(), message })
+        };
+
+        match (&self.target.service, &self.target.addresses) {
+            (Some(_), Some(_)) | (None, None) => err(
+                "spec.target",
+                "must set exactly one of service or addresses".into(),
+            ),
+            _ => {}
+        }
+        if let Some(svc) = &self.target.service {
+            if svc.name.is_empty() {
+                err("spec.target.service.name", "must not be empty".into());
+            }
+            match &svc.port {
+                IntOrString::Int(p) if !(1..=65535).contains(p) => err(
+                    "spec.target.service.port",
+                    format!("{p} must be a port number from 1 to 65535 or a port name"),
+                ),
+                IntOrString::String(n) if !is_port_name(n) => err(
+                    "spec.target.service.port",
+                    format!("{n:?} must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)"),
+                ),
+                _ => {}
+            }
+        }
+        if let Some(addrs) = &self.target.addresses {
+            if addrs.is_empty() {
+                err("spec.target.addresses", "must list at least one address".into());
+            }
+            if addrs.len() > MAX_STATIC_ADDRESSES {
+                err(
+                    "spec.target.addresses",
+                    format!("lists {} addresses; at most {MAX_STATIC_ADDRESSES} are accepted", addrs.len()),
+                );
+            }
+            for (i, a) in addrs.iter().enumerate() {
+                if let Err(m) = check_address(&a.0) {
+                    err(&format!("spec.target.addresses[{i}]"), m);
+                }
+            }
+        }
+        if self.size < 1 {
+            err("spec.size", format!("{} must be at least 1", self.size));
+        }
+        if self.max_streams < 1 {
+            err("spec.maxStreams", format!("{} must be at least 1", self.max_streams));
+        }
+        let max_idle = effective_max_idle(self);
+        if max_idle < 0 {
+            err("spec.maxIdle", format!("{max_idle} must be at least 0"));
+        } else if max_idle > self.size {
+            err(
+                "spec.maxIdle",
+                format!("{max_idle} must be less than or equal to spec.size ({})", self.size),
+            );
+        }
+        let ttl = parse_duration(&self.ttl);
+        match ttl {
+            Some(d) if d >= Duration::from_secs(1) => {}
+            _ => err(
+                "spec.ttl",
+                format!("{:?} must be a duration of at least 1s, such as 30s, 1m or 1h30m", self.ttl),
+            ),
+        }
+        let acquire_timeout = parse_duration(&self.acquire_timeout);
+        if acquire_timeout.is_none() {
+            err(
+                "spec.acquireTimeout",
+                format!("{:?} must be a duration such as 500ms, 1s or 2m", self.acquire_timeout),
+            );
+        }
+        if let Some(p) = self.listen_port
+            && !(1..=65535).contains(&p)
+        {
+            err("spec.listenPort", format!("{p} must be a port number from 1 to 65535"));
+        }
+
+        if !errs.is_empty() {
+            return Err(SpecErrors(errs));
+        }
+        Ok(Settings {
+            size: self.size as u32,
+            ttl: ttl.unwrap_or_default(),
+            max_idle: max_idle as u32,
+            max_streams: self.max_streams as u32,
+            wait_when_full: self.when_full == crate::v1alpha1::WhenFull::Wait,
+            acquire_timeout: acquire_timeout.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1alpha1::{Address, ServiceTarget, Target, WhenFull};
+
+    fn spec() -> ConnectionPoolSpec {
+        serde_yaml::from_str("target: {addresses: ['10.0.0.1:50051']}").unwrap()
+    }
+
+    #[test]
+    fn defaults_are_go_micros() {
+        let s = spec().settings().unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                size: 100,
+                ttl: Duration::from_secs(60),
+                max_idle: 50,
+                max_streams: 20,
+                wait_when_full: false,
+                acquire_timeout: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
+    fn max_idle_defaults_to_size_when_size_is_small() {
+        let mut s = spec();
+        s.size = 10;
+        assert_eq!(s.settings().unwrap().max_idle, 10);
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        for bad in ["", "1", "s", "1x", "1.s", ".5s", "1h-3m", "1 s", "-1s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        for good in ["10.0.0.1:1", "a:65535", "svc.ns.svc.cluster.local:50051", "[fd00::7]:50051", "[::1]:80"] {
+            assert!(check_address(good).is_ok(), "{good}");
+        }
+        for bad in ["10.0.0.1", "10.0.0.1:0", "h:65536", "fd00::7:50051", "[zz::1]:80", ":80", "-a:80", "a b:80", "[::1]:"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_broken_rule_names_its_field() {
+        let s = ConnectionPoolSpec {
+            target: Target {
+                service: Some(ServiceTarget { name: "x".into(), port: IntOrString::Int(0) }),
+                addresses: Some(vec![Address("nope".into())]),
+            },
+            size: 0,
+            ttl: "0s".into(),
+            max_idle: Some(5),
+            max_streams: 0,
+            when_full: WhenFull::Wait,
+            acquire_timeout: "soon".into(),
+            listen_port: Some(70000),
+        };
+        let errs = s.settings().unwrap_err().0;
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.target",
+                "spec.target.service.port",
+                "spec.target.addresses[0]",
+                "spec.size",
+                "spec.maxStreams",
+                "spec.maxIdle",
+                "spec.ttl",
+                "spec.acquireTimeout",
+                "spec.listenPort",
+            ]
+        );
+    }
+
+    #[test]
+    fn named_ports() {
+        let mut s = spec();
+        s.target = Target {
+            service: Some(ServiceTarget { name: "x".into(), port: IntOrString::String("grpc".into()) }),
+            addresses: None,
+        };
+        assert!(s.settings().is_ok());
+        s.target.service.as_mut().unwrap().port = IntOrString::String("GRPC_".into());
+        assert_eq!(s.settings().unwrap_err().0[0].field, "spec.target.service.port");
+    }
+}

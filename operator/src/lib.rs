@@ -1,0 +1,1 @@
+//! tidepool's operator: reconciles ConnectionPools into per-node settings.
