@@ -1,0 +1,876 @@
+//! One address's share of the pool: go-micro's `streamsPool`, with its
+//! available and busy lists, behind a lock of its own.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use slab::Slab;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::connector::{ConnEvent, Connected};
+use super::error::Error;
+use super::lease::Outcome;
+use super::list::{Linked, Links, List};
+use super::metrics::AddressMetrics;
+use super::occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
+use super::settings::{Settings, WhenFull};
+
+/// TTL jitter: each connection lives `ttl × U(1 − JITTER, 1 + JITTER)`, so
+/// connections dialed together do not all reconnect together.
+pub(crate) const JITTER: f64 = 0.10;
+
+/// The first dial backoff; it doubles with every failure in a row.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// The longest dial backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What an address needs from its pool without knowing the connector type.
+pub(crate) trait Hooks<Conn>: Send + Sync {
+    /// Runs one dial for `address` in a task of its own. The caller has set
+    /// `dialing`; the task clears it.
+    fn spawn_dial(self: Arc<Self>, address: Arc<Address<Conn>>);
+}
+
+/// One address of a pool.
+///
+/// Invariants (all under `state`'s lock, which guards every field of
+/// [`State`] and nothing else):
+/// - References: the pool's shard map holds one `Arc` while the address is
+///   declared; every [`Lease`](super::Lease), queued waiter and dial task
+///   holds another; connection watchers hold a `Weak`. A removed address
+///   lives on, `retired`, until its last lease ends.
+/// - A connection is in exactly one place: the available list (below its
+///   stream cap), the busy list (at its cap), draining, or overflow. Only
+///   the two lists count toward `size`; `idle` counts listed connections with
+///   no stream; `streams` is the sum of every connection's streams.
+/// - A slab entry lives while it is listed or carries a stream, so a lease's
+///   slab key stays valid until it is released. It is removed from the slab
+///   at zero streams once it is unlisted, and the removed entry is dropped
+///   after the lock is released ([`Effects`]): dropping the pool's `Conn`
+///   clone is what closes the connection once no lease holds one.
+/// - No lock is held across a dial, handshake or close; nothing in here
+///   awaits.
+pub(crate) struct Address<Conn> {
+    pub(crate) name: String,
+    state: Mutex<State<Conn>>,
+    pub(crate) metrics: AddressMetrics,
+    hooks: Weak<dyn Hooks<Conn>>,
+}
+
+/// A connection in the slab.
+pub(crate) struct Entry<Conn> {
+    id: u64,
+    conn: Conn,
+    streams: u32,
+    server_max: Option<u32>,
+    born: Instant,
+    /// This connection's TTL factor, in `[1 − JITTER, 1 + JITTER]`.
+    jitter: f64,
+    place: Place,
+    links: Links,
+    /// Dropping this (with the entry) ends the connection's watcher task.
+    _stop: Option<oneshot::Sender<()>>,
+}
+
+impl<Conn> Linked for Entry<Conn> {
+    fn links(&self) -> &Links {
+        &self.links
+    }
+    fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Available,
+    Busy,
+    Draining(EvictionReason),
+    Overflow,
+}
+
+/// A stream taken on a connection, not yet wrapped in a lease.
+pub(crate) struct Grant<Conn> {
+    pub(crate) key: usize,
+    pub(crate) id: u64,
+    pub(crate) conn: Conn,
+}
+
+/// What a queued caller is told.
+pub(crate) enum WaiterMsg<Conn> {
+    /// A stream, taken for it.
+    Grant(Grant<Conn>),
+    /// Try again from the top (the address became full in Overflow mode,
+    /// or the settings changed).
+    Retry,
+    /// Give up with this error.
+    Failed(Error),
+}
+
+struct Waiter<Conn> {
+    id: u64,
+    tx: oneshot::Sender<WaiterMsg<Conn>>,
+    links: Links,
+}
+
+impl<Conn> Linked for Waiter<Conn> {
+    fn links(&self) -> &Links {
+        &self.links
+    }
+    fn links_mut(&mut self) -> &mut Links {
+        &mut self.links
+    }
+}
+
+/// Work found under the lock and done after it is released.
+pub(crate) struct Effects<Conn> {
+    /// Connections removed from the pool; dropping them closes them.
+    closed: Vec<Entry<Conn>>,
+    /// A dial was reserved (`dialing` set) and must be started.
+    dial: bool,
+}
+
+impl<Conn> Default for Effects<Conn> {
+    fn default() -> Self {
+        Self {
+            closed: Vec::new(),
+            dial: false,
+        }
+    }
+}
+
+impl<Conn> Effects<Conn> {
+    /// Closes what was removed and starts the reserved dial. Call with no
+    /// lock held.
+    pub(crate) fn run(self, address: &Arc<Address<Conn>>) {
+        drop(self.closed);
+        if self.dial {
+            match address.hooks.upgrade() {
+                Some(hooks) => hooks.spawn_dial(Arc::clone(address)),
+                // The pool is gone; nobody can wait for this address any more.
+                None => address.lock().dialing = false,
+            }
+        }
+    }
+}
+
+/// The fields an [`Address`]'s lock guards.
+pub(crate) struct State<Conn> {
+    settings: Settings,
+    conns: Slab<Entry<Conn>>,
+    available: List,
+    busy: List,
+    idle: usize,
+    streams: usize,
+    overflow: usize,
+    draining: usize,
+    dialing: bool,
+    retired: bool,
+    waiters: Slab<Waiter<Conn>>,
+    queue: List,
+    next_id: u64,
+    backoff_until: Option<Instant>,
+    failures_in_row: u32,
+    dials: u64,
+    dial_failures: u64,
+    overflow_total: u64,
+    evictions: Evictions,
+}
+
+/// What a caller that found no free stream should do.
+pub(crate) enum Miss<Conn> {
+    /// Wait on this queue slot.
+    Wait(WaiterSlot<Conn>),
+    /// Dial an unpooled connection.
+    Overflow,
+}
+
+/// A caller's place in the waiter queue.
+pub(crate) struct WaiterSlot<Conn> {
+    pub(crate) key: usize,
+    pub(crate) id: u64,
+    pub(crate) rx: oneshot::Receiver<WaiterMsg<Conn>>,
+}
+
+/// What a dial task learned, handed back so the pool can start a watcher.
+pub(crate) struct Watch {
+    pub(crate) key: usize,
+    pub(crate) id: u64,
+    pub(crate) events: mpsc::UnboundedReceiver<ConnEvent>,
+    pub(crate) stop: oneshot::Receiver<()>,
+}
+
+impl<Conn: Clone> Address<Conn> {
+    pub(crate) fn new(
+        name: String,
+        settings: Settings,
+        metrics: AddressMetrics,
+        hooks: Weak<dyn Hooks<Conn>>,
+    ) -> Self {
+        Self {
+            name,
+            metrics,
+            hooks,
+            state: Mutex::new(State {
+                settings,
+                conns: Slab::new(),
+                available: List::default(),
+                busy: List::default(),
+                idle: 0,
+                streams: 0,
+                overflow: 0,
+                draining: 0,
+                dialing: false,
+                retired: false,
+                waiters: Slab::new(),
+                queue: List::default(),
+                next_id: 0,
+                backoff_until: None,
+                failures_in_row: 0,
+                dials: 0,
+                dial_failures: 0,
+                overflow_total: 0,
+                evictions: Evictions::default(),
+            }),
+        }
+    }
+}
+
+impl<Conn> Address<Conn> {
+    /// Locks the state. A panic under the lock leaves counts that are still
+    /// each a consistent step, so poisoning is ignored rather than spread.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State<Conn>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<Conn: Clone> State<Conn> {
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub(crate) fn retired(&self) -> bool {
+        self.retired
+    }
+
+    pub(crate) fn streams(&self) -> usize {
+        self.streams
+    }
+
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.queue.len() > 0
+    }
+
+    pub(crate) fn in_backoff(&self, now: Instant) -> bool {
+        self.backoff_until.is_some_and(|until| now < until)
+    }
+
+    fn pooled(&self) -> usize {
+        self.available.len() + self.busy.len()
+    }
+
+    /// Room for one more pooled connection, counting the dial in flight.
+    fn can_dial(&self) -> bool {
+        !self.retired && self.pooled() + usize::from(self.dialing) < self.settings.size
+    }
+
+    fn cap(&self, entry: &Entry<Conn>) -> u32 {
+        self.settings.max_streams.min(entry.server_max.unwrap_or(u32::MAX))
+    }
+
+    fn expires(&self, entry: &Entry<Conn>) -> Instant {
+        entry.born + self.settings.ttl.mul_f64(entry.jitter)
+    }
+
+    fn entry(&self, key: usize, id: u64) -> Option<&Entry<Conn>> {
+        self.conns.get(key).filter(|e| e.id == id)
+    }
+
+    /// Takes a stream on the first usable connection of the available list.
+    ///
+    /// Amortised O(1): a connection found past its TTL leaves the list for
+    /// good (draining, or closed if it has no stream), and one found at its
+    /// cap moves to the busy list; each costs one step, once. This is where
+    /// go-micro rescans expired busy connections on every call.
+    pub(crate) fn take(&mut self, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) -> Option<Grant<Conn>> {
+        while let Some(key) = self.available.front() {
+            let entry = &self.conns[key];
+            if now >= self.expires(entry) {
+                self.retire(key, EvictionReason::Ttl, m, fx);
+                continue;
+            }
+            let cap = self.cap(entry);
+            if entry.streams >= cap {
+                self.move_to(key, Place::Busy);
+                continue;
+            }
+            let entry = &mut self.conns[key];
+            if entry.streams == 0 {
+                self.idle -= 1;
+            }
+            entry.streams += 1;
+            self.streams += 1;
+            let grant = Grant {
+                key,
+                id: entry.id,
+                conn: entry.conn.clone(),
+            };
+            if entry.streams >= cap {
+                self.move_to(key, Place::Busy);
+            }
+            m.rq.inc();
+            return Some(grant);
+        }
+        None
+    }
+
+    /// Decides what a caller that found no free stream does. `Err` is a
+    /// refusal (the queue is full).
+    pub(crate) fn miss(&mut self, fx: &mut Effects<Conn>) -> Result<Miss<Conn>, ()> {
+        if self.can_dial() && !self.dialing {
+            self.dialing = true;
+            fx.dial = true;
+        }
+        if !self.dialing && self.settings.when_full == WhenFull::Overflow {
+            return Ok(Miss::Overflow);
+        }
+        if self.queue.len() >= super::settings::MAX_WAITERS {
+            return Err(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id;
+        self.next_id += 1;
+        let key = self.waiters.insert(Waiter {
+            id,
+            tx,
+            links: Links::default(),
+        });
+        self.queue.push_back(&mut self.waiters, key);
+        Ok(Miss::Wait(WaiterSlot { key, id, rx }))
+    }
+
+    /// Takes a waiter off the queue if it is still on it (it gave up).
+    pub(crate) fn leave_queue(&mut self, key: usize, id: u64) {
+        if self.waiters.get(key).is_some_and(|w| w.id == id) {
+            self.queue.unlink(&mut self.waiters, key);
+            self.waiters.remove(key);
+        }
+    }
+
+    /// Hands free streams to queued callers, oldest first; reserves a dial if
+    /// they need one and there is room; in Overflow mode sends them to dial
+    /// their own connection when the address is full.
+    pub(crate) fn serve_waiters(&mut self, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        while let Some(key) = self.queue.front() {
+            if self.retired {
+                // Unreachable in practice (retiring empties the queue and a
+                // retired address takes no waiter), but safe: start over.
+                while let Some(key) = self.queue.pop_front(&mut self.waiters) {
+                    let _ = self.waiters.remove(key).tx.send(WaiterMsg::Retry);
+                }
+                return;
+            }
+            let Some(grant) = self.take(now, m, fx) else {
+                if self.dialing {
+                    return;
+                }
+                if self.can_dial() {
+                    self.dialing = true;
+                    fx.dial = true;
+                    return;
+                }
+                if self.settings.when_full == WhenFull::Overflow {
+                    while let Some(key) = self.queue.pop_front(&mut self.waiters) {
+                        // A closed receiver means the waiter is gone already.
+                        let _ = self.waiters.remove(key).tx.send(WaiterMsg::Retry);
+                    }
+                }
+                return;
+            };
+            self.queue.unlink(&mut self.waiters, key);
+            let waiter = self.waiters.remove(key);
+            if let Err(WaiterMsg::Grant(grant)) = waiter.tx.send(WaiterMsg::Grant(grant)) {
+                // Cannot happen while the waiter's guard is alive (it leaves
+                // the queue under this lock before dropping its receiver),
+                // but if it did, the stream goes straight back.
+                self.release(grant.key, Outcome::Ok, now, m, fx);
+            }
+        }
+    }
+
+    /// Fails every queued caller with `error` (pool and address names are
+    /// filled in by the waiter, which knows them).
+    fn fail_waiters(&mut self, error: &Error) {
+        while let Some(key) = self.queue.pop_front(&mut self.waiters) {
+            let _ = self.waiters.remove(key).tx.send(WaiterMsg::Failed(error.clone()));
+        }
+    }
+
+    /// Adds a freshly dialed connection. Pooled (`overflow == false`) it joins
+    /// the front of the available list idle, and queued callers get its
+    /// streams; overflow, it carries one stream for the caller that dialed
+    /// it, whose grant is returned.
+    pub(crate) fn insert(
+        &mut self,
+        connected: Connected<Conn>,
+        overflow: bool,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) -> (Option<Grant<Conn>>, Option<Watch>) {
+        self.dials += 1;
+        m.cx.inc();
+        self.failures_in_row = 0;
+        self.backoff_until = None;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let id = self.next_id;
+        self.next_id += 1;
+        let entry = Entry {
+            id,
+            conn: connected.conn,
+            streams: 0,
+            server_max: connected.max_concurrent_streams,
+            born: now,
+            jitter: rand::random_range((1.0 - JITTER)..=(1.0 + JITTER)),
+            place: Place::Overflow,
+            links: Links::default(),
+            _stop: Some(stop_tx),
+        };
+        let key = self.conns.insert(entry);
+        let watch = Watch {
+            key,
+            id,
+            events: connected.events,
+            stop: stop_rx,
+        };
+        if overflow {
+            self.overflow += 1;
+            self.overflow_total += 1;
+            m.cx_overflow.inc();
+            let entry = &mut self.conns[key];
+            entry.streams = 1;
+            self.streams += 1;
+            m.rq.inc();
+            let grant = Grant {
+                key,
+                id,
+                conn: entry.conn.clone(),
+            };
+            return (Some(grant), Some(watch));
+        }
+        if self.pooled() >= self.settings.size || self.retired {
+            // `size` was lowered (or the address removed) while dialing.
+            let reason = if self.retired {
+                EvictionReason::Removed
+            } else {
+                EvictionReason::Resize
+            };
+            self.evictions.bump(reason);
+            m.evicted(reason);
+            fx.closed.push(self.conns.remove(key));
+            self.serve_waiters(now, m, fx);
+            return (None, None);
+        }
+        self.conns[key].place = Place::Available;
+        self.available.push_front(&mut self.conns, key);
+        self.idle += 1;
+        self.serve_waiters(now, m, fx);
+        self.settle_idle(key, m, fx);
+        (None, Some(watch))
+    }
+
+    /// Ends the dial in flight: on success through [`State::insert`], on
+    /// failure here, failing every queued caller with the dial's error.
+    pub(crate) fn dial_done(
+        &mut self,
+        result: Result<Connected<Conn>, Error>,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) -> Option<Watch> {
+        self.dialing = false;
+        match result {
+            Ok(connected) => self.insert(connected, false, now, m, fx).1,
+            Err(error) => {
+                self.dial_failed(now, m);
+                self.fail_waiters(&error);
+                None
+            }
+        }
+    }
+
+    /// Counts a failed dial and starts or lengthens the backoff.
+    pub(crate) fn dial_failed(&mut self, now: Instant, m: &AddressMetrics) {
+        self.dial_failures += 1;
+        m.cx_connect_fail.inc();
+        let backoff = BACKOFF_BASE
+            .saturating_mul(1 << self.failures_in_row.min(16))
+            .min(BACKOFF_MAX);
+        self.failures_in_row += 1;
+        self.backoff_until = Some(now + backoff);
+    }
+
+    /// Ends one stream on connection `key`.
+    pub(crate) fn release(
+        &mut self,
+        key: usize,
+        outcome: Outcome,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
+        let entry = &mut self.conns[key];
+        debug_assert!(entry.streams > 0, "released a stream that was not taken");
+        entry.streams -= 1;
+        self.streams -= 1;
+        let streams = entry.streams;
+        if outcome == Outcome::TransportError {
+            m.rq_error.inc();
+            self.retire(key, EvictionReason::Transport, m, fx);
+        }
+        if let Some(entry) = self.conns.get(key) {
+            match entry.place {
+                Place::Draining(_) => {
+                    if streams == 0 {
+                        self.draining -= 1;
+                        fx.closed.push(self.conns.remove(key));
+                    }
+                }
+                Place::Overflow => {
+                    if streams == 0 {
+                        self.overflow -= 1;
+                        let adopt = self.can_dial() && now < self.expires(&self.conns[key]);
+                        if adopt {
+                            // go-micro: an unpooled connection joins the
+                            // pool on release when there is room.
+                            self.conns[key].place = Place::Available;
+                            self.available.push_front(&mut self.conns, key);
+                            self.idle += 1;
+                        } else {
+                            fx.closed.push(self.conns.remove(key));
+                        }
+                    }
+                }
+                Place::Busy | Place::Available => {
+                    if now >= self.expires(entry) {
+                        self.retire(key, EvictionReason::Ttl, m, fx);
+                    } else {
+                        self.fix_place(key);
+                        if streams == 0 {
+                            self.idle += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if self.has_waiters() {
+            self.serve_waiters(now, m, fx);
+        }
+        self.settle_idle(key, m, fx);
+    }
+
+    /// Closes listed connection `key` if it is idle and more than `maxIdle`
+    /// connections are (go-micro closes on release when idle ≥ maxIdle).
+    fn settle_idle(&mut self, key: usize, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        let Some(entry) = self.conns.get(key) else { return };
+        let listed = matches!(entry.place, Place::Available | Place::Busy);
+        if listed && entry.streams == 0 && self.idle > self.settings.max_idle {
+            self.retire(key, EvictionReason::Idle, m, fx);
+        }
+    }
+
+    /// Moves a listed connection to the list its stream count calls for.
+    fn fix_place(&mut self, key: usize) {
+        let entry = &self.conns[key];
+        let full = entry.streams >= self.cap(entry);
+        match entry.place {
+            Place::Available if full => self.move_to(key, Place::Busy),
+            Place::Busy if !full => self.move_to(key, Place::Available),
+            _ => {}
+        }
+    }
+
+    /// Moves a listed connection between the available and the busy list.
+    fn move_to(&mut self, key: usize, to: Place) {
+        match (self.conns[key].place, to) {
+            (Place::Available, Place::Busy) => {
+                self.available.unlink(&mut self.conns, key);
+                self.busy.push_front(&mut self.conns, key);
+            }
+            (Place::Busy, Place::Available) => {
+                self.busy.unlink(&mut self.conns, key);
+                self.available.push_front(&mut self.conns, key);
+            }
+            (from, to) => unreachable!("move from {from:?} to {to:?}"),
+        }
+        self.conns[key].place = to;
+    }
+
+    /// Takes connection `key` out of service: it takes no new stream, and
+    /// closes now if it has none, or at its last one.
+    fn retire(&mut self, key: usize, reason: EvictionReason, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        let entry = &self.conns[key];
+        let streams = entry.streams;
+        match entry.place {
+            Place::Draining(_) => return,
+            Place::Available => self.available.unlink(&mut self.conns, key),
+            Place::Busy => self.busy.unlink(&mut self.conns, key),
+            Place::Overflow => self.overflow -= 1,
+        }
+        let listed = matches!(self.conns[key].place, Place::Available | Place::Busy);
+        if listed && streams == 0 {
+            self.idle -= 1;
+        }
+        self.evictions.bump(reason);
+        m.evicted(reason);
+        if streams == 0 {
+            fx.closed.push(self.conns.remove(key));
+        } else {
+            self.conns[key].place = Place::Draining(reason);
+            self.draining += 1;
+        }
+    }
+
+    /// The TTL deadline of connection `key` if it is still listed (the
+    /// connection's watcher sleeps until then).
+    pub(crate) fn deadline(&self, key: usize, id: u64) -> Option<Option<Instant>> {
+        let entry = self.entry(key, id)?;
+        let listed = matches!(entry.place, Place::Available | Place::Busy);
+        Some(listed.then(|| self.expires(entry)))
+    }
+
+    /// The watcher's timer fired: retire connection `key` if it is past its
+    /// TTL, and let queued callers use the freed slot.
+    pub(crate) fn expire(&mut self, key: usize, id: u64, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        let Some(entry) = self.entry(key, id) else { return };
+        let listed = matches!(entry.place, Place::Available | Place::Busy);
+        if listed && now >= self.expires(entry) {
+            self.retire(key, EvictionReason::Ttl, m, fx);
+            if self.has_waiters() {
+                self.serve_waiters(now, m, fx);
+            }
+        }
+    }
+
+    /// The connection told the pool something.
+    pub(crate) fn event(
+        &mut self,
+        key: usize,
+        id: u64,
+        event: ConnEvent,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
+        if self.entry(key, id).is_none() {
+            return;
+        }
+        match event {
+            ConnEvent::MaxConcurrentStreams(max) => {
+                self.conns[key].server_max = Some(max);
+                if matches!(self.conns[key].place, Place::Available | Place::Busy) {
+                    self.fix_place(key);
+                }
+            }
+            ConnEvent::Closed(reason) => self.retire(key, reason.into(), m, fx),
+        }
+        if self.has_waiters() {
+            self.serve_waiters(now, m, fx);
+        }
+    }
+
+    /// Applies new settings in place: connections past the new TTL retire,
+    /// connections move between the lists for the new max-streams, a lower
+    /// size drains the surplus (idle connections first), a lower maxIdle
+    /// closes idle ones. No stream is cut. O(connections): reconfiguration
+    /// is rare.
+    pub(crate) fn reconfigure(&mut self, settings: Settings, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        self.settings = settings;
+        let mut listed = self.available.keys(&self.conns);
+        listed.extend(self.busy.keys(&self.conns));
+        for &key in &listed {
+            if now >= self.expires(&self.conns[key]) {
+                self.retire(key, EvictionReason::Ttl, m, fx);
+            } else {
+                self.fix_place(key);
+            }
+        }
+        // Idle connections first, then the rest (they drain).
+        let mut surplus = self.pooled().saturating_sub(self.settings.size);
+        let mut victims: Vec<usize> = Vec::new();
+        let mut rest: Vec<usize> = Vec::new();
+        for key in self.available.keys(&self.conns).into_iter().chain(self.busy.keys(&self.conns)) {
+            if self.conns[key].streams == 0 {
+                victims.push(key);
+            } else {
+                rest.push(key);
+            }
+        }
+        victims.extend(rest);
+        for key in victims {
+            if surplus == 0 {
+                break;
+            }
+            self.retire(key, EvictionReason::Resize, m, fx);
+            surplus -= 1;
+        }
+        if self.idle > self.settings.max_idle {
+            for key in self.available.keys(&self.conns) {
+                if self.idle <= self.settings.max_idle {
+                    break;
+                }
+                if self.conns[key].streams == 0 {
+                    self.retire(key, EvictionReason::Idle, m, fx);
+                }
+            }
+        }
+        if self.has_waiters() {
+            if self.settings.when_full == WhenFull::Overflow {
+                // Callers queued under Wait start over under Overflow.
+                while let Some(key) = self.queue.pop_front(&mut self.waiters) {
+                    let _ = self.waiters.remove(key).tx.send(WaiterMsg::Retry);
+                }
+            } else {
+                self.serve_waiters(now, m, fx);
+            }
+        }
+    }
+
+    /// The address is no longer declared: every listed connection retires
+    /// (idle ones close now, the others at their last stream) and queued
+    /// callers fail.
+    pub(crate) fn retire_address(&mut self, pool: &str, addr: &str, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        self.retired = true;
+        let mut listed = self.available.keys(&self.conns);
+        listed.extend(self.busy.keys(&self.conns));
+        for key in listed {
+            self.retire(key, EvictionReason::Removed, m, fx);
+        }
+        self.fail_waiters(&Error::Removed {
+            pool: pool.to_owned(),
+            addr: addr.to_owned(),
+        });
+    }
+
+    /// Sets the address's gauges from its state.
+    pub(crate) fn publish(&self, m: &AddressMetrics) {
+        m.cx_active.set(to_i64(self.conns.len()));
+        m.cx_busy.set(to_i64(self.busy.len()));
+        m.cx_idle.set(to_i64(self.idle));
+        m.cx_draining.set(to_i64(self.draining));
+        m.cx_overflow_active.set(to_i64(self.overflow));
+        m.rq_active.set(to_i64(self.streams));
+        m.rq_pending_active.set(to_i64(self.queue.len()));
+    }
+
+    pub(crate) fn occupancy(&self, address: &str) -> AddressOccupancy {
+        AddressOccupancy {
+            address: address.to_owned(),
+            connections: self.pooled(),
+            busy: self.busy.len(),
+            idle: self.idle,
+            streams: self.streams,
+            overflow: self.overflow,
+            draining: self.draining,
+            dials: self.dials,
+            dial_failures: self.dial_failures,
+            overflow_total: self.overflow_total,
+            evictions: self.evictions,
+            waiters: self.queue.len(),
+        }
+    }
+
+    pub(crate) fn connections(&self) -> Vec<ConnectionInfo> {
+        let mut out: Vec<ConnectionInfo> = self
+            .conns
+            .iter()
+            .map(|(_, e)| ConnectionInfo {
+                id: e.id,
+                state: match e.place {
+                    Place::Available => ConnectionState::Available,
+                    Place::Busy => ConnectionState::Busy,
+                    Place::Draining(reason) => ConnectionState::Draining(reason),
+                    Place::Overflow => ConnectionState::Overflow,
+                },
+                streams: e.streams,
+                max_streams: self.cap(e),
+                born: e.born,
+                expires: self.expires(e),
+            })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Follows one connection for its life: its TTL timer, and what the
+/// connector reports (GOAWAY, keepalive failure, closure, a new
+/// SETTINGS_MAX_CONCURRENT_STREAMS). Ends when the pool drops the connection
+/// (its `stop` sender goes with the slab entry) or when the connection
+/// stops taking streams.
+pub(crate) async fn watch<Conn: Clone>(
+    address: Weak<Address<Conn>>,
+    watch: Watch,
+    mut settings_changed: watch::Receiver<()>,
+) {
+    let Watch {
+        key,
+        id,
+        mut events,
+        mut stop,
+    } = watch;
+    loop {
+        let deadline = {
+            let Some(address) = address.upgrade() else { return };
+            let state = address.lock();
+            match state.deadline(key, id) {
+                Some(deadline) => deadline,
+                None => return,
+            }
+        };
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => return,
+            event = events.recv() => {
+                let Some(address) = address.upgrade() else { return };
+                let event = event.unwrap_or(ConnEvent::Closed(super::connector::CloseReason::Closed));
+                let mut fx = Effects::default();
+                {
+                    let mut state = address.lock();
+                    state.event(key, id, event, Instant::now(), &address.metrics, &mut fx);
+                    state.publish(&address.metrics);
+                }
+                fx.run(&address);
+                if matches!(event, ConnEvent::Closed(_)) {
+                    return;
+                }
+            }
+            () = timer => {
+                let Some(address) = address.upgrade() else { return };
+                let mut fx = Effects::default();
+                {
+                    let mut state = address.lock();
+                    state.expire(key, id, Instant::now(), &address.metrics, &mut fx);
+                    state.publish(&address.metrics);
+                }
+                fx.run(&address);
+            }
+            changed = settings_changed.changed() => {
+                if changed.is_err() {
+                    // The pool is gone; the connection goes with its address.
+                    return;
+                }
+            }
+        }
+    }
+}

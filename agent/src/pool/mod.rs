@@ -1,0 +1,467 @@
+//! The stream pool: go-micro's linked-list gRPC connection pool, made
+//! concurrent, correct and observable.
+//!
+//! Per address the pool keeps go-micro's `streamsPool`: an *available* list
+//! of connections below their stream cap and a *busy* list of connections at
+//! it, index-linked in a slab ([`list`]), so taking a stream and moving a
+//! connection between the lists are O(1). The settings keep go-micro's
+//! meanings ([`Settings`]). What tidepool changes:
+//!
+//! 1. One lock per address, found through a sharded map; no lock is held
+//!    across a dial, a handshake or a close (closing is dropping the
+//!    connection handle, done after the lock is released).
+//! 2. One dial in flight per address; concurrent misses queue for it.
+//! 3. TTL with ±10% jitter, enforced on busy connections too: past it a
+//!    connection takes no new stream and closes at its last one. Each
+//!    connection has a watcher task whose timer retires it on time.
+//! 4. Only [`Outcome::TransportError`] evicts a connection.
+//! 5. A stream is released exactly once, by the [`Lease`] guard's `Drop`
+//!    when not by [`Lease::finish`], so cancellation cannot leak or double
+//!    count.
+//! 6. A connection's cap is min(`max_streams`, the server's
+//!    SETTINGS_MAX_CONCURRENT_STREAMS), updated when the server changes it.
+//! 7. Dead connections are found by keepalive PING and GOAWAY: the
+//!    connector reports them ([`ConnEvent`]) and the pool retires them.
+//! 8. When full: [`WhenFull::Overflow`] (go-micro's unpooled dial, counted) or
+//!    [`WhenFull::Wait`] (a bounded FIFO queue, then [`Error::Full`]).
+//! 9. [`Pool::reconfigure`] applies new settings live without cutting a
+//!    stream.
+//! 10. [`Pool::snapshot`] reports occupancy per address, and
+//!     [`PoolMetrics`] exports it to Prometheus.
+//!
+//! Connections come from a [`Connector`]: [`h2::H2Connector`] opens h2c
+//! HTTP/2 connections for the agent's proxy; [`memory::MemoryConnector`]
+//! makes in-process ones for tests and benchmarks.
+//!
+//! Metrics: create one [`PoolMetrics`] per process with
+//! [`PoolMetrics::new`]`(&mut registry)` and pass a clone to every
+//! [`Pool::new`]; each series is labelled `{pool, address}` (see
+//! [`metrics`] for the list).
+
+mod address;
+pub mod connector;
+mod error;
+pub mod h2;
+mod lease;
+pub(crate) mod list;
+pub mod memory;
+pub mod metrics;
+mod occupancy;
+mod settings;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use address::{Address, Effects, Hooks, Miss, WaiterMsg};
+
+pub use connector::{CloseReason, ConnEvent, Connected, Connector};
+pub use error::{Error, Result};
+pub use lease::{Lease, Outcome};
+pub use metrics::PoolMetrics;
+pub use occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
+pub use settings::{MAX_WAITERS, Settings, SettingsError, WhenFull};
+
+/// How many shards the address map has. Lookups take a shard's read lock;
+/// with this many, two threads rarely share one.
+const SHARDS: usize = 32;
+
+type Shard<Conn> = RwLock<HashMap<String, Arc<Address<Conn>>>>;
+
+/// A pool of connections to every address of one ConnectionPool.
+///
+/// Cheap to clone: clones share one pool.
+pub struct Pool<C: Connector> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C: Connector> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// The shared part of a [`Pool`].
+///
+/// Invariants:
+/// - References: [`Pool`] clones hold `Arc<Inner>`; dial tasks hold one for
+///   the length of a dial; addresses hold only a `Weak` (as `dyn Hooks`), so
+///   leases outliving the pool do not keep it alive.
+/// - Locks: `shards[i]` guards which addresses exist (read to look one up,
+///   write to add or remove one); `settings` guards the pool-wide copy of
+///   the settings that new addresses start from. Each address's own state is
+///   under its own lock ([`Address`]). A shard lock may be held while taking
+///   an address lock (reconfigure, snapshot), never the other way round.
+/// - `settings` changes first, then every address is updated under its lock,
+///   shard by shard; an address created meanwhile reads `settings` under its
+///   shard's write lock, so it cannot miss the change.
+struct Inner<C: Connector> {
+    name: String,
+    connector: C,
+    settings: Mutex<Settings>,
+    shards: Box<[Shard<C::Conn>]>,
+    metrics: PoolMetrics,
+    /// Bumped on every reconfigure: connection watchers recompute their TTL
+    /// deadline.
+    settings_changed: watch::Sender<()>,
+    /// The runtime dial and watcher tasks run on, taken from the first
+    /// `acquire` (a lease may be dropped outside any runtime).
+    runtime: OnceLock<Handle>,
+}
+
+impl<C: Connector> Pool<C> {
+    /// Makes a pool named `name` (its ConnectionPool's `namespace/name`,
+    /// used in errors and metric labels). Refuses out-of-range settings.
+    pub fn new(
+        name: impl Into<String>,
+        settings: Settings,
+        connector: C,
+        metrics: PoolMetrics,
+    ) -> Result<Self, SettingsError> {
+        settings.validate()?;
+        let (settings_changed, _) = watch::channel(());
+        let runtime = OnceLock::new();
+        if let Ok(handle) = Handle::try_current() {
+            let _ = runtime.set(handle);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                connector,
+                settings: Mutex::new(settings),
+                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                metrics,
+                settings_changed,
+                runtime,
+            }),
+        })
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The connector the pool dials with.
+    pub fn connector(&self) -> &C {
+        &self.inner.connector
+    }
+
+    /// Takes one stream on a connection to `addr`, dialing if the address
+    /// has no connection with a free stream and room for one more.
+    ///
+    /// When the address is full this dials an unpooled connection
+    /// ([`WhenFull::Overflow`]) or queues until a stream frees up, at most
+    /// `acquire_timeout` ([`WhenFull::Wait`]). A failed dial is returned to
+    /// every caller waiting for it as [`Error::Dial`] naming the address.
+    /// Cancelling the returned future at any point leaks nothing.
+    pub async fn acquire(&self, addr: &str) -> Result<Lease<C::Conn>, Error> {
+        let started = Instant::now();
+        if self.inner.runtime.get().is_none() {
+            let _ = self.inner.runtime.set(Handle::current());
+        }
+        let mut address = self.inner.address(addr);
+        loop {
+            let mut fx = Effects::default();
+            let miss = {
+                let mut state = address.lock();
+                if state.retired() {
+                    drop(state);
+                    address = self.inner.address(addr);
+                    continue;
+                }
+                let now = Instant::now();
+                if !state.has_waiters() {
+                    if let Some(grant) = state.take(now, &address.metrics, &mut fx) {
+                        state.publish(&address.metrics);
+                        drop(state);
+                        fx.run(&address);
+                        return Ok(Lease::new(address, grant));
+                    }
+                }
+                let settings = *state.settings();
+                let miss = state.miss(&mut fx);
+                state.publish(&address.metrics);
+                miss.map(|miss| (miss, settings))
+            };
+            fx.run(&address);
+            let (miss, settings) = match miss {
+                Ok(found) => found,
+                Err(()) => return Err(self.full(&address, started)),
+            };
+            match miss {
+                Miss::Overflow => return self.overflow(address, started).await,
+                Miss::Wait(slot) => {
+                    let mut waiter = Waiter {
+                        address: Arc::clone(&address),
+                        key: slot.key,
+                        id: slot.id,
+                        rx: slot.rx,
+                    };
+                    let msg = if settings.when_full == WhenFull::Wait {
+                        let deadline = started + settings.acquire_timeout;
+                        match tokio::time::timeout_at(deadline, &mut waiter.rx).await {
+                            Ok(msg) => msg,
+                            Err(_elapsed) => return Err(self.full(&address, started)),
+                        }
+                    } else {
+                        // Overflow mode waits only for the dial in flight,
+                        // which the connector bounds.
+                        (&mut waiter.rx).await
+                    };
+                    match msg {
+                        Ok(WaiterMsg::Grant(grant)) => return Ok(Lease::new(Arc::clone(&address), grant)),
+                        Ok(WaiterMsg::Retry) => continue,
+                        Ok(WaiterMsg::Failed(error)) => return Err(error),
+                        // The sender went with the address's state; start over.
+                        Err(_closed) => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and builds a "pool full" error.
+    fn full(&self, address: &Address<C::Conn>, started: Instant) -> Error {
+        address.metrics.rq_pending_overflow.inc();
+        Error::Full {
+            pool: self.inner.name.clone(),
+            addr: address.name.clone(),
+            waited: started.elapsed(),
+        }
+    }
+
+    /// Dials an unpooled connection for one stream (go-micro's behaviour when
+    /// full). Cancelled mid-dial, the connection is simply dropped.
+    async fn overflow(&self, address: Arc<Address<C::Conn>>, _started: Instant) -> Result<Lease<C::Conn>, Error> {
+        let result = self.inner.connector.connect(&address.name).await;
+        let mut fx = Effects::default();
+        let outcome = {
+            let mut state = address.lock();
+            let now = Instant::now();
+            let outcome = match result {
+                Err(source) => {
+                    state.dial_failed(now, &address.metrics);
+                    Err(Error::Dial {
+                        addr: address.name.clone(),
+                        source: Arc::new(source),
+                    })
+                }
+                Ok(_) if state.retired() => Err(Error::Removed {
+                    pool: self.inner.name.clone(),
+                    addr: address.name.clone(),
+                }),
+                Ok(connected) => match state.insert(connected, true, now, &address.metrics, &mut fx) {
+                    (Some(grant), watch) => Ok((grant, watch)),
+                    (None, _) => unreachable!("an overflow insert always grants its stream"),
+                },
+            };
+            state.publish(&address.metrics);
+            outcome
+        };
+        fx.run(&address);
+        let (grant, watch) = outcome?;
+        if let Some(watch) = watch {
+            self.inner.spawn_watch(&address, watch);
+        }
+        Ok(Lease::new(address, grant))
+    }
+
+    /// Applies new settings to every address without cutting a stream; the
+    /// next acquire uses them. Refuses out-of-range settings and then
+    /// changes nothing.
+    pub fn reconfigure(&self, settings: Settings) -> Result<(), SettingsError> {
+        settings.validate()?;
+        *self.inner.settings.lock().unwrap_or_else(PoisonError::into_inner) = settings;
+        for address in self.inner.addresses() {
+            let mut fx = Effects::default();
+            {
+                let mut state = address.lock();
+                state.reconfigure(settings, Instant::now(), &address.metrics, &mut fx);
+                state.publish(&address.metrics);
+            }
+            fx.run(&address);
+        }
+        self.inner.settings_changed.send_replace(());
+        Ok(())
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Settings {
+        *self.inner.settings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps only the addresses in `keep`. The others leave the pool: idle
+    /// connections close now, busy ones when their last stream ends, queued
+    /// callers get [`Error::Removed`], and their metric series go away.
+    pub fn retain_addresses(&self, keep: &[String]) {
+        let mut gone = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
+            map.retain(|name, address| {
+                let kept = keep.iter().any(|k| k == name);
+                if !kept {
+                    gone.push(Arc::clone(address));
+                }
+                kept
+            });
+        }
+        for address in gone {
+            let mut fx = Effects::default();
+            {
+                let mut state = address.lock();
+                state.retire_address(&self.inner.name, &address.name, &address.metrics, &mut fx);
+                state.publish(&address.metrics);
+            }
+            fx.run(&address);
+            self.inner.metrics.remove_address(&self.inner.name, &address.name);
+        }
+    }
+
+    /// Open streams to `addr` (0 for an address the pool has not used), for
+    /// power-of-two-choices load balancing.
+    pub fn active_streams(&self, addr: &str) -> usize {
+        self.inner.find(addr).map_or(0, |a| a.lock().streams())
+    }
+
+    /// Whether the last dial to `addr` failed recently (backoff doubles from
+    /// 250 ms to 10 s with failures in a row, and ends at the next
+    /// successful dial).
+    pub fn in_backoff(&self, addr: &str) -> bool {
+        self.inner.find(addr).is_some_and(|a| a.lock().in_backoff(Instant::now()))
+    }
+
+    /// Occupancy of every address, sorted by address. Each address is read
+    /// under its own lock, so each entry is consistent.
+    pub fn snapshot(&self) -> Vec<AddressOccupancy> {
+        let mut out: Vec<AddressOccupancy> = self
+            .inner
+            .addresses()
+            .iter()
+            .map(|a| a.lock().occupancy(&a.name))
+            .collect();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out
+    }
+
+    /// Every connection of `addr`, ordered by id (empty for an unknown
+    /// address): for tests and debugging pages.
+    pub fn connections(&self, addr: &str) -> Vec<ConnectionInfo> {
+        self.inner.find(addr).map_or_else(Vec::new, |a| a.lock().connections())
+    }
+}
+
+impl<C: Connector> Inner<C> {
+    fn shard(&self, addr: &str) -> &Shard<C::Conn> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        addr.hash(&mut hasher);
+        &self.shards[(hasher.finish() as usize) % SHARDS]
+    }
+
+    fn find(&self, addr: &str) -> Option<Arc<Address<C::Conn>>> {
+        let shard = self.shard(addr).read().unwrap_or_else(PoisonError::into_inner);
+        shard.get(addr).cloned()
+    }
+
+    /// The address `addr`, created on first use.
+    fn address(self: &Arc<Self>, addr: &str) -> Arc<Address<C::Conn>> {
+        if let Some(address) = self.find(addr) {
+            return address;
+        }
+        let mut shard = self.shard(addr).write().unwrap_or_else(PoisonError::into_inner);
+        let address = shard.entry(addr.to_owned()).or_insert_with(|| {
+            let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+            let hooks: Weak<dyn Hooks<C::Conn>> = Arc::downgrade(self) as Weak<dyn Hooks<C::Conn>>;
+            Arc::new(Address::new(
+                addr.to_owned(),
+                settings,
+                self.metrics.address(&self.name, addr),
+                hooks,
+            ))
+        });
+        Arc::clone(address)
+    }
+
+    fn addresses(&self) -> Vec<Arc<Address<C::Conn>>> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                let map = shard.read().unwrap_or_else(PoisonError::into_inner);
+                map.values().cloned().collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn runtime(&self) -> Handle {
+        match self.runtime.get() {
+            Some(handle) => handle.clone(),
+            None => Handle::current(),
+        }
+    }
+
+    fn spawn_watch(&self, address: &Arc<Address<C::Conn>>, watch: address::Watch) {
+        let weak = Arc::downgrade(address);
+        let settings_changed = self.settings_changed.subscribe();
+        self.runtime().spawn(address::watch(weak, watch, settings_changed));
+    }
+}
+
+impl<C: Connector> Hooks<C::Conn> for Inner<C> {
+    fn spawn_dial(self: Arc<Self>, address: Arc<Address<C::Conn>>) {
+        let runtime = self.runtime();
+        runtime.spawn(async move {
+            let result = self
+                .connector
+                .connect(&address.name)
+                .await
+                .map_err(|source| Error::Dial {
+                    addr: address.name.clone(),
+                    source: Arc::new(source),
+                });
+            if let Err(error) = &result {
+                tracing::warn!(pool = %self.name, addr = %address.name, %error, "dial failed");
+            }
+            let mut fx = Effects::default();
+            let watch = {
+                let mut state = address.lock();
+                let watch = state.dial_done(result, Instant::now(), &address.metrics, &mut fx);
+                state.publish(&address.metrics);
+                watch
+            };
+            if let Some(watch) = watch {
+                self.spawn_watch(&address, watch);
+            }
+            fx.run(&address);
+        });
+    }
+}
+
+/// A caller's place in an address's queue. Dropped — served, timed out or
+/// cancelled — it leaves the queue under the address lock, and a stream
+/// granted to it after it stopped listening is released.
+struct Waiter<Conn: Clone> {
+    address: Arc<Address<Conn>>,
+    key: usize,
+    id: u64,
+    rx: tokio::sync::oneshot::Receiver<WaiterMsg<Conn>>,
+}
+
+impl<Conn: Clone> Drop for Waiter<Conn> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.address.lock();
+            state.leave_queue(self.key, self.id);
+            state.publish(&self.address.metrics);
+        }
+        // Granted just before the caller gave up: give the stream back.
+        if let Ok(WaiterMsg::Grant(grant)) = self.rx.try_recv() {
+            drop(Lease::new(Arc::clone(&self.address), grant));
+        }
+    }
+}
