@@ -4,7 +4,9 @@
 //! - [`validate`]: the same rules the API server enforces, for inputs that do
 //!   not pass through it (the agent's standalone files, operator snapshots).
 //! - [`crd`]: the CustomResourceDefinition as the chart ships it.
+//! - [`control`]: the operator ↔ agent control protocol (tonic).
 
+pub mod control;
 pub mod crd;
 pub mod validate;
 pub mod v1alpha1;
