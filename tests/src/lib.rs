@@ -1,1 +1,10 @@
-//! The e2e harness: a real kube-apiserver and etcd, kubectl, and helpers.
+//! The e2e harness: the cluster the tests run against (a real kube-apiserver
+//! and etcd by default), the real kubectl, and a namespace per test.
+
+pub mod cluster;
+pub mod kubectl;
+pub mod namespace;
+
+pub use cluster::{Cluster, cluster, repo_root};
+pub use kubectl::{Output, kubectl, kubectl_stdin};
+pub use namespace::{TestNamespace, ensure_crd};
