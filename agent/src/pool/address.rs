@@ -525,6 +525,9 @@ impl<Conn: Clone> State<Conn> {
         entry.streams -= 1;
         self.streams -= 1;
         let streams = entry.streams;
+        if streams == 0 && matches!(entry.place, Place::Available | Place::Busy) {
+            self.idle += 1;
+        }
         if outcome == Outcome::TransportError {
             m.rq_error.inc();
             self.retire(key, EvictionReason::Transport, m, fx);
@@ -557,9 +560,6 @@ impl<Conn: Clone> State<Conn> {
                         self.retire(key, EvictionReason::Ttl, m, fx);
                     } else {
                         self.fix_place(key);
-                        if streams == 0 {
-                            self.idle += 1;
-                        }
                     }
                 }
             }
