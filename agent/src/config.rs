@@ -1,0 +1,252 @@
+//! The agent's configuration: the command line (every flag also settable by
+//! a `TIDEPOOL_*` environment variable), parsed once into a typed [`Config`],
+//! and [`PoolConfig`], one ConnectionPool as the agent runs it — whichever
+//! source it came from (a standalone file or the operator's snapshots).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, ValueEnum};
+use tidepool_crds::ConnectionPoolSpec;
+use tidepool_crds::validate::parse_duration;
+
+use crate::pool::h2::H2Connector;
+
+/// One ConnectionPool as the agent runs it.
+///
+/// The operator builds these from the resources and their resolved
+/// endpoints; standalone mode builds them from manifests whose target lists
+/// static addresses. [`Runtime::apply`](crate::runtime::Runtime::apply)
+/// validates the spec again, so a bad value is refused by the agent too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// The resource's namespace.
+    pub namespace: String,
+    /// The resource's name.
+    pub name: String,
+    /// The resource's `metadata.uid`, echoed in reports.
+    pub uid: String,
+    /// The resource's `metadata.generation`, echoed in reports.
+    pub generation: i64,
+    /// The resource's spec.
+    pub spec: ConnectionPoolSpec,
+    /// Resolved backend addresses (`host:port`), the only ones the agent
+    /// dials for this pool. For static targets these are the spec's
+    /// addresses; for a Service, its ready endpoints.
+    pub addresses: Vec<String>,
+}
+
+impl PoolConfig {
+    /// `namespace/name`: the pool's key in the runtime, its metric label and
+    /// the name errors use.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The command line of `tidepool-agent`.
+#[derive(Debug, Parser)]
+#[command(name = "tidepool-agent", version, about = "tidepool's node agent: a gRPC proxy over connection pools")]
+pub struct Args {
+    /// Where the pools come from.
+    #[command(flatten)]
+    pub mode: ModeArgs,
+
+    /// Address of the shared h2c gRPC listener; streams are routed by
+    /// `:authority`. Pools with a `listenPort` get a dedicated listener on
+    /// the same IP.
+    #[arg(long, env = "TIDEPOOL_LISTEN", default_value = "0.0.0.0:15000")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`,
+    /// `/pools`).
+    #[arg(long, env = "TIDEPOOL_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
+    pub admin_listen: SocketAddr,
+
+    /// On SIGTERM, how long open streams may run before the agent exits
+    /// anyway (a Go-style duration such as `30s`).
+    #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Most concurrent streams a client may open on one connection to the
+    /// agent (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "TIDEPOOL_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// Limit for TCP connect and HTTP/2 handshake to a backend.
+    #[arg(long, env = "TIDEPOOL_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub connect_timeout: Duration,
+
+    /// Time between keepalive PINGs on backend connections; `0s` turns
+    /// keepalive off.
+    #[arg(long, env = "TIDEPOOL_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive PING may go unanswered before the backend
+    /// connection counts as dead.
+    #[arg(long, env = "TIDEPOOL_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
+
+    /// How often standalone mode checks its file for changes.
+    #[arg(long, env = "TIDEPOOL_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub reload_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The flags that choose where pools come from; exactly one is required.
+/// Another source (the operator) is one more field here and one more
+/// [`Mode`] variant.
+#[derive(Debug, ClapArgs)]
+#[group(required = true, multiple = false)]
+pub struct ModeArgs {
+    /// Run without Kubernetes: read ConnectionPool manifests (with static
+    /// `spec.target.addresses`) from this YAML file and reload it when it
+    /// changes.
+    #[arg(long, env = "TIDEPOOL_STANDALONE", value_name = "FILE")]
+    pub standalone: Option<PathBuf>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the agent's pools come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// ConnectionPool manifests in a file, reloaded on change.
+    Standalone {
+        /// The manifest file.
+        file: PathBuf,
+        /// How often the file is checked for changes.
+        reload_interval: Duration,
+    },
+}
+
+/// How the proxy serves its listeners.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS offered to clients.
+    pub max_concurrent_streams: u32,
+    /// Limit for reading a client's HTTP/2 preface before the connection is
+    /// dropped.
+    pub preface_timeout: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 1024,
+            preface_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The agent's configuration, checked and typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where pools come from.
+    pub mode: Mode,
+    /// The shared proxy listener.
+    pub listen: SocketAddr,
+    /// The admin listener.
+    pub admin_listen: SocketAddr,
+    /// How long SIGTERM waits for open streams.
+    pub drain_timeout: Duration,
+    /// Listener settings.
+    pub proxy: ProxyOptions,
+    /// How backend connections are made.
+    pub connector: H2Connector,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// A configuration clap could not check by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No source of pools was given.
+    #[error("no source of pools: pass --standalone FILE (TIDEPOOL_STANDALONE)")]
+    NoMode,
+    /// `--max-concurrent-streams` was zero.
+    #[error("--max-concurrent-streams (TIDEPOOL_MAX_CONCURRENT_STREAMS) = 0: must be at least 1")]
+    ZeroStreams,
+}
+
+impl Config {
+    /// Checks parsed flags and builds the configuration.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let mode = match args.mode.standalone {
+            Some(file) => Mode::Standalone {
+                file,
+                reload_interval: args.reload_interval,
+            },
+            None => return Err(ConfigError::NoMode),
+        };
+        if args.max_concurrent_streams == 0 {
+            return Err(ConfigError::ZeroStreams);
+        }
+        Ok(Self {
+            mode,
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+            drain_timeout: args.drain_timeout,
+            proxy: ProxyOptions {
+                max_concurrent_streams: args.max_concurrent_streams,
+                ..ProxyOptions::default()
+            },
+            connector: H2Connector {
+                connect_timeout: args.connect_timeout,
+                keepalive_interval: args.keepalive_interval,
+                keepalive_timeout: args.keepalive_timeout,
+            },
+            log_format: args.log_format,
+        })
+    }
+}
+
+/// Parses a flag's Go-style duration (`500ms`, `30s`, `1m30s`), the syntax
+/// ConnectionPool fields use.
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s or 1m30s"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standalone_mode_with_defaults() {
+        let args = Args::try_parse_from(["tidepool-agent", "--standalone", "pools.yaml"]).unwrap();
+        let config = Config::from_args(args).unwrap();
+        assert_eq!(
+            config.mode,
+            Mode::Standalone {
+                file: "pools.yaml".into(),
+                reload_interval: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(config.listen.port(), 15000);
+        assert_eq!(config.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_flag_and_the_value() {
+        let err = Args::try_parse_from(["tidepool-agent", "--standalone", "p.yaml", "--drain-timeout", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--drain-timeout") && err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn a_source_of_pools_is_required() {
+        assert!(Args::try_parse_from(["tidepool-agent"]).is_err());
+    }
+}

@@ -1,0 +1,45 @@
+//! `tidepool-agent`: wiring only. Parse the configuration, start the agent,
+//! feed it pools from the chosen source, run until SIGTERM, drain.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use tidepool_agent::app::{App, AppOptions};
+use tidepool_agent::config::{Args, Config, LogFormat, Mode};
+use tidepool_agent::{shutdown, standalone};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_args(Args::parse())?;
+    init_tracing(config.log_format);
+
+    let app = App::start(AppOptions::from(&config)).await?;
+    let sources = app.runtime().drain().token().child_token();
+    match &config.mode {
+        Mode::Standalone { file, reload_interval } => {
+            let count = standalone::load_and_apply(file, app.runtime())
+                .with_context(|| format!("standalone pools file {}", file.display()))?;
+            tracing::info!(file = %file.display(), pools = count, "standalone pools loaded");
+            tokio::spawn(standalone::watch(
+                file.clone(),
+                app.runtime().clone(),
+                *reload_interval,
+                sources,
+            ));
+        }
+    }
+
+    let signal = shutdown::signal().await.context("waiting for a signal")?;
+    tracing::info!(signal, "stopping");
+    app.shutdown(config.drain_timeout).await;
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,189 @@
+//! The agent's own Prometheus metrics (the pool's are in
+//! [`pool::metrics`](crate::pool::metrics)). All live in one registry with
+//! the prefix `tidepool`, served on the admin port's `/metrics`.
+//!
+//! | metric | type | meaning |
+//! | --- | --- | --- |
+//! | `proxy_streams_total{pool, code}` | counter | proxied streams by gRPC status (the agent's own errors included) |
+//! | `proxy_streams_active{pool}` | gauge | streams being proxied |
+//! | `proxy_stream_duration_seconds{pool}` | histogram | time from request to the end of the response |
+//! | `proxy_rejected_total{reason}` | counter | streams or connections refused before reaching a pool (`unknown_authority`, `not_grpc`, `http1`, `bad_preface`) |
+//! | `proxy_connections_active{listener}` | gauge | client connections open, per listener (`shared` or the port) |
+//! | `config_applies_total{result}` | counter | configurations applied (`ok`) or refused (`error`) |
+//! | `config_pools` | gauge | pools in force |
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::proxy::Code;
+
+/// Labels `{pool, code}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `namespace/name`.
+    pub pool: String,
+    /// The gRPC status name, such as `OK` or `UNAVAILABLE`.
+    pub code: &'static str,
+}
+
+/// Labels `{pool}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// `namespace/name`.
+    pub pool: String,
+}
+
+/// Labels `{reason}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why the stream or connection was refused.
+    pub reason: &'static str,
+}
+
+/// Labels `{listener}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `shared`, or the dedicated port.
+    pub listener: String,
+}
+
+/// Labels `{result}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs to about 105 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every agent metric outside the pool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    streams: Family<StreamLabels, Counter>,
+    streams_active: Family<PoolLabel, Gauge>,
+    stream_duration: HistogramFamily<PoolLabel>,
+    rejected: Family<ReasonLabel, Counter>,
+    connections_active: Family<ListenerLabel, Gauge>,
+    applies: Family<ResultLabel, Counter>,
+    pools: Gauge,
+}
+
+impl Metrics {
+    /// Makes the families and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            streams: Family::default(),
+            streams_active: Family::default(),
+            stream_duration: Family::new_with_constructor(duration_histogram),
+            rejected: Family::default(),
+            connections_active: Family::default(),
+            applies: Family::default(),
+            pools: Gauge::default(),
+        };
+        let proxy = registry.sub_registry_with_prefix("proxy");
+        proxy.register("streams", "Proxied streams by gRPC status", metrics.streams.clone());
+        proxy.register("streams_active", "Streams being proxied", metrics.streams_active.clone());
+        proxy.register(
+            "stream_duration_seconds",
+            "Time from request to the end of the response",
+            metrics.stream_duration.clone(),
+        );
+        proxy.register(
+            "rejected",
+            "Streams or connections refused before reaching a pool",
+            metrics.rejected.clone(),
+        );
+        proxy.register(
+            "connections_active",
+            "Client connections open, per listener",
+            metrics.connections_active.clone(),
+        );
+        let config = registry.sub_registry_with_prefix("config");
+        config.register("applies", "Configurations applied or refused", metrics.applies.clone());
+        config.register("pools", "Pools in force", metrics.pools.clone());
+        metrics
+    }
+
+    /// The handles one pool's streams update, looked up once per pool so a
+    /// stream touches no label map.
+    pub fn pool(&self, pool: &str) -> PoolStreamMetrics {
+        let label = PoolLabel { pool: pool.to_owned() };
+        PoolStreamMetrics {
+            by_code: Arc::new(std::array::from_fn(|i| {
+                self.streams
+                    .get_or_create(&StreamLabels {
+                        pool: pool.to_owned(),
+                        code: Code::ALL[i].name(),
+                    })
+                    .clone()
+            })),
+            active: self.streams_active.get_or_create(&label).clone(),
+            duration: self.stream_duration.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Drops a removed pool's series.
+    pub fn remove_pool(&self, pool: &str) {
+        let label = PoolLabel { pool: pool.to_owned() };
+        self.streams_active.remove(&label);
+        self.stream_duration.remove(&label);
+        for code in Code::ALL {
+            self.streams.remove(&StreamLabels {
+                pool: pool.to_owned(),
+                code: code.name(),
+            });
+        }
+    }
+
+    /// Counts a refusal.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The open-connections gauge of one listener.
+    pub fn connections(&self, listener: &str) -> Gauge {
+        self.connections_active
+            .get_or_create(&ListenerLabel {
+                listener: listener.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts an applied (`ok = true`) or refused configuration.
+    pub fn applied(&self, ok: bool, pools: usize) {
+        let result = if ok { "ok" } else { "error" };
+        self.applies.get_or_create(&ResultLabel { result }).inc();
+        if ok {
+            self.pools.set(i64::try_from(pools).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// One pool's stream metrics.
+#[derive(Debug, Clone)]
+pub struct PoolStreamMetrics {
+    by_code: Arc<[Counter; Code::ALL.len()]>,
+    /// Streams being proxied.
+    pub active: Gauge,
+    /// Stream durations in seconds.
+    pub duration: Histogram,
+}
+
+impl PoolStreamMetrics {
+    /// Counts a finished stream.
+    pub fn finished(&self, code: Code, seconds: f64) {
+        self.by_code[code as usize].inc();
+        self.duration.observe(seconds);
+    }
+}

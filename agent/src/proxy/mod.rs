@@ -1,0 +1,106 @@
+//! The data path: an h2c gRPC proxy over the pools.
+//!
+//! - [`server`]: the listeners (the shared one routes by `:authority`,
+//!   dedicated ones serve one pool) and client connections.
+//! - `handle` (here): checks a request is gRPC and finds its pool.
+//! - [`forward`]: leases a backend stream and forwards both directions.
+//! - [`body`]: the streamed response body, holding the lease until the end.
+//! - [`status`] and [`error`]: what the client sees when the agent answers
+//!   itself.
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod server;
+pub mod status;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+pub use body::ProxyBody;
+pub use error::Error;
+pub use server::serve;
+pub use status::Code;
+
+use crate::router::RouteError;
+use crate::runtime::Runtime;
+
+/// Which pools a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The shared listener: the pool is chosen by `:authority`.
+    Shared,
+    /// A pool's dedicated `listenPort`: every stream goes to that pool.
+    Dedicated(u16),
+}
+
+/// Answers one request: refuses what is not gRPC, finds the pool, forwards.
+pub(crate) async fn handle(runtime: &Runtime, target: Target, request: Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(refusal) = refuse_non_grpc(&request) {
+        runtime.metrics().rejected("not_grpc");
+        return refusal;
+    }
+    let table = runtime.table();
+    let found = match target {
+        Target::Shared => {
+            let authority = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+                .unwrap_or("");
+            table.routes.lookup(authority).map_err(Error::from).and_then(|key| {
+                // Routes and pools come from one configuration: always found.
+                table.pools.get(key).ok_or_else(|| {
+                    Error::Route(RouteError::Unknown {
+                        authority: authority.to_owned(),
+                    })
+                })
+            })
+        }
+        Target::Dedicated(port) => table
+            .ports
+            .get(&port)
+            .and_then(|key| table.pools.get(key))
+            .ok_or(Error::NoDedicatedPool { port }),
+    };
+    let entry = match found {
+        Ok(entry) => entry.clone(),
+        Err(error) => return refusal(runtime, error),
+    };
+    drop(table);
+    forward::forward(entry, request).await
+}
+
+fn refusal(runtime: &Runtime, error: Error) -> Response<ProxyBody> {
+    if matches!(error, Error::Route(RouteError::Unknown { .. } | RouteError::Ambiguous { .. })) {
+        runtime.metrics().rejected("unknown_authority");
+    }
+    tracing::debug!(%error, "stream refused before reaching a pool");
+    status::grpc_error(error.code(), &format!("tidepool-agent: {error}"))
+}
+
+/// A plain HTTP error for requests that are not gRPC: wrong method (405) or
+/// content type (415), as the gRPC over HTTP/2 spec asks.
+fn refuse_non_grpc(request: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    if request.method() != Method::POST {
+        return Some(status::http_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("tidepool-agent proxies gRPC: method {} is not POST\n", request.method()),
+        ));
+    }
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    match content_type {
+        Some(ct) if ct.starts_with("application/grpc") => None,
+        other => Some(status::http_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "tidepool-agent proxies gRPC: content-type {} is not application/grpc\n",
+                other.unwrap_or("(none)")
+            ),
+        )),
+    }
+}
