@@ -632,12 +632,19 @@ impl<Conn: Clone> State<Conn> {
         }
     }
 
-    /// The TTL deadline of connection `key` if it is still listed (the
-    /// connection's watcher sleeps until then).
-    pub(crate) fn deadline(&self, key: usize, id: u64) -> Option<Option<Instant>> {
+    /// When the watcher of connection `key` should next look at its TTL:
+    /// its expiry while it is listed, or while it is an overflow connection
+    /// that may still be adopted into the pool before then; never once it
+    /// is draining. `None` if the connection is gone.
+    pub(crate) fn deadline(&self, key: usize, id: u64, now: Instant) -> Option<Option<Instant>> {
         let entry = self.entry(key, id)?;
-        let listed = matches!(entry.place, Place::Available | Place::Busy);
-        Some(listed.then(|| self.expires(entry)))
+        let expires = self.expires(entry);
+        let watch = match entry.place {
+            Place::Available | Place::Busy => true,
+            Place::Overflow => now < expires,
+            Place::Draining(_) => false,
+        };
+        Some(watch.then_some(expires))
     }
 
     /// The watcher's timer fired: retire connection `key` if it is past its
@@ -828,7 +835,7 @@ pub(crate) async fn watch<Conn: Clone>(
         let deadline = {
             let Some(address) = address.upgrade() else { return };
             let state = address.lock();
-            match state.deadline(key, id) {
+            match state.deadline(key, id, Instant::now()) {
                 Some(deadline) => deadline,
                 None => return,
             }
