@@ -40,7 +40,9 @@ pub enum ProtocolError {
         pool: String,
     },
     /// A `whenFull` value this build does not know.
-    #[error("pool {pool}: spec.whenFull value {value} is unknown; Overflow (0) and Wait (1) are accepted")]
+    #[error(
+        "pool {pool}: spec.whenFull value {value} is unknown; Overflow (0) and Wait (1) are accepted"
+    )]
     UnknownWhenFull {
         /// `namespace/name`.
         pool: String,
@@ -59,9 +61,11 @@ pub fn spec_to_pb(spec: &ConnectionPoolSpec) -> pb::PoolSpec {
                 IntOrString::String(s) => pb::service_target::Port::PortName(s.clone()),
             }),
         })),
-        (None, Some(addrs)) => Some(pb::pool_spec::Target::StaticAddresses(pb::StaticAddresses {
-            addresses: addrs.iter().map(|a| a.0.clone()).collect(),
-        })),
+        (None, Some(addrs)) => Some(pb::pool_spec::Target::StaticAddresses(
+            pb::StaticAddresses {
+                addresses: addrs.iter().map(|a| a.0.clone()).collect(),
+            },
+        )),
         (None, None) => None,
     };
     pb::PoolSpec {
@@ -105,7 +109,10 @@ pub fn spec_from_pb(pool: &str, spec: pb::PoolSpec) -> Result<ConnectionPoolSpec
         Ok(pb::WhenFull::Overflow) => WhenFull::Overflow,
         Ok(pb::WhenFull::Wait) => WhenFull::Wait,
         Err(_) => {
-            return Err(ProtocolError::UnknownWhenFull { pool: pool.into(), value: spec.when_full });
+            return Err(ProtocolError::UnknownWhenFull {
+                pool: pool.into(),
+                value: spec.when_full,
+            });
         }
     };
     Ok(ConnectionPoolSpec {
@@ -145,7 +152,8 @@ pub fn snapshot_version(pools: &[pb::Pool]) -> String {
     let mut buf = Vec::new();
     for pool in pools {
         buf.clear();
-        pool.encode_length_delimited(&mut buf).expect("a Vec grows as needed");
+        pool.encode_length_delimited(&mut buf)
+            .expect("a Vec grows as needed");
         for b in &buf {
             hash ^= u64::from(*b);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
@@ -165,9 +173,13 @@ mod tests {
     #[test]
     fn specs_cross_the_wire_unchanged() {
         for s in [
-            spec("target: {service: {name: payments, port: 50051}}\nsize: 3\nmaxIdle: 2\nwhenFull: Wait\nacquireTimeout: 250ms\nlistenPort: 16000"),
+            spec(
+                "target: {service: {name: payments, port: 50051}}\nsize: 3\nmaxIdle: 2\nwhenFull: Wait\nacquireTimeout: 250ms\nlistenPort: 16000",
+            ),
             spec("target: {service: {name: payments, port: grpc}}"),
-            spec("target: {addresses: ['10.0.0.1:50051', '[fd00::7]:80']}\nttl: 1h30m\nmaxStreams: 7"),
+            spec(
+                "target: {addresses: ['10.0.0.1:50051', '[fd00::7]:80']}\nttl: 1h30m\nmaxStreams: 7",
+            ),
         ] {
             assert_eq!(spec_from_pb("ns/p", spec_to_pb(&s)).unwrap(), s);
         }
@@ -178,7 +190,10 @@ mod tests {
         let mut m = spec_to_pb(&spec("target: {service: {name: a, port: 1}}"));
         m.target = None;
         let err = spec_from_pb("shop/payments", m).unwrap_err().to_string();
-        assert!(err.contains("shop/payments") && err.contains("spec.target"), "{err}");
+        assert!(
+            err.contains("shop/payments") && err.contains("spec.target"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -187,7 +202,10 @@ mod tests {
         m.when_full = 9;
         assert_eq!(
             spec_from_pb("ns/p", m).unwrap_err(),
-            ProtocolError::UnknownWhenFull { pool: "ns/p".into(), value: 9 }
+            ProtocolError::UnknownWhenFull {
+                pool: "ns/p".into(),
+                value: 9
+            }
         );
     }
 

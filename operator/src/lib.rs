@@ -1,1 +1,43 @@
-//! tidepool's operator: reconciles ConnectionPools into per-node settings.
+//! tidepool's operator: reconciles ConnectionPools into per-node settings,
+//! pushes them to agents over the control stream, and writes what the
+//! agents report into each pool's status.
+//!
+//! - [`reconcile`]: the controller; resolves targets through [`resolve`]
+//!   into [`desired`].
+//! - [`push`]: debounced pushes of the desired snapshot to [`agents`].
+//! - [`control`]: the gRPC control service agents connect to.
+//! - [`status`]: status aggregation (capped address list), conditions,
+//!   Events, rate-limited server-side apply.
+//! - [`leader`]: leader election on a Lease.
+//! - [`admin`], [`metrics`], [`config`], [`app`] (the wiring `main` runs).
+//!
+//! # API calls the operator makes (for least-privilege RBAC)
+//!
+//! | API group | resource | verbs |
+//! | --- | --- | --- |
+//! | `tidepool.dev` | `connectionpools` | get, list, watch |
+//! | `tidepool.dev` | `connectionpools/status` | patch (server-side apply) |
+//! | `""` (core) | `services` | list, watch |
+//! | `discovery.k8s.io` | `endpointslices` | list, watch |
+//! | `""` (core) | `nodes` (cluster-scoped) | list, watch |
+//! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |
+//! | `events.k8s.io` | `events` | create, patch |
+//!
+//! `get` on connectionpools is not used today (reads come from the watch
+//! cache) but keeps `kubectl`-style debugging by the service account
+//! possible; drop it for the strictest role. With `--watch-namespace`, every
+//! namespaced rule can be a Role in that namespace; nodes always need a
+//! ClusterRole.
+
+pub mod admin;
+pub mod agents;
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod desired;
+pub mod leader;
+pub mod metrics;
+pub mod push;
+pub mod reconcile;
+pub mod resolve;
+pub mod status;

@@ -1,0 +1,403 @@
+//! The agents connected to this operator and what each runs, has been sent,
+//! has refused and has reported.
+//!
+//! Keyed by node: one agent per node. A second session for a node (an agent
+//! that restarted before its old stream was noticed dead) replaces the
+//! first, whose writer then ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tidepool_crds::control::pb;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::desired::Snapshot;
+
+/// A snapshot sent and not yet answered.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// What was sent.
+    pub snapshot: Arc<Snapshot>,
+    /// The nonce it was sent with.
+    pub nonce: String,
+    /// When.
+    pub at: Instant,
+}
+
+/// A snapshot an agent refused.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// What was refused.
+    pub snapshot: Arc<Snapshot>,
+    /// The agent's error.
+    pub error: String,
+    /// The pools the error is about; empty means all of the snapshot.
+    pub pools: Vec<String>,
+}
+
+impl Rejected {
+    /// Whether the rejection is about `key` at this uid and generation.
+    pub fn blames(&self, key: &str, uid: &str, generation: i64) -> bool {
+        self.snapshot.runs(key, uid, generation)
+            && (self.pools.is_empty() || self.pools.iter().any(|p| p == key))
+    }
+}
+
+/// One connected agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Which session of the node this is.
+    pub session: u64,
+    /// The agent's pod.
+    pub pod: String,
+    /// The version the agent said it runs when it connected.
+    running: String,
+    /// The session's writer sends what is put here.
+    outbox: watch::Sender<Option<Arc<Snapshot>>>,
+    /// The version last put in the outbox.
+    queued: Option<String>,
+    /// The last snapshot the agent acknowledged: what it runs.
+    pub applied: Option<Arc<Snapshot>>,
+    /// The last snapshot sent and not yet answered.
+    pub sent: Option<Sent>,
+    /// The last snapshot it refused, until it acknowledges a later one.
+    pub rejected: Option<Rejected>,
+    /// Its latest report, by pool `namespace/name`.
+    pub reports: HashMap<String, pb::PoolReport>,
+}
+
+impl Agent {
+    fn wants(&self, snapshot: &Snapshot) -> bool {
+        let v = &snapshot.version;
+        self.queued.as_ref() != Some(v)
+            && self.applied.as_ref().is_none_or(|a| &a.version != v)
+            && self
+                .rejected
+                .as_ref()
+                .is_none_or(|r| &r.snapshot.version != v)
+    }
+}
+
+/// What a session is given when it registers.
+#[derive(Debug)]
+pub struct Registration {
+    /// The session's id, for every later call.
+    pub session: u64,
+    /// Snapshots to send.
+    pub outbox: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Whether an older session of the node was replaced.
+    pub replaced: bool,
+}
+
+/// An answer to a snapshot, as the registry understood it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Acknowledged: how long after the send, and after the change.
+    Acked {
+        /// Send to ack.
+        push_to_ack: Duration,
+        /// First change in the snapshot to ack.
+        change_to_ack: Duration,
+    },
+    /// Refused.
+    Nacked,
+    /// For a nonce that is not the latest sent: ignored.
+    Stale,
+}
+
+/// Every connected agent.
+#[derive(Debug, Default)]
+pub struct Agents {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_node: HashMap<String, Agent>,
+    next_session: u64,
+    /// Bumped on every change a status could show.
+    changes: u64,
+}
+
+impl Agents {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a session for `node`. `running` is the version the agent
+    /// says it runs; when it equals `current`'s, the agent counts as having
+    /// acknowledged `current` and nothing is sent; otherwise `current` is
+    /// queued for it. `current` is `None` until the operator knows every
+    /// pool (nothing is sent before: a partial snapshot would remove pools).
+    pub fn register(
+        &self,
+        node: &str,
+        pod: &str,
+        running: &str,
+        current: Option<Arc<Snapshot>>,
+    ) -> Registration {
+        let mut inner = self.lock();
+        inner.next_session += 1;
+        let session = inner.next_session;
+        let (outbox, rx) = watch::channel(None);
+        let mut agent = Agent {
+            session,
+            pod: pod.into(),
+            running: running.into(),
+            outbox,
+            queued: None,
+            applied: None,
+            sent: None,
+            rejected: None,
+            reports: HashMap::new(),
+        };
+        if let Some(current) = current {
+            if !running.is_empty() && current.version == running {
+                agent.applied = Some(current);
+            } else {
+                agent.queued = Some(current.version.clone());
+                agent.outbox.send_replace(Some(current));
+            }
+        }
+        let replaced = inner.by_node.insert(node.into(), agent).is_some();
+        inner.changes += 1;
+        Registration {
+            session,
+            outbox: rx,
+            replaced,
+        }
+    }
+
+    /// Removes a session, if it is still the node's.
+    pub fn unregister(&self, node: &str, session: u64) -> bool {
+        let mut inner = self.lock();
+        if inner
+            .by_node
+            .get(node)
+            .is_some_and(|a| a.session == session)
+        {
+            inner.by_node.remove(node);
+            inner.changes += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `session` is still the node's current one.
+    pub fn is_current(&self, node: &str, session: u64) -> bool {
+        self.lock()
+            .by_node
+            .get(node)
+            .is_some_and(|a| a.session == session)
+    }
+
+    /// Queues `snapshot` for every agent that neither runs it, has it
+    /// queued, nor refused it. Returns how many it was queued for.
+    pub fn offer(&self, snapshot: &Arc<Snapshot>) -> usize {
+        let mut inner = self.lock();
+        let mut n = 0;
+        for agent in inner.by_node.values_mut() {
+            if agent.applied.is_none()
+                && !agent.running.is_empty()
+                && agent.running == snapshot.version
+            {
+                // Connected before the operator knew every pool, and runs
+                // this very snapshot already.
+                agent.applied = Some(Arc::clone(snapshot));
+                continue;
+            }
+            if agent.wants(snapshot) {
+                agent.queued = Some(snapshot.version.clone());
+                agent.outbox.send_replace(Some(Arc::clone(snapshot)));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Records that a session's writer sent `snapshot` with `nonce`.
+    pub fn sent(&self, node: &str, session: u64, snapshot: Arc<Snapshot>, nonce: String) {
+        if let Some(agent) = self
+            .lock()
+            .by_node
+            .get_mut(node)
+            .filter(|a| a.session == session)
+        {
+            agent.sent = Some(Sent {
+                snapshot,
+                nonce,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// Records an Ack or a Nack (`error` set) for `nonce`.
+    pub fn answer(
+        &self,
+        node: &str,
+        session: u64,
+        nonce: &str,
+        error: Option<(String, Vec<String>)>,
+    ) -> Answer {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session) else {
+            return Answer::Stale;
+        };
+        inner.changes += 1;
+        let Some(sent) = agent.sent.take_if(|s| s.nonce == nonce) else {
+            return Answer::Stale;
+        };
+        match error {
+            None => {
+                let answer = Answer::Acked {
+                    push_to_ack: sent.at.elapsed(),
+                    change_to_ack: sent.snapshot.changed_at.elapsed(),
+                };
+                agent.applied = Some(sent.snapshot);
+                agent.rejected = None;
+                answer
+            }
+            Some((error, pools)) => {
+                agent.rejected = Some(Rejected {
+                    snapshot: sent.snapshot,
+                    error,
+                    pools,
+                });
+                Answer::Nacked
+            }
+        }
+    }
+
+    /// Stores a session's report, replacing the last.
+    pub fn report(&self, node: &str, session: u64, report: pb::Report) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session) {
+            let reports: HashMap<String, pb::PoolReport> =
+                report.pools.into_iter().map(|p| (p.key(), p)).collect();
+            if reports != agent.reports {
+                agent.reports = reports;
+                inner.changes += 1;
+            }
+        }
+    }
+
+    /// A counter bumped by every change a status could show (sessions,
+    /// answers, reports that differ from the last).
+    pub fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// How many agents are connected.
+    pub fn len(&self) -> usize {
+        self.lock().by_node.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` over the agents by node, under the registry's lock (keep it
+    /// short; never await in it).
+    pub fn with<R>(&self, f: impl FnOnce(&HashMap<String, Agent>) -> R) -> R {
+        f(&self.lock().by_node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(version: &str, generation: i64) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            version: version.into(),
+            pools: vec![],
+            generations: [("ns/p".to_string(), ("u".to_string(), generation))].into(),
+            changed_at: Instant::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_sent_once_and_a_refused_one_not_again() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        let mut reg = agents.register("n1", "pod", "", Some(Arc::clone(&v1)));
+        assert_eq!(
+            reg.outbox.borrow_and_update().as_ref().unwrap().version,
+            "v1"
+        );
+        // Queued already: offering it again sends nothing.
+        assert_eq!(agents.offer(&v1), 0);
+        agents.sent("n1", reg.session, Arc::clone(&v1), "a".into());
+        assert!(matches!(
+            agents.answer("n1", reg.session, "a", None),
+            Answer::Acked { .. }
+        ));
+        assert!(agents.with(|a| a["n1"].applied.as_ref().unwrap().runs("ns/p", "u", 1)));
+
+        let v2 = snapshot("v2", 2);
+        assert_eq!(agents.offer(&v2), 1);
+        agents.sent("n1", reg.session, Arc::clone(&v2), "b".into());
+        // An answer to an older nonce is ignored.
+        assert_eq!(agents.answer("n1", reg.session, "a", None), Answer::Stale);
+        assert_eq!(
+            agents.answer("n1", reg.session, "b", Some(("bad".into(), vec![]))),
+            Answer::Nacked
+        );
+        agents.with(|a| {
+            let n1 = &a["n1"];
+            assert!(n1.rejected.as_ref().unwrap().blames("ns/p", "u", 2));
+            // Still on the last good one.
+            assert_eq!(n1.applied.as_ref().unwrap().version, "v1");
+        });
+        // The refused version is not resent; a later one is.
+        assert_eq!(agents.offer(&v2), 0);
+        assert_eq!(agents.offer(&snapshot("v3", 3)), 1);
+    }
+
+    #[test]
+    fn an_agent_that_runs_the_current_version_is_synced_without_a_send() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        let mut reg = agents.register("n1", "pod", "v1", Some(Arc::clone(&v1)));
+        assert!(reg.outbox.borrow_and_update().is_none());
+        assert_eq!(agents.offer(&v1), 0);
+        // Also when it connected before the first snapshot was built.
+        let mut reg = agents.register("n2", "pod", "v1", None);
+        assert_eq!(agents.offer(&v1), 0);
+        assert!(reg.outbox.borrow_and_update().is_none());
+        assert!(agents.with(|a| a["n2"].applied.is_some()));
+    }
+
+    #[test]
+    fn a_new_session_replaces_the_old_one() {
+        let agents = Agents::default();
+        let old = agents.register("n1", "pod-a", "", None);
+        let new = agents.register("n1", "pod-b", "", None);
+        assert!(new.replaced);
+        assert!(!agents.is_current("n1", old.session));
+        // The old session ending does not remove the new one.
+        assert!(!agents.unregister("n1", old.session));
+        assert_eq!(agents.len(), 1);
+        assert!(agents.unregister("n1", new.session));
+        assert!(agents.is_empty());
+    }
+
+    #[test]
+    fn blame_is_per_pool_when_the_agent_names_pools() {
+        let r = Rejected {
+            snapshot: snapshot("v", 1),
+            error: "e".into(),
+            pools: vec!["ns/other".into()],
+        };
+        assert!(!r.blames("ns/p", "u", 1));
+        let r = Rejected { pools: vec![], ..r };
+        assert!(r.blames("ns/p", "u", 1));
+        assert!(!r.blames("ns/p", "u", 2));
+    }
+}

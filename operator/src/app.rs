@@ -1,0 +1,401 @@
+//! Building and running the operator: reflectors, the controller, the
+//! pusher, the status writer, the control service, the admin server and
+//! leader election, stopped together.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Resource, ResourceExt as _};
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use tidepool_crds::ConnectionPool;
+use tidepool_crds::control::pb::control_server::ControlServer;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::Agents;
+use crate::config::Config;
+use crate::control::ControlService;
+use crate::desired::Desired;
+use crate::leader::{LeaderError, LeaseLock};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, pools_targeting, reconcile};
+use crate::resolve::SERVICE_NAME_LABEL;
+use crate::status::StatusWriter;
+use crate::{admin, push};
+
+/// Why the operator stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control service failed.
+    #[error("the control service on {addr} failed: {source}")]
+    Serve {
+        /// Its address.
+        addr: SocketAddr,
+        /// What failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Leadership was lost.
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
+}
+
+fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs a reflector for `K` until `stop`, returning its store.
+fn reflect<K>(api: Api<K>, config: watcher::Config, stop: &CancellationToken) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let drain = stream.for_each(|r| async move {
+            if let Err(error) = r {
+                tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying with backoff");
+            }
+        });
+        tokio::select! {
+            _ = drain => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+    reader
+}
+
+/// Runs the operator until `stop` is cancelled (or leadership is lost).
+pub async fn run(
+    config: Config,
+    client: kube::Client,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let mut registry = Registry::with_prefix("tidepool");
+    let metrics = Metrics::new(&mut registry);
+    let registry = Arc::new(registry);
+    let ns = config.watch_namespace.as_deref();
+
+    let (leading_tx, leading) = watch::channel(config.leader.is_none());
+    let (initialized_tx, initialized) = watch::channel(false);
+    let desired = Arc::new(Desired::default());
+    let agents = Arc::new(Agents::default());
+
+    // Listeners first: a port in use fails the start, not a task later.
+    let control_listener = tokio::net::TcpListener::bind(config.control_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.control_listen,
+            what: "control",
+            source,
+        })?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.admin_listen,
+            what: "admin",
+            source,
+        })?;
+    let control_addr = control_listener
+        .local_addr()
+        .unwrap_or(config.control_listen);
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
+    tracing::info!(control = %control_addr, admin = %admin::describe(admin_addr), "listening");
+
+    let admin_state = admin::AdminState {
+        registry: registry.clone(),
+        leading: leading.clone(),
+        initialized: initialized.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, admin_state, stop.clone()));
+
+    // Leader election.
+    let leader_task = config.leader.clone().map(|l| {
+        let lock = LeaseLock::new(
+            client.clone(),
+            &l.namespace,
+            &l.name,
+            &l.identity,
+            l.duration,
+        );
+        let leader_stop = stop.child_token();
+        let handle = tokio::spawn(lock.run(leading_tx.clone(), leader_stop.clone()));
+        (handle, leader_stop)
+    });
+    {
+        let metrics = metrics.clone();
+        let mut leading = leading.clone();
+        tokio::spawn(async move {
+            loop {
+                metrics.leader.set(i64::from(*leading.borrow_and_update()));
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    // Reflectors.
+    let node_config = match &config.node_selector {
+        Some(s) => watcher::Config::default().labels(s),
+        None => watcher::Config::default(),
+    };
+    let nodes = reflect(Api::<Node>::all(client.clone()), node_config, &stop);
+    let (slices_reader, slices_writer) = reflector::store();
+    let slice_stream = watcher(
+        api::<EndpointSlice>(&client, ns),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+    )
+    .default_backoff()
+    .reflect(slices_writer)
+    .touched_objects();
+    let (services, services_writer) = reflector::store();
+    let services_stream = watcher(api::<Service>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(services_writer)
+        .touched_objects();
+
+    let (pools, pools_writer) = reflector::store();
+    let pool_stream = {
+        let desired = desired.clone();
+        let reader = pools.clone();
+        watcher(
+            api::<ConnectionPool>(&client, ns),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(pools_writer)
+        .inspect_ok(move |event| match event {
+            watcher::Event::Delete(p) => {
+                let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                if desired.remove(&key) {
+                    tracing::info!(pool = %key, "pool deleted; agents drop it");
+                }
+            }
+            watcher::Event::InitDone => {
+                let live: std::collections::HashSet<String> = reader
+                    .state()
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                    .collect();
+                let gone = desired.retain(|k| live.contains(k));
+                if gone > 0 {
+                    tracing::info!(
+                        pools = gone,
+                        "pools deleted while the watch was down; agents drop them"
+                    );
+                }
+            }
+            _ => {}
+        })
+        .touched_objects()
+    };
+
+    let ctx = Arc::new(Context {
+        desired: desired.clone(),
+        services: services.clone(),
+        slices: slices_reader.clone(),
+        metrics: metrics.clone(),
+        failures: Mutex::default(),
+    });
+    let by_slice = {
+        let pools = pools.clone();
+        move |slice: EndpointSlice| {
+            let svc = slice
+                .labels()
+                .get(SERVICE_NAME_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            pools_targeting(&pools, &slice.namespace().unwrap_or_default(), &svc)
+        }
+    };
+    let by_service = {
+        let pools = pools.clone();
+        move |svc: Service| {
+            pools_targeting(
+                &pools,
+                &svc.namespace().unwrap_or_default(),
+                &svc.name_any(),
+            )
+        }
+    };
+    let controller_stop = stop.clone();
+    let controller = Controller::for_stream(pool_stream, pools.clone())
+        .with_config(controller::Config::default().concurrency(16))
+        .watches_stream(slice_stream, by_slice)
+        .watches_stream(services_stream, by_service)
+        .graceful_shutdown_on(async move { controller_stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(error) = r {
+                match error {
+                    // A pool deleted before its turn: nothing to do.
+                    controller::Error::ObjectNotFound(_) => {}
+                    error => tracing::debug!(%error, "controller event"),
+                }
+            }
+        });
+    tokio::spawn(controller);
+
+    // Initialization: every pool listed once is reconciled once.
+    {
+        let pools = pools.clone();
+        let nodes = nodes.clone();
+        let services = services.clone();
+        let slices = slices_reader.clone();
+        let desired = desired.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let ready = async {
+                let _ = pools.wait_until_ready().await;
+                let _ = nodes.wait_until_ready().await;
+                let _ = services.wait_until_ready().await;
+                let _ = slices.wait_until_ready().await;
+                let keys: Vec<String> = pools
+                    .state()
+                    .iter()
+                    .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                    .collect();
+                while !desired.has_all(&keys) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                keys.len()
+            };
+            tokio::select! {
+                n = ready => {
+                    tracing::info!(pools = n, "every pool reconciled; pushing to agents");
+                    initialized_tx.send_replace(true);
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
+    tokio::spawn(push::run(
+        desired.clone(),
+        agents.clone(),
+        initialized.clone(),
+        config.push_debounce,
+        stop.clone(),
+    ));
+
+    // The status writer runs while this replica leads.
+    {
+        let writer = StatusWriter {
+            client: client.clone(),
+            pools: pools.clone(),
+            nodes: nodes.clone(),
+            desired: desired.clone(),
+            agents: agents.clone(),
+            interval: config.status_interval,
+            metrics: metrics.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "tidepool-operator".into(),
+                    instance: config.leader.as_ref().map(|l| l.identity.clone()),
+                },
+            ),
+        };
+        let mut leading = leading.clone();
+        let mut initialized = initialized.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = async { leading.wait_for(|l| *l).await.map(|_| ())?; initialized.wait_for(|i| *i).await.map(|_| ()) } => {
+                    if r.is_err() { return }
+                }
+            }
+            writer.run(stop).await;
+        });
+    }
+
+    let service = ControlService {
+        agents,
+        desired,
+        nodes,
+        leading,
+        initialized,
+        fanout: Arc::new(Semaphore::new(config.push_concurrency)),
+        metrics,
+        stop: stop.clone(),
+    };
+    let serve_stop = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(ControlServer::new(service))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(control_listener),
+            async move { serve_stop.cancelled().await },
+        );
+
+    let (leader_handle, _leader_stop) = match leader_task {
+        Some((h, s)) => (Some(h), Some(s)),
+        None => (None, None),
+    };
+    let mut leader_handle = leader_handle;
+    let leader = async {
+        match leader_handle.as_mut() {
+            Some(handle) => match handle.await {
+                Ok(r) => r,
+                Err(join) => {
+                    tracing::error!(error = %join, "the leader election task failed");
+                    Ok(())
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(|source| Error::Serve { addr: control_addr, source }),
+        r = leader => r.map_err(Error::from),
+    };
+    stop.cancel();
+    // Let the leader task release the lease, so a successor need not wait
+    // for it to expire.
+    if let Some(handle) = leader_handle.take()
+        && !handle.is_finished()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(3), handle).await;
+    }
+    result
+}

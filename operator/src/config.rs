@@ -1,0 +1,217 @@
+//! The operator's command line: every flag also settable by a `TIDEPOOL_*`
+//! environment variable, parsed once into a typed [`Config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tidepool_crds::validate::parse_duration;
+
+/// The command line of `tidepool-operator`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidepool-operator",
+    version,
+    about = "tidepool's operator: reconciles ConnectionPools and pushes them to agents"
+)]
+pub struct Args {
+    /// Address of the control service agents connect to (gRPC, h2c).
+    #[arg(long, env = "TIDEPOOL_CONTROL_LISTEN", default_value = "0.0.0.0:15010")]
+    pub control_listen: SocketAddr,
+
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "TIDEPOOL_ADMIN_LISTEN", default_value = "0.0.0.0:15020")]
+    pub admin_listen: SocketAddr,
+
+    /// Watch ConnectionPools (and their Services and EndpointSlices) in this
+    /// namespace only; all namespaces when unset.
+    #[arg(long, env = "TIDEPOOL_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Label selector of the Nodes that run agents (the agent DaemonSet's
+    /// node selector); every Node when unset. Agents on other nodes are
+    /// refused.
+    #[arg(long, env = "TIDEPOOL_NODE_SELECTOR")]
+    pub node_selector: Option<String>,
+
+    /// The least time between two status writes of one pool.
+    #[arg(long, env = "TIDEPOOL_STATUS_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub status_interval: Duration,
+
+    /// How long the desired pools must be quiet before a push.
+    #[arg(long, env = "TIDEPOOL_PUSH_DEBOUNCE", default_value = "100ms", value_parser = duration)]
+    pub push_debounce: Duration,
+
+    /// Most sessions writing a snapshot at once.
+    #[arg(long, env = "TIDEPOOL_PUSH_CONCURRENCY", default_value_t = 64)]
+    pub push_concurrency: usize,
+
+    /// Elect a leader on a Lease, so more than one replica may run.
+    #[arg(long, env = "TIDEPOOL_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// The leader Lease's name.
+    #[arg(long, env = "TIDEPOOL_LEASE_NAME", default_value = "tidepool-operator")]
+    pub lease_name: String,
+
+    /// The leader Lease's namespace (the operator's own, from the downward
+    /// API's `POD_NAMESPACE` in the chart).
+    #[arg(long, env = "TIDEPOOL_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// How long a leader's lease lasts without renewal.
+    #[arg(long, env = "TIDEPOOL_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    pub lease_duration: Duration,
+
+    /// This replica's name in the Lease (the pod name in the chart); the
+    /// host name when unset.
+    #[arg(long, env = "TIDEPOOL_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Leader election settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderConfig {
+    /// The Lease's namespace.
+    pub namespace: String,
+    /// The Lease's name.
+    pub name: String,
+    /// This replica's identity.
+    pub identity: String,
+    /// The lease duration.
+    pub duration: Duration,
+}
+
+/// The operator's configuration, checked and typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The control service's address.
+    pub control_listen: SocketAddr,
+    /// The admin server's address.
+    pub admin_listen: SocketAddr,
+    /// The namespace watched, or all.
+    pub watch_namespace: Option<String>,
+    /// Nodes that run agents.
+    pub node_selector: Option<String>,
+    /// Least time between two status writes of a pool.
+    pub status_interval: Duration,
+    /// Push debounce.
+    pub push_debounce: Duration,
+    /// Push fan-out bound.
+    pub push_concurrency: usize,
+    /// Leader election, unless turned off.
+    pub leader: Option<LeaderConfig>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// A flag value clap could not check by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--push-concurrency 0`.
+    #[error("--push-concurrency (TIDEPOOL_PUSH_CONCURRENCY) = 0: must be at least 1")]
+    ZeroConcurrency,
+    /// A lease shorter than a second.
+    #[error("--lease-duration (TIDEPOOL_LEASE_DURATION) = {0:?}: must be at least 1s")]
+    ShortLease(Duration),
+}
+
+impl Config {
+    /// Checks parsed flags and builds the configuration.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        if args.push_concurrency == 0 {
+            return Err(ConfigError::ZeroConcurrency);
+        }
+        if args.leader_elect && args.lease_duration < Duration::from_secs(1) {
+            return Err(ConfigError::ShortLease(args.lease_duration));
+        }
+        let leader = args.leader_elect.then(|| LeaderConfig {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity: args.identity.unwrap_or_else(hostname),
+            duration: args.lease_duration,
+        });
+        Ok(Self {
+            control_listen: args.control_listen,
+            admin_listen: args.admin_listen,
+            watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+            node_selector: args.node_selector.filter(|s| !s.is_empty()),
+            status_interval: args.status_interval,
+            push_debounce: args.push_debounce,
+            push_concurrency: args.push_concurrency,
+            leader,
+            log_format: args.log_format,
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tidepool-operator".into())
+}
+
+/// Parses a flag's Go-style duration (`100ms`, `5s`, `1m`).
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 100ms, 5s or 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_args(
+            Args::try_parse_from(["tidepool-operator", "--identity", "me"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.control_listen.port(), 15010);
+        assert_eq!(c.admin_listen.port(), 15020);
+        assert_eq!(c.status_interval, Duration::from_secs(5));
+        assert_eq!(c.push_debounce, Duration::from_millis(100));
+        let l = c.leader.unwrap();
+        assert_eq!(
+            (l.name.as_str(), l.identity.as_str(), l.duration),
+            ("tidepool-operator", "me", Duration::from_secs(15))
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = Args::try_parse_from(["tidepool-operator", "--status-interval", "often"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--status-interval") && err.contains("often"),
+            "{err}"
+        );
+        let err = Config::from_args(
+            Args::try_parse_from(["tidepool-operator", "--push-concurrency", "0"]).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--push-concurrency"), "{err}");
+        let c = Config::from_args(
+            Args::try_parse_from(["tidepool-operator", "--leader-elect", "false"]).unwrap(),
+        )
+        .unwrap();
+        assert!(c.leader.is_none());
+    }
+}

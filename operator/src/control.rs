@@ -1,0 +1,305 @@
+//! The control stream's server side: one bidirectional gRPC stream per
+//! agent (`tidepool.control.v1.Control/Session`).
+//!
+//! A session starts with the agent's Hello, checked before anything is
+//! registered: a first message that is not a Hello, an empty or unknown
+//! node, or a replica that is not the leader ends the stream with a status
+//! that says so, and nothing else is touched. Afterwards two halves run
+//! until either ends: the writer sends what the registry queues for the
+//! node (holding a fan-out permit while it does), the reader records Acks,
+//! Nacks and Reports. A malformed message ends that session only.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tidepool_crds::control::pb;
+use tidepool_crds::control::pb::agent_message::Kind;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use crate::agents::{Agents, Answer};
+use crate::desired::Desired;
+use crate::metrics::Metrics;
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC service agents connect to.
+#[derive(Clone)]
+pub struct ControlService {
+    /// The connected agents.
+    pub agents: Arc<Agents>,
+    /// What they should run.
+    pub desired: Arc<Desired>,
+    /// The nodes that should run agents; a Hello from any other is refused.
+    pub nodes: Store<Node>,
+    /// Whether this replica leads.
+    pub leading: watch::Receiver<bool>,
+    /// Whether every pool has been reconciled once (before, nothing is
+    /// sent: a partial snapshot would remove pools from agents).
+    pub initialized: watch::Receiver<bool>,
+    /// Bounds how many sessions write a snapshot at once.
+    pub fanout: Arc<Semaphore>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Ends every session.
+    pub stop: CancellationToken,
+}
+
+impl std::fmt::Debug for ControlService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlService").finish_non_exhaustive()
+    }
+}
+
+fn kind_name(kind: &Option<Kind>) -> &'static str {
+    match kind {
+        Some(Kind::Hello(_)) => "Hello",
+        Some(Kind::Ack(_)) => "Ack",
+        Some(Kind::Nack(_)) => "Nack",
+        Some(Kind::Report(_)) => "Report",
+        None => "an empty message",
+    }
+}
+
+impl ControlService {
+    /// Reads and checks the Hello.
+    async fn hello(&self, inbound: &mut Streaming<pb::AgentMessage>) -> Result<pb::Hello, Status> {
+        if !*self.leading.borrow() {
+            return Err(Status::unavailable(
+                "this operator replica is not the leader; retry (the Service routes to the leader)",
+            ));
+        }
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {HELLO_TIMEOUT:?} of opening the control stream"
+                )));
+            }
+            Ok(Err(status)) => {
+                return Err(Status::invalid_argument(format!(
+                    "the control stream's first message could not be read: {}",
+                    status.message()
+                )));
+            }
+            Ok(Ok(None)) => {
+                return Err(Status::cancelled(
+                    "the control stream ended before its Hello",
+                ));
+            }
+            Ok(Ok(Some(m))) => m,
+        };
+        let hello = match first.kind {
+            Some(Kind::Hello(h)) => h,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "the first message on a control stream must be a Hello; got {}",
+                    kind_name(&other)
+                )));
+            }
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument(
+                "Hello.node is empty; set it to the agent's node name (NODE_NAME)",
+            ));
+        }
+        if self.nodes.get(&ObjectRef::new(&hello.node)).is_none() {
+            return Err(Status::not_found(format!(
+                "node {:?} is not a node this operator serves: no Node of that name matches its node selector",
+                hello.node
+            )));
+        }
+        Ok(hello)
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::OperatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match self.hello(&mut inbound).await {
+            Ok(h) => h,
+            Err(status) => {
+                self.metrics.refused_streams.inc();
+                tracing::warn!(code = ?status.code(), message = status.message(), "control stream refused");
+                return Err(status);
+            }
+        };
+        let current = self.initialized.borrow().then(|| self.desired.snapshot());
+        let reg = self
+            .agents
+            .register(&hello.node, &hello.pod, &hello.version, current);
+        self.metrics.connected_agents.set(self.agents.len() as i64);
+        tracing::info!(
+            node = %hello.node,
+            pod = %hello.pod,
+            running = %hello.version,
+            agent = %hello.agent_version,
+            replaced = reg.replaced,
+            "agent connected"
+        );
+        let (tx, rx) = mpsc::channel(4);
+        let session = Session {
+            service: self.clone(),
+            node: hello.node,
+            id: reg.session,
+        };
+        let span = tracing::info_span!("session", node = %session.node, session = session.id);
+        tokio::spawn(session.run(inbound, reg.outbox, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's stream after its Hello.
+struct Session {
+    service: ControlService,
+    node: String,
+    id: u64,
+}
+
+impl Session {
+    async fn run(
+        self,
+        mut inbound: Streaming<pb::AgentMessage>,
+        outbox: watch::Receiver<Option<Arc<crate::desired::Snapshot>>>,
+        tx: mpsc::Sender<Result<pb::OperatorMessage, Status>>,
+    ) {
+        let reason = tokio::select! {
+            r = self.write(outbox, tx.clone()) => r,
+            r = self.read(&mut inbound) => {
+                if let Err(status) = &r.1 {
+                    let _ = tx.send(Err(status.clone())).await;
+                }
+                r.0
+            }
+            _ = self.service.stop.cancelled() => "the operator is stopping",
+        };
+        let agents = &self.service.agents;
+        agents.unregister(&self.node, self.id);
+        self.service
+            .metrics
+            .connected_agents
+            .set(agents.len() as i64);
+        tracing::info!(node = %self.node, reason, "agent disconnected");
+    }
+
+    /// Sends queued snapshots until the session is replaced or the stream
+    /// is gone.
+    async fn write(
+        &self,
+        mut outbox: watch::Receiver<Option<Arc<crate::desired::Snapshot>>>,
+        tx: mpsc::Sender<Result<pb::OperatorMessage, Status>>,
+    ) -> &'static str {
+        loop {
+            if outbox.changed().await.is_err() {
+                return "replaced by a newer session of the node";
+            }
+            let Some(snapshot) = outbox.borrow_and_update().clone() else {
+                continue;
+            };
+            let Ok(_permit) = self.service.fanout.acquire().await else {
+                return "the operator is stopping";
+            };
+            let nonce = format!("{:016x}", rand::random::<u64>());
+            let message = pb::OperatorMessage {
+                kind: Some(pb::operator_message::Kind::Snapshot(pb::Snapshot {
+                    version: snapshot.version.clone(),
+                    nonce: nonce.clone(),
+                    pools: snapshot.pools.clone(),
+                })),
+            };
+            // Recorded first: a fast agent may answer before `send` returns.
+            self.service
+                .agents
+                .sent(&self.node, self.id, Arc::clone(&snapshot), nonce);
+            if tx.send(Ok(message)).await.is_err() {
+                return "the stream closed";
+            }
+            self.service.metrics.snapshots_sent.inc();
+            tracing::debug!(node = %self.node, version = %snapshot.version, pools = snapshot.pools.len(), "snapshot sent");
+        }
+    }
+
+    /// Records the agent's messages until it closes the stream or breaks
+    /// the protocol.
+    async fn read(
+        &self,
+        inbound: &mut Streaming<pb::AgentMessage>,
+    ) -> (&'static str, Result<(), Status>) {
+        let agents = &self.service.agents;
+        let metrics = &self.service.metrics;
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return ("the agent closed the stream", Ok(())),
+                Err(status) => {
+                    tracing::warn!(node = %self.node, error = %status.message(), "unreadable message on a control stream");
+                    return (
+                        "an unreadable message",
+                        Err(Status::invalid_argument(format!(
+                            "a message on the control stream of node {} could not be read: {}",
+                            self.node,
+                            status.message()
+                        ))),
+                    );
+                }
+            };
+            match message.kind {
+                Some(Kind::Ack(ack)) => {
+                    match agents.answer(&self.node, self.id, &ack.nonce, None) {
+                        Answer::Acked {
+                            push_to_ack,
+                            change_to_ack,
+                        } => {
+                            metrics.push_to_ack.observe(push_to_ack.as_secs_f64());
+                            metrics.change_to_ack.observe(change_to_ack.as_secs_f64());
+                            tracing::debug!(node = %self.node, version = %ack.version, ?push_to_ack, "snapshot acknowledged");
+                        }
+                        _ => {
+                            tracing::debug!(node = %self.node, nonce = %ack.nonce, "stale ack ignored")
+                        }
+                    }
+                }
+                Some(Kind::Nack(nack)) => {
+                    let answer = agents.answer(
+                        &self.node,
+                        self.id,
+                        &nack.nonce,
+                        Some((nack.error.clone(), nack.pools)),
+                    );
+                    if answer == Answer::Nacked {
+                        metrics.nacks.inc();
+                        tracing::warn!(node = %self.node, version = %nack.version, error = %nack.error, "agent rejected a snapshot; it keeps its last good one");
+                    }
+                }
+                Some(Kind::Report(report)) => {
+                    metrics.reports.inc();
+                    agents.report(&self.node, self.id, report);
+                }
+                other @ (Some(Kind::Hello(_)) | None) => {
+                    return (
+                        "a protocol violation",
+                        Err(Status::invalid_argument(format!(
+                            "{} is not allowed after the Hello; send Ack, Nack or Report",
+                            kind_name(&other)
+                        ))),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,873 @@
+//! A pool's status: computed from what the agents run, refuse and report,
+//! and written by server-side apply at most once per pool every
+//! `status_interval` (5 s by default), only when it changed.
+//!
+//! Occupancy is summed per address over every node's report. The address
+//! list is capped at [`MAX_STATUS_ADDRESSES`] (the CRD's own limit), busiest
+//! first; `totals` always cover every address, so they stay exact.
+//!
+//! The status is computed apart from the reconciler: agents' answers and
+//! reports change it far more often than the resource does, and the write
+//! rate must not grow with the number of agents.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Resource as _, ResourceExt as _};
+use tidepool_crds::v1alpha1::{AddressStatus, AgentCounts, Totals};
+use tidepool_crds::{ConnectionPool, ConnectionPoolStatus};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::{Agent, Agents};
+use crate::desired::{Desired, Entry};
+use crate::metrics::Metrics;
+use crate::resolve::describe_target;
+
+/// The most addresses `status.addresses` lists (the CRD's `maxItems`).
+pub const MAX_STATUS_ADDRESSES: usize = 50;
+
+/// The field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "tidepool-operator";
+
+/// How many nodes a Degraded message names before "and N more".
+const NAMED_NODES: usize = 3;
+
+/// Everything a pool's status is computed from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// The pool.
+    pub pool: &'a ConnectionPool,
+    /// What the reconciler made of it; `None` before its first reconcile.
+    pub entry: Option<&'a Entry>,
+    /// The nodes that should run it.
+    pub nodes: &'a BTreeSet<String>,
+    /// The connected agents by node.
+    pub agents: &'a HashMap<String, Agent>,
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+    now: &Time,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: now.clone(),
+    }
+}
+
+/// The status of one pool. `previous` conditions keep their
+/// `lastTransitionTime` when their status did not change.
+pub fn compute(
+    inputs: &Inputs<'_>,
+    previous: Option<&ConnectionPoolStatus>,
+    now: Time,
+) -> ConnectionPoolStatus {
+    let pool = inputs.pool;
+    let key = format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
+    let uid = pool.uid().unwrap_or_default();
+    let generation = pool.metadata.generation.unwrap_or_default();
+
+    let mut synced = 0;
+    let mut rejections: Vec<(&str, &str)> = Vec::new();
+    let mut by_address: BTreeMap<&str, AddressStatus> = BTreeMap::new();
+    for node in inputs.nodes {
+        let Some(agent) = inputs.agents.get(node) else {
+            continue;
+        };
+        let runs = agent
+            .applied
+            .as_ref()
+            .is_some_and(|s| s.runs(&key, &uid, generation));
+        if runs {
+            synced += 1;
+        } else if let Some(r) = agent
+            .rejected
+            .as_ref()
+            .filter(|r| r.blames(&key, &uid, generation))
+        {
+            rejections.push((node, &r.error));
+        }
+        if let Some(report) = agent.reports.get(&key).filter(|r| r.uid == uid) {
+            for a in &report.addresses {
+                let s = by_address
+                    .entry(&a.address)
+                    .or_insert_with(|| AddressStatus {
+                        address: a.address.clone(),
+                        ..AddressStatus::default()
+                    });
+                s.connections += a.connections;
+                s.busy += a.busy;
+                s.idle += a.idle;
+                s.streams += a.streams;
+                s.overflow += a.overflow;
+                s.nodes += 1;
+            }
+        }
+    }
+    let desired = i32::try_from(inputs.nodes.len()).unwrap_or(i32::MAX);
+    let rejected = i32::try_from(rejections.len()).unwrap_or(i32::MAX);
+
+    let resolved_addresses = inputs.entry.map_or(0, |e| e.pool.addresses.len());
+    let mut totals = Totals {
+        addresses: i32::try_from(resolved_addresses).unwrap_or(i32::MAX),
+        ..Totals::default()
+    };
+    for a in by_address.values() {
+        totals.connections += a.connections;
+        totals.streams += a.streams;
+        totals.idle += a.idle;
+        totals.busy += a.busy;
+        totals.overflow += a.overflow;
+    }
+    let mut addresses: Vec<AddressStatus> = by_address.into_values().collect();
+    addresses.sort_by(|a, b| {
+        (b.streams, b.connections)
+            .cmp(&(a.streams, a.connections))
+            .then_with(|| a.address.cmp(&b.address))
+    });
+    addresses.truncate(MAX_STATUS_ADDRESSES);
+
+    let unresolved = inputs.entry.and_then(|e| e.resolution.as_ref().err());
+    let rejected_message = || {
+        let mut parts: Vec<String> = rejections
+            .iter()
+            .take(NAMED_NODES)
+            .map(|(node, error)| format!("node {node} rejected generation {generation}: {error}"))
+            .collect();
+        if rejections.len() > NAMED_NODES {
+            parts.push(format!("and {} more nodes", rejections.len() - NAMED_NODES));
+        }
+        parts.join("; ")
+    };
+    let agents_message = format!("{synced}/{desired} agents run generation {generation}");
+
+    let ready = match (inputs.entry, unresolved) {
+        (None, _) => condition(
+            "Ready",
+            false,
+            "Pending",
+            "not reconciled yet".into(),
+            generation,
+            &now,
+        ),
+        (Some(_), Some(e)) => {
+            condition("Ready", false, e.reason(), e.to_string(), generation, &now)
+        }
+        _ if resolved_addresses == 0 => condition(
+            "Ready",
+            false,
+            "NoAddresses",
+            "the target has no addresses".into(),
+            generation,
+            &now,
+        ),
+        _ if desired == 0 => condition(
+            "Ready",
+            false,
+            "NoAgents",
+            "no node runs an agent".into(),
+            generation,
+            &now,
+        ),
+        _ if rejected > 0 => condition(
+            "Ready",
+            false,
+            "AgentRejected",
+            rejected_message(),
+            generation,
+            &now,
+        ),
+        _ if synced < desired => condition(
+            "Ready",
+            false,
+            "Progressing",
+            agents_message.clone(),
+            generation,
+            &now,
+        ),
+        _ => condition(
+            "Ready",
+            true,
+            "Ready",
+            format!("{agents_message} with {resolved_addresses} addresses"),
+            generation,
+            &now,
+        ),
+    };
+    let distributed = if desired == 0 {
+        condition(
+            "Distributed",
+            false,
+            "NoAgents",
+            "no node runs an agent".into(),
+            generation,
+            &now,
+        )
+    } else if synced == desired {
+        condition(
+            "Distributed",
+            true,
+            "AllAgentsSynced",
+            agents_message,
+            generation,
+            &now,
+        )
+    } else {
+        condition(
+            "Distributed",
+            false,
+            "Progressing",
+            agents_message,
+            generation,
+            &now,
+        )
+    };
+    let degraded = match unresolved {
+        Some(e) => condition(
+            "Degraded",
+            true,
+            e.reason(),
+            e.to_string(),
+            generation,
+            &now,
+        ),
+        None if rejected > 0 => condition(
+            "Degraded",
+            true,
+            "AgentRejected",
+            rejected_message(),
+            generation,
+            &now,
+        ),
+        None => condition(
+            "Degraded",
+            false,
+            "AsExpected",
+            "no agent rejected the pool".into(),
+            generation,
+            &now,
+        ),
+    };
+
+    let mut conditions = vec![ready, distributed, degraded];
+    if let Some(previous) = previous {
+        for c in &mut conditions {
+            if let Some(old) = previous
+                .conditions
+                .iter()
+                .find(|o| o.type_ == c.type_ && o.status == c.status)
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+        }
+    }
+    ConnectionPoolStatus {
+        observed_generation: Some(generation),
+        target: Some(describe_target(&pool.spec)),
+        conditions,
+        agents: Some(AgentCounts {
+            desired,
+            synced,
+            rejected,
+        }),
+        totals: Some(totals),
+        addresses,
+    }
+}
+
+/// An Event for a transition a person should see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Normal or Warning.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// What happened.
+    pub note: String,
+}
+
+fn find<'a>(s: Option<&'a ConnectionPoolStatus>, type_: &str) -> Option<&'a Condition> {
+    s.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+/// The Events between two statuses: Ready gained or lost, Degraded gained
+/// (or its reason changed) or cleared.
+pub fn transitions(
+    old: Option<&ConnectionPoolStatus>,
+    new: &ConnectionPoolStatus,
+) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let is_true = |c: Option<&Condition>| c.is_some_and(|c| c.status == "True");
+    let (old_ready, new_ready) = (find(old, "Ready"), find(Some(new), "Ready"));
+    if is_true(new_ready) && !is_true(old_ready) {
+        out.push(Transition {
+            warning: false,
+            reason: "Ready".into(),
+            note: new_ready.map(|c| c.message.clone()).unwrap_or_default(),
+        });
+    } else if is_true(old_ready) && !is_true(new_ready) {
+        out.push(Transition {
+            warning: true,
+            reason: "NotReady".into(),
+            note: new_ready.map(|c| c.message.clone()).unwrap_or_default(),
+        });
+    }
+    let (old_deg, new_deg) = (find(old, "Degraded"), find(Some(new), "Degraded"));
+    if let Some(d) = new_deg.filter(|d| d.status == "True") {
+        let same = old_deg.is_some_and(|o| o.status == "True" && o.reason == d.reason);
+        if !same {
+            out.push(Transition {
+                warning: true,
+                reason: d.reason.clone(),
+                note: d.message.clone(),
+            });
+        }
+    } else if is_true(old_deg) {
+        out.push(Transition {
+            warning: false,
+            reason: "Recovered".into(),
+            note: "the pool is no longer degraded".into(),
+        });
+    }
+    out
+}
+
+/// What the writer remembers of a pool's last write.
+#[derive(Debug)]
+struct Written {
+    uid: String,
+    status: ConnectionPoolStatus,
+    at: Instant,
+}
+
+/// Computes and writes every pool's status; only the leader runs it.
+pub struct StatusWriter {
+    /// For writes and events.
+    pub client: kube::Client,
+    /// The pools.
+    pub pools: Store<ConnectionPool>,
+    /// The nodes that should run agents.
+    pub nodes: Store<Node>,
+    /// What the reconciler resolved.
+    pub desired: Arc<Desired>,
+    /// The agents.
+    pub agents: Arc<Agents>,
+    /// The least time between two writes of one pool's status.
+    pub interval: Duration,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Publishes Events.
+    pub recorder: Recorder,
+}
+
+impl std::fmt::Debug for StatusWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusWriter")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the writer looks for statuses to write.
+const TICK: Duration = Duration::from_millis(250);
+/// Writes in flight at once.
+const WRITE_CONCURRENCY: usize = 8;
+/// How often every status is recomputed even when nothing seems changed.
+const FULL_PASS: Duration = Duration::from_secs(2);
+
+impl StatusWriter {
+    /// Runs until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut written: HashMap<String, Written> = HashMap::new();
+        // Statuses are recomputed when agents or pools changed since the
+        // last pass, and every FULL_PASS regardless (node and resource
+        // changes the counters do not see).
+        let mut seen = (u64::MAX, u64::MAX);
+        let mut last_full = Instant::now();
+        // Whether the last pass held a pool back for the interval.
+        let mut pending = false;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let counters = (self.agents.changes(), self.desired.revision());
+            if counters == seen && !pending && last_full.elapsed() < FULL_PASS {
+                continue;
+            }
+            seen = counters;
+            if last_full.elapsed() >= FULL_PASS {
+                last_full = Instant::now();
+            }
+            let (due, held) = self.due(&mut written);
+            pending = held;
+            let this = &self;
+            let results: Vec<_> = futures::stream::iter(due)
+                .map(|(key, pool, old, new)| async move {
+                    let ok = this.write(&pool, old.as_ref(), &new).await;
+                    (key, pool.uid().unwrap_or_default(), new, ok)
+                })
+                .buffer_unordered(WRITE_CONCURRENCY)
+                .collect()
+                .await;
+            let now = Instant::now();
+            for (key, uid, status, ok) in results {
+                if ok {
+                    written.insert(
+                        key,
+                        Written {
+                            uid,
+                            status,
+                            at: now,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The pools whose status changed and may be written now: (key, pool,
+    /// old status, new status).
+    /// Also says whether a pool was held back for the interval.
+    #[allow(clippy::type_complexity)]
+    fn due(
+        &self,
+        written: &mut HashMap<String, Written>,
+    ) -> (
+        Vec<(
+            String,
+            Arc<ConnectionPool>,
+            Option<ConnectionPoolStatus>,
+            ConnectionPoolStatus,
+        )>,
+        bool,
+    ) {
+        let pools = self.pools.state();
+        let live: BTreeSet<String> = pools.iter().map(|p| key_of(p)).collect();
+        written.retain(|k, _| live.contains(k));
+        let nodes: BTreeSet<String> = self.nodes.state().iter().map(|n| n.name_any()).collect();
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut held = false;
+        for pool in pools {
+            let key = key_of(&pool);
+            let uid = pool.uid().unwrap_or_default();
+            let last = written.get(&key).filter(|w| w.uid == uid);
+            if last.is_some_and(|w| now.duration_since(w.at) < self.interval) {
+                held = true;
+                continue;
+            }
+            let Some(entry) = self.desired.get(&key) else {
+                continue;
+            };
+            // What was last written by us, else what the resource shows.
+            let old = last
+                .map(|w| w.status.clone())
+                .or_else(|| pool.status.clone());
+            let new = self.agents.with(|agents| {
+                let inputs = Inputs {
+                    pool: &pool,
+                    entry: Some(&entry),
+                    nodes: &nodes,
+                    agents,
+                };
+                compute(
+                    &inputs,
+                    old.as_ref(),
+                    Time(k8s_openapi::jiff::Timestamp::now()),
+                )
+            });
+            if old.as_ref() != Some(&new) {
+                due.push((key, pool, old, new));
+            }
+        }
+        (due, held)
+    }
+
+    async fn write(
+        &self,
+        pool: &ConnectionPool,
+        old: Option<&ConnectionPoolStatus>,
+        new: &ConnectionPoolStatus,
+    ) -> bool {
+        let ns = pool.namespace().unwrap_or_default();
+        let name = pool.name_any();
+        let api: Api<ConnectionPool> = Api::namespaced(self.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "tidepool.dev/v1alpha1",
+            "kind": "ConnectionPool",
+            "status": new,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch_status(&name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.status_writes.inc();
+                tracing::debug!(pool = %format!("{ns}/{name}"), "status written");
+            }
+            Err(error) => {
+                self.metrics.status_write_errors.inc();
+                tracing::warn!(pool = %format!("{ns}/{name}"), %error, "status write failed; retried on the next tick");
+                return false;
+            }
+        }
+        let reference = pool.object_ref(&());
+        for t in transitions(old, new) {
+            let event = Event {
+                type_: if t.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: t.reason,
+                note: Some(truncate(t.note, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(error) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(pool = %format!("{ns}/{name}"), %error, "publishing an event failed");
+            }
+        }
+        true
+    }
+}
+
+fn key_of(pool: &ConnectionPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::Agents;
+    use crate::desired::Snapshot;
+    use crate::resolve::ResolveError;
+    use tidepool_crds::control::pb;
+
+    fn pool(generation: i64) -> ConnectionPool {
+        let mut p: ConnectionPool = serde_yaml::from_str(
+            "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {name: p, namespace: ns, uid: u}\nspec:\n  target: {service: {name: api, port: grpc}}\n",
+        )
+        .unwrap();
+        p.metadata.generation = Some(generation);
+        p
+    }
+
+    fn entry(addresses: &[&str]) -> Entry {
+        Entry {
+            pool: pb::Pool {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                generation: 1,
+                spec: None,
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            },
+            resolution: Ok(()),
+        }
+    }
+
+    fn snapshot(version: &str, generation: i64) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            version: version.into(),
+            pools: vec![],
+            generations: [("ns/p".to_string(), ("u".to_string(), generation))].into(),
+            changed_at: Instant::now(),
+        })
+    }
+
+    fn report(addresses: &[(&str, i64, i64)]) -> pb::Report {
+        pb::Report {
+            pools: vec![pb::PoolReport {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                generation: 1,
+                addresses: addresses
+                    .iter()
+                    .map(|(a, conns, streams)| pb::AddressReport {
+                        address: a.to_string(),
+                        connections: *conns,
+                        busy: 0,
+                        idle: 0,
+                        streams: *streams,
+                        overflow: 0,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    /// Connects an agent on `node` that acknowledged `snapshot` and reported.
+    fn synced(agents: &Agents, node: &str, snapshot: &Arc<Snapshot>, r: pb::Report) {
+        let reg = agents.register(node, "pod", &snapshot.version, Some(Arc::clone(snapshot)));
+        agents.report(node, reg.session, r);
+    }
+
+    fn cond<'a>(s: &'a ConnectionPoolStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn now() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::now())
+    }
+
+    #[tokio::test]
+    async fn occupancy_sums_across_nodes_and_ready_needs_every_agent() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        synced(
+            &agents,
+            "n1",
+            &v1,
+            report(&[("127.0.0.2:1", 2, 5), ("127.0.0.3:1", 1, 1)]),
+        );
+        synced(&agents, "n2", &v1, report(&[("127.0.0.2:1", 1, 3)]));
+        let nodes: BTreeSet<String> = ["n1", "n2", "n3"].map(String::from).into();
+        let p = pool(1);
+        let e = entry(&["127.0.0.2:1", "127.0.0.3:1"]);
+        let s = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                None,
+                now(),
+            )
+        });
+        assert_eq!(
+            s.agents,
+            Some(AgentCounts {
+                desired: 3,
+                synced: 2,
+                rejected: 0
+            })
+        );
+        assert_eq!(s.addresses[0].address, "127.0.0.2:1");
+        assert_eq!(
+            (
+                s.addresses[0].connections,
+                s.addresses[0].streams,
+                s.addresses[0].nodes
+            ),
+            (3, 8, 2)
+        );
+        let t = s.totals.clone().unwrap();
+        assert_eq!((t.addresses, t.connections, t.streams), (2, 4, 9));
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Ready").reason, "Progressing");
+        assert_eq!(
+            cond(&s, "Distributed").message,
+            "2/3 agents run generation 1"
+        );
+        assert_eq!(cond(&s, "Ready").observed_generation, Some(1));
+
+        synced(&agents, "n3", &v1, report(&[]));
+        let s2 = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                Some(&s),
+                now(),
+            )
+        });
+        assert_eq!(cond(&s2, "Ready").status, "True");
+        assert_eq!(cond(&s2, "Distributed").status, "True");
+        // Degraded stayed False: its transition time is kept.
+        assert_eq!(
+            cond(&s2, "Degraded").last_transition_time,
+            cond(&s, "Degraded").last_transition_time
+        );
+        assert_eq!(
+            transitions(Some(&s), &s2),
+            [Transition {
+                warning: false,
+                reason: "Ready".into(),
+                note: "3/3 agents run generation 1 with 2 addresses".into()
+            }]
+        );
+        // Nothing changed: equal statuses, so no write.
+        let s3 = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                Some(&s2),
+                now(),
+            )
+        });
+        assert_eq!(s2, s3);
+    }
+
+    #[test]
+    fn the_address_list_is_capped_busiest_first_and_totals_stay_exact() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        let addrs: Vec<String> = (0..120).map(|i| format!("127.0.1.{i}:1")).collect();
+        let rows: Vec<(&str, i64, i64)> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.as_str(), 1, i as i64))
+            .collect();
+        synced(&agents, "n1", &v1, report(&rows));
+        let nodes: BTreeSet<String> = ["n1".to_string()].into();
+        let p = pool(1);
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let e = entry(&refs);
+        let s = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                None,
+                now(),
+            )
+        });
+        assert_eq!(s.addresses.len(), MAX_STATUS_ADDRESSES);
+        assert_eq!(s.addresses[0].streams, 119);
+        let t = s.totals.unwrap();
+        assert_eq!(
+            (t.addresses, t.connections, t.streams),
+            (120, 120, (0..120).sum::<i64>())
+        );
+    }
+
+    #[test]
+    fn a_rejection_degrades_the_pool_naming_the_node() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        synced(&agents, "n1", &v1, report(&[]));
+        let reg = agents.register("n2", "pod", "", Some(Arc::clone(&v1)));
+        agents.sent("n2", reg.session, Arc::clone(&v1), "x".into());
+        agents.answer(
+            "n2",
+            reg.session,
+            "x",
+            Some((
+                "spec.listenPort 9 of pool ns/p: cannot listen".into(),
+                vec!["ns/p".into()],
+            )),
+        );
+        let nodes: BTreeSet<String> = ["n1", "n2"].map(String::from).into();
+        let p = pool(1);
+        let e = entry(&["127.0.0.2:1"]);
+        let s = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                None,
+                now(),
+            )
+        });
+        assert_eq!(
+            s.agents,
+            Some(AgentCounts {
+                desired: 2,
+                synced: 1,
+                rejected: 1
+            })
+        );
+        let d = cond(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "AgentRejected")
+        );
+        assert!(
+            d.message
+                .contains("node n2 rejected generation 1: spec.listenPort 9"),
+            "{}",
+            d.message
+        );
+        assert_eq!(cond(&s, "Ready").reason, "AgentRejected");
+        let t = transitions(None, &s);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].warning && t[0].reason == "AgentRejected");
+    }
+
+    #[test]
+    fn an_unresolved_target_says_why_in_conditions() {
+        let agents = Agents::default();
+        let nodes: BTreeSet<String> = ["n1".to_string()].into();
+        let p = pool(2);
+        let mut e = entry(&[]);
+        e.resolution = Err(ResolveError::ServiceNotFound {
+            namespace: "ns".into(),
+            service: "api".into(),
+        });
+        let s = agents.with(|a| {
+            compute(
+                &Inputs {
+                    pool: &p,
+                    entry: Some(&e),
+                    nodes: &nodes,
+                    agents: a,
+                },
+                None,
+                now(),
+            )
+        });
+        for t in ["Ready", "Degraded"] {
+            assert_eq!(cond(&s, t).reason, "ServiceNotFound");
+            assert_eq!(cond(&s, t).message, "service ns/api does not exist");
+        }
+        assert_eq!(cond(&s, "Degraded").status, "True");
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(s.target.as_deref(), Some("api:grpc"));
+    }
+}
