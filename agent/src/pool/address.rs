@@ -176,6 +176,8 @@ pub(crate) struct State<Conn> {
     dial_failures: u64,
     overflow_total: u64,
     evictions: Evictions,
+    /// The gauge values last written by [`State::publish`].
+    published: [usize; 7],
 }
 
 /// What a caller that found no free stream should do.
@@ -232,6 +234,7 @@ impl<Conn: Clone> Address<Conn> {
                 dial_failures: 0,
                 overflow_total: 0,
                 evictions: Evictions::default(),
+                published: [0; 7],
             }),
         }
     }
@@ -760,15 +763,37 @@ impl<Conn: Clone> State<Conn> {
         });
     }
 
-    /// Sets the address's gauges from its state.
-    pub(crate) fn publish(&self, m: &AddressMetrics) {
-        m.cx_active.set(to_i64(self.conns.len()));
-        m.cx_busy.set(to_i64(self.busy.len()));
-        m.cx_idle.set(to_i64(self.idle));
-        m.cx_draining.set(to_i64(self.draining));
-        m.cx_overflow_active.set(to_i64(self.overflow));
-        m.rq_active.set(to_i64(self.streams));
-        m.rq_pending_active.set(to_i64(self.queue.len()));
+    /// Sets the address's gauges from its state. Only gauges whose value
+    /// changed are written: a gauge write is an atomic swap, and most
+    /// acquires change one or two of the seven.
+    pub(crate) fn publish(&mut self, m: &AddressMetrics) {
+        let now = [
+            self.conns.len(),
+            self.busy.len(),
+            self.idle,
+            self.draining,
+            self.overflow,
+            self.streams,
+            self.queue.len(),
+        ];
+        if now == self.published {
+            return;
+        }
+        let gauges = [
+            &m.cx_active,
+            &m.cx_busy,
+            &m.cx_idle,
+            &m.cx_draining,
+            &m.cx_overflow_active,
+            &m.rq_active,
+            &m.rq_pending_active,
+        ];
+        for ((gauge, value), last) in gauges.into_iter().zip(now).zip(self.published) {
+            if value != last {
+                gauge.set(to_i64(value));
+            }
+        }
+        self.published = now;
     }
 
     pub(crate) fn occupancy(&self, address: &str) -> AddressOccupancy {

@@ -50,7 +50,7 @@ mod occupancy;
 mod settings;
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 
 use tokio::runtime::Handle;
@@ -70,7 +70,34 @@ pub use settings::{MAX_WAITERS, Settings, SettingsError, WhenFull};
 /// with this many, two threads rarely share one.
 const SHARDS: usize = 32;
 
-type Shard<Conn> = RwLock<HashMap<String, Arc<Address<Conn>>>>;
+type Shard<Conn> = RwLock<HashMap<String, Arc<Address<Conn>>, BuildFnv>>;
+
+/// FNV-1a: addresses are short, trusted strings (from the operator's
+/// snapshot), so a fast non-keyed hash is enough, and it is computed once
+/// per lookup for both the shard and the map.
+#[derive(Debug, Clone, Copy, Default)]
+struct BuildFnv;
+
+#[derive(Debug)]
+struct Fnv(u64);
+
+impl std::hash::BuildHasher for BuildFnv {
+    type Hasher = Fnv;
+    fn build_hasher(&self) -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 /// A pool of connections to every address of one ConnectionPool.
 ///
@@ -135,7 +162,7 @@ impl<C: Connector> Pool<C> {
                 name: name.into(),
                 connector,
                 settings: Mutex::new(settings),
-                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
                 metrics,
                 settings_changed,
                 runtime,
@@ -359,9 +386,9 @@ impl<C: Connector> Pool<C> {
 
 impl<C: Connector> Inner<C> {
     fn shard(&self, addr: &str) -> &Shard<C::Conn> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        addr.hash(&mut hasher);
-        &self.shards[(hasher.finish() as usize) % SHARDS]
+        let hash = std::hash::BuildHasher::hash_one(&BuildFnv, addr);
+        // The map uses the low bits; pick the shard from the high ones.
+        &self.shards[(hash >> 59) as usize % SHARDS]
     }
 
     fn find(&self, addr: &str) -> Option<Arc<Address<C::Conn>>> {
