@@ -92,6 +92,15 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
     pub reload_interval: Duration,
 
+    /// With `--operator`: the node this agent runs on (the downward API's
+    /// `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// With `--operator`: this agent's pod name, for the operator's logs.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -108,6 +117,11 @@ pub struct ModeArgs {
     /// changes.
     #[arg(long, env = "TIDEPOOL_STANDALONE", value_name = "FILE")]
     pub standalone: Option<PathBuf>,
+
+    /// Run under Kubernetes: take pools from the operator's control service
+    /// at this URL (such as `http://tidepool-operator.tidepool-system:15010`).
+    #[arg(long, env = "TIDEPOOL_OPERATOR", value_name = "URL")]
+    pub operator: Option<String>,
 }
 
 /// Log output format.
@@ -122,6 +136,15 @@ pub enum LogFormat {
 /// Where the agent's pools come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
+    /// Pools from the operator's control stream.
+    Operator {
+        /// The operator's control URL.
+        url: String,
+        /// The node this agent runs on.
+        node: String,
+        /// This agent's pod name.
+        pod: String,
+    },
     /// ConnectionPool manifests in a file, reloaded on change.
     Standalone {
         /// The manifest file.
@@ -173,8 +196,11 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No source of pools was given.
-    #[error("no source of pools: pass --standalone FILE (TIDEPOOL_STANDALONE)")]
+    #[error("no source of pools: pass --standalone FILE (TIDEPOOL_STANDALONE) or --operator URL (TIDEPOOL_OPERATOR)")]
     NoMode,
+    /// `--operator` without a node name.
+    #[error("--operator needs the node's name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)")]
+    NoNodeName,
     /// `--max-concurrent-streams` was zero.
     #[error("--max-concurrent-streams (TIDEPOOL_MAX_CONCURRENT_STREAMS) = 0: must be at least 1")]
     ZeroStreams,
@@ -183,12 +209,17 @@ pub enum ConfigError {
 impl Config {
     /// Checks parsed flags and builds the configuration.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let mode = match args.mode.standalone {
-            Some(file) => Mode::Standalone {
+        let mode = match (args.mode.standalone, args.mode.operator) {
+            (_, Some(url)) => Mode::Operator {
+                url,
+                node: args.node_name.filter(|n| !n.is_empty()).ok_or(ConfigError::NoNodeName)?,
+                pod: args.pod_name,
+            },
+            (Some(file), None) => Mode::Standalone {
                 file,
                 reload_interval: args.reload_interval,
             },
-            None => return Err(ConfigError::NoMode),
+            (None, None) => return Err(ConfigError::NoMode),
         };
         if args.max_concurrent_streams == 0 {
             return Err(ConfigError::ZeroStreams);

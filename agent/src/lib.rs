@@ -5,6 +5,7 @@
 //! - [`router`]: `:authority` to pool, and load-aware address choice.
 //! - [`runtime`]: the pools in force, replaced atomically by [`runtime::Runtime::apply`].
 //! - [`config`]: flags and [`config::PoolConfig`].
+//! - [`control`]: the control stream to the operator (Kubernetes mode).
 //! - [`standalone`]: pools from a file of ConnectionPool manifests.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/pools`.
 //! - [`metrics`]: the proxy's Prometheus metrics.
@@ -14,6 +15,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

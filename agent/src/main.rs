@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use tidepool_agent::app::{App, AppOptions};
 use tidepool_agent::config::{Args, Config, LogFormat, Mode};
-use tidepool_agent::{shutdown, standalone};
+use tidepool_agent::{control, shutdown, standalone};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -16,6 +16,10 @@ async fn main() -> anyhow::Result<()> {
     let app = App::start(AppOptions::from(&config)).await?;
     let sources = app.runtime().drain().token().child_token();
     match &config.mode {
+        Mode::Operator { url, node, pod } => {
+            let options = control::ControlOptions::new(url.clone(), node.clone(), pod.clone());
+            tokio::spawn(control::run(options, app.runtime().clone(), sources));
+        }
         Mode::Standalone { file, reload_interval } => {
             let count = standalone::load_and_apply(file, app.runtime())
                 .with_context(|| format!("standalone pools file {}", file.display()))?;

@@ -1,0 +1,438 @@
+//! The control client: the agent's side of the control stream to the
+//! operator (`tidepool.control.v1.Control/Session`).
+//!
+//! The agent dials the operator, says Hello (its node, pod and the version
+//! it runs), then applies every Snapshot whole and answers it: Ack when
+//! [`Apply::apply`] took it, Nack with the error when it refused it (the
+//! last good configuration keeps running: nothing is half-applied). It
+//! reports occupancy every second when it changed, and every
+//! `report_interval` regardless. When the stream breaks or the operator is
+//! unreachable, the agent keeps serving what it has and redials with
+//! exponential backoff and jitter.
+//!
+//! The protocol logic is generic over [`Apply`], implemented by the
+//! [`Runtime`]; tests and the operator benchmark drive it with simpler
+//! appliers.
+
+use std::time::Duration;
+
+use tidepool_crds::control::pb;
+use tidepool_crds::control::pb::control_client::ControlClient;
+use tidepool_crds::control::{ProtocolError, spec_from_pb};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::config::PoolConfig;
+use crate::runtime::{ApplyError, PoolReport, Runtime};
+
+/// What the control client drives: the agent's running configuration.
+pub trait Apply: Send + Sync + 'static {
+    /// Replaces the configuration with `pools`, all or nothing.
+    fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection>;
+    /// Every pool's occupancy.
+    fn report(&self) -> Vec<pb::PoolReport>;
+}
+
+/// Why a snapshot was refused, as a Nack carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// What was wrong, naming the pool and the field.
+    pub error: String,
+    /// The pools (`namespace/name`) at fault; empty when unknown.
+    pub pools: Vec<String>,
+}
+
+impl From<&ApplyError> for Rejection {
+    fn from(e: &ApplyError) -> Self {
+        let pool = match e {
+            ApplyError::Invalid { pool, .. }
+            | ApplyError::Settings { pool, .. }
+            | ApplyError::Address { pool, .. }
+            | ApplyError::Duplicate { pool }
+            | ApplyError::PortClash { pool, .. }
+            | ApplyError::Bind { pool, .. } => pool.clone(),
+        };
+        Self { error: e.to_string(), pools: vec![pool] }
+    }
+}
+
+impl Apply for Runtime {
+    fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection> {
+        Runtime::apply(self, pools).map_err(|e| Rejection::from(&e))
+    }
+
+    fn report(&self) -> Vec<pb::PoolReport> {
+        Runtime::report(self).into_iter().map(report_to_pb).collect()
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The wire form of a pool's report.
+pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
+    pb::PoolReport {
+        namespace: r.namespace,
+        name: r.name,
+        uid: r.uid,
+        generation: r.generation,
+        addresses: r
+            .addresses
+            .into_iter()
+            .map(|a| pb::AddressReport {
+                address: a.address,
+                connections: count(a.connections),
+                busy: count(a.busy),
+                idle: count(a.idle),
+                streams: count(a.streams),
+                overflow: count(a.overflow),
+            })
+            .collect(),
+    }
+}
+
+/// Where and how the client connects.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The operator's control URL, such as `http://tidepool-operator:15010`.
+    pub operator: String,
+    /// The node the agent runs on.
+    pub node: String,
+    /// The agent's pod name.
+    pub pod: String,
+    /// A report is sent at least this often.
+    pub report_interval: Duration,
+    /// How often the occupancy is checked for a change worth a report.
+    pub report_check: Duration,
+    /// The first redial delay; doubles per failure up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// The longest redial delay.
+    pub backoff_max: Duration,
+    /// Limit for dialing the operator.
+    pub connect_timeout: Duration,
+}
+
+impl ControlOptions {
+    /// Options with the defaults for `operator`, `node` and `pod`.
+    pub fn new(operator: impl Into<String>, node: impl Into<String>, pod: impl Into<String>) -> Self {
+        Self {
+            operator: operator.into(),
+            node: node.into(),
+            pod: pod.into(),
+            report_interval: Duration::from_secs(5),
+            report_check: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a session with the operator ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The operator URL is not a URL.
+    #[error("the operator address {url:?} is not a valid URL such as http://tidepool-operator:15010: {source}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it is invalid.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The operator could not be reached.
+    #[error("dialing the operator at {url} failed: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// What failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The operator refused the stream (unknown node, not the leader, …).
+    #[error("the operator refused the control stream: {}: {}", .0.code(), .0.message())]
+    Refused(tonic::Status),
+    /// The stream failed after it was accepted.
+    #[error("the control stream failed: {}: {}", .0.code(), .0.message())]
+    Stream(tonic::Status),
+    /// The operator ended the stream.
+    #[error("the operator closed the control stream")]
+    Closed,
+}
+
+/// What the client keeps across sessions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClientState {
+    /// The version of the snapshot in force ("" before the first).
+    pub version: String,
+}
+
+/// Applies one snapshot and says how to answer it. The spec of every pool
+/// is converted first; a pool the agent cannot read is refused like an
+/// invalid one, and nothing is applied.
+pub fn handle_snapshot<A: Apply>(applier: &A, state: &mut ClientState, snapshot: pb::Snapshot) -> pb::AgentMessage {
+    use pb::agent_message::Kind;
+    let pb::Snapshot { version, nonce, pools } = snapshot;
+    let configs: Result<Vec<PoolConfig>, ProtocolError> = pools
+        .into_iter()
+        .map(|p| {
+            let key = p.key();
+            let spec = p.spec.ok_or_else(|| ProtocolError::MissingSpec { pool: key.clone() })?;
+            Ok(PoolConfig {
+                spec: spec_from_pb(&key, spec)?,
+                namespace: p.namespace,
+                name: p.name,
+                uid: p.uid,
+                generation: p.generation,
+                addresses: p.addresses,
+            })
+        })
+        .collect();
+    let result = match configs {
+        Ok(configs) => applier.apply(configs),
+        Err(e) => Err(Rejection { error: e.to_string(), pools: vec![protocol_error_pool(&e)] }),
+    };
+    let kind = match result {
+        Ok(()) => {
+            tracing::info!(%version, "snapshot applied");
+            state.version = version.clone();
+            Kind::Ack(pb::Ack { version, nonce })
+        }
+        Err(r) => {
+            tracing::warn!(%version, error = %r.error, "snapshot refused; the last good configuration keeps running");
+            Kind::Nack(pb::Nack { version, nonce, error: r.error, pools: r.pools })
+        }
+    };
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+fn protocol_error_pool(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::MissingSpec { pool }
+        | ProtocolError::MissingTarget { pool }
+        | ProtocolError::MissingPort { pool }
+        | ProtocolError::UnknownWhenFull { pool, .. } => pool.clone(),
+    }
+}
+
+/// The delay before redial number `failures` (1-based): `min` doubling up
+/// to `max`, with up to 50% random jitter subtracted so agents spread out.
+pub fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+    let base = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max);
+    let jitter = rand::random::<f64>() * 0.5;
+    base.mul_f64(1.0 - jitter)
+}
+
+/// Keeps a control stream to the operator open until `stop`, redialing with
+/// backoff. Never returns an error: a broken stream leaves the last good
+/// configuration running.
+pub async fn run<A: Apply>(options: ControlOptions, applier: A, stop: CancellationToken) {
+    let mut state = ClientState::default();
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let mut got_snapshot = false;
+        let result = session(&options, &applier, &mut state, &mut got_snapshot, &stop).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        // A session that worked resets the backoff.
+        if got_snapshot || started.elapsed() > Duration::from_secs(10) {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let delay = backoff_delay(options.backoff_min, options.backoff_max, failures);
+        match result {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(
+                operator = %options.operator,
+                %error,
+                retry_in = ?delay,
+                running = %state.version,
+                "no control stream; serving the last good configuration"
+            ),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One control stream, from dial to its end. `Ok` only on `stop`.
+pub async fn session<A: Apply>(
+    options: &ControlOptions,
+    applier: &A,
+    state: &mut ClientState,
+    got_snapshot: &mut bool,
+    stop: &CancellationToken,
+) -> Result<(), ControlError> {
+    use pb::agent_message::Kind;
+    let url = options.operator.clone();
+    let endpoint = Endpoint::from_shared(url.clone())
+        .map_err(|source| ControlError::BadUrl { url: url.clone(), source })?
+        .connect_timeout(options.connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let channel = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        c = endpoint.connect() => c.map_err(|source| ControlError::Connect { url: url.clone(), source })?,
+    };
+    let mut client = ControlClient::new(channel).max_decoding_message_size(64 << 20);
+
+    let (tx, rx) = mpsc::channel(16);
+    let hello = pb::AgentMessage {
+        kind: Some(Kind::Hello(pb::Hello {
+            node: options.node.clone(),
+            pod: options.pod.clone(),
+            version: state.version.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })),
+    };
+    // The channel has room: this cannot wait.
+    let _ = tx.send(hello).await;
+    let mut inbound = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        r = client.session(ReceiverStream::new(rx)) => r.map_err(ControlError::Refused)?.into_inner(),
+    };
+    tracing::info!(operator = %url, node = %options.node, "control stream open");
+
+    let mut tick = tokio::time::interval(options.report_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report: Option<(Vec<pb::PoolReport>, Instant)> = None;
+    loop {
+        let mut report_now = false;
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            message = inbound.message() => match message {
+                Ok(Some(pb::OperatorMessage { kind: Some(pb::operator_message::Kind::Snapshot(snapshot)) })) => {
+                    let answer = handle_snapshot(applier, state, snapshot);
+                    *got_snapshot = true;
+                    if tx.send(answer).await.is_err() {
+                        return Err(ControlError::Closed);
+                    }
+                    report_now = true;
+                }
+                Ok(Some(_)) => tracing::debug!("ignoring an operator message this agent does not know"),
+                Ok(None) => return Err(ControlError::Closed),
+                Err(status) => return Err(ControlError::Stream(status)),
+            },
+            _ = tick.tick() => report_now = true,
+        }
+        if report_now {
+            let report = applier.report();
+            let due = match &last_report {
+                None => true,
+                Some((last, at)) => *last != report || at.elapsed() >= options.report_interval,
+            };
+            if due {
+                let message = pb::AgentMessage { kind: Some(Kind::Report(pb::Report { pools: report.clone() })) };
+                if tx.send(message).await.is_err() {
+                    return Err(ControlError::Closed);
+                }
+                last_report = Some((report, Instant::now()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tidepool_crds::control::spec_to_pb;
+
+    #[derive(Default)]
+    struct Fake {
+        applied: Mutex<Vec<Vec<PoolConfig>>>,
+        refuse: Option<Rejection>,
+    }
+
+    impl Apply for Fake {
+        fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection> {
+            if let Some(r) = &self.refuse {
+                return Err(r.clone());
+            }
+            self.applied.lock().unwrap().push(pools);
+            Ok(())
+        }
+        fn report(&self) -> Vec<pb::PoolReport> {
+            vec![]
+        }
+    }
+
+    fn snapshot(version: &str) -> pb::Snapshot {
+        let spec: tidepool_crds::ConnectionPoolSpec =
+            serde_yaml::from_str("target: {service: {name: api, port: grpc}}\nsize: 3").unwrap();
+        pb::Snapshot {
+            version: version.into(),
+            nonce: "n1".into(),
+            pools: vec![pb::Pool {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                generation: 2,
+                spec: Some(spec_to_pb(&spec)),
+                addresses: vec!["127.0.0.2:9000".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_snapshot_applied_is_acked_and_becomes_the_running_version() {
+        let fake = Fake::default();
+        let mut state = ClientState::default();
+        let answer = handle_snapshot(&fake, &mut state, snapshot("v1"));
+        assert_eq!(
+            answer.kind,
+            Some(pb::agent_message::Kind::Ack(pb::Ack { version: "v1".into(), nonce: "n1".into() }))
+        );
+        assert_eq!(state.version, "v1");
+        let applied = fake.applied.lock().unwrap();
+        assert_eq!(applied[0][0].key(), "ns/p");
+        assert_eq!(applied[0][0].spec.size, 3);
+        assert_eq!(applied[0][0].addresses, ["127.0.0.2:9000"]);
+    }
+
+    #[test]
+    fn a_refused_snapshot_is_nacked_and_the_running_version_stays() {
+        let fake = Fake {
+            refuse: Some(Rejection { error: "pool ns/p: spec.size: 0 must be at least 1".into(), pools: vec!["ns/p".into()] }),
+            ..Fake::default()
+        };
+        let mut state = ClientState { version: "v0".into() };
+        let answer = handle_snapshot(&fake, &mut state, snapshot("v1"));
+        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else { panic!("{answer:?}") };
+        assert_eq!((nack.version.as_str(), nack.nonce.as_str()), ("v1", "n1"));
+        assert!(nack.error.contains("spec.size"));
+        assert_eq!(nack.pools, ["ns/p"]);
+        assert_eq!(state.version, "v0");
+    }
+
+    #[test]
+    fn an_unreadable_pool_is_nacked_before_anything_is_applied() {
+        let fake = Fake::default();
+        let mut s = snapshot("v1");
+        s.pools[0].spec.as_mut().unwrap().target = None;
+        let mut state = ClientState::default();
+        let answer = handle_snapshot(&fake, &mut state, s);
+        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else { panic!("{answer:?}") };
+        assert!(nack.error.contains("ns/p") && nack.error.contains("spec.target"), "{}", nack.error);
+        assert!(fake.applied.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_max() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for (n, base) in [(1, 100), (2, 200), (3, 400), (10, 5000), (40, 5000)] {
+            let d = backoff_delay(min, max, n);
+            let base = Duration::from_millis(base);
+            assert!(d <= base && d >= base / 2, "{n}: {d:?}");
+        }
+    }
+}
