@@ -1,7 +1,7 @@
 //! The CustomResourceDefinition, rendered as the YAML the chart ships.
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 use crate::ConnectionPool;
 

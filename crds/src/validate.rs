@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::v1alpha1::{effective_max_idle, ConnectionPoolSpec, MAX_STATIC_ADDRESSES};
+use crate::v1alpha1::{ConnectionPoolSpec, MAX_STATIC_ADDRESSES, effective_max_idle};
 
 /// One rule a field breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +60,11 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
         let (num, tail) = rest.split_at(num_len);
-        if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+        if num.is_empty()
+            || num.starts_with('.')
+            || num.ends_with('.')
+            || num.matches('.').count() > 1
+        {
             return None;
         }
         let value: f64 = num.parse().ok()?;
@@ -104,7 +108,9 @@ pub fn check_address(a: &str) -> Result<(), String> {
             && host.len() <= 253
             && !host.starts_with(['-', '.'])
             && !host.ends_with(['-', '.'])
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     };
     if port_ok && host_ok {
         Ok(())
@@ -117,7 +123,8 @@ fn is_port_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 15
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -128,7 +135,10 @@ impl ConnectionPoolSpec {
     pub fn settings(&self) -> Result<Settings, SpecErrors> {
         let mut errs = Vec::new();
         let mut err = |field: &str, message: String| {
-            errs.push(FieldError { field: field.into(), message })
+            errs.push(FieldError {
+                field: field.into(),
+                message,
+            })
         };
 
         match (&self.target.service, &self.target.addresses) {
@@ -149,19 +159,27 @@ impl ConnectionPoolSpec {
                 ),
                 IntOrString::String(n) if !is_port_name(n) => err(
                     "spec.target.service.port",
-                    format!("{n:?} must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)"),
+                    format!(
+                        "{n:?} must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)"
+                    ),
                 ),
                 _ => {}
             }
         }
         if let Some(addrs) = &self.target.addresses {
             if addrs.is_empty() {
-                err("spec.target.addresses", "must list at least one address".into());
+                err(
+                    "spec.target.addresses",
+                    "must list at least one address".into(),
+                );
             }
             if addrs.len() > MAX_STATIC_ADDRESSES {
                 err(
                     "spec.target.addresses",
-                    format!("lists {} addresses; at most {MAX_STATIC_ADDRESSES} are accepted", addrs.len()),
+                    format!(
+                        "lists {} addresses; at most {MAX_STATIC_ADDRESSES} are accepted",
+                        addrs.len()
+                    ),
                 );
             }
             for (i, a) in addrs.iter().enumerate() {
@@ -174,7 +192,10 @@ impl ConnectionPoolSpec {
             err("spec.size", format!("{} must be at least 1", self.size));
         }
         if self.max_streams < 1 {
-            err("spec.maxStreams", format!("{} must be at least 1", self.max_streams));
+            err(
+                "spec.maxStreams",
+                format!("{} must be at least 1", self.max_streams),
+            );
         }
         let max_idle = effective_max_idle(self);
         if max_idle < 0 {
@@ -182,7 +203,10 @@ impl ConnectionPoolSpec {
         } else if max_idle > self.size {
             err(
                 "spec.maxIdle",
-                format!("{max_idle} must be less than or equal to spec.size ({})", self.size),
+                format!(
+                    "{max_idle} must be less than or equal to spec.size ({})",
+                    self.size
+                ),
             );
         }
         let ttl = parse_duration(&self.ttl);
@@ -190,20 +214,29 @@ impl ConnectionPoolSpec {
             Some(d) if d >= Duration::from_secs(1) => {}
             _ => err(
                 "spec.ttl",
-                format!("{:?} must be a duration of at least 1s, such as 30s, 1m or 1h30m", self.ttl),
+                format!(
+                    "{:?} must be a duration of at least 1s, such as 30s, 1m or 1h30m",
+                    self.ttl
+                ),
             ),
         }
         let acquire_timeout = parse_duration(&self.acquire_timeout);
         if acquire_timeout.is_none() {
             err(
                 "spec.acquireTimeout",
-                format!("{:?} must be a duration such as 500ms, 1s or 2m", self.acquire_timeout),
+                format!(
+                    "{:?} must be a duration such as 500ms, 1s or 2m",
+                    self.acquire_timeout
+                ),
             );
         }
         if let Some(p) = self.listen_port
             && !(1..=65535).contains(&p)
         {
-            err("spec.listenPort", format!("{p} must be a port number from 1 to 65535"));
+            err(
+                "spec.listenPort",
+                format!("{p} must be a port number from 1 to 65535"),
+            );
         }
 
         if !errs.is_empty() {
@@ -264,10 +297,26 @@ mod tests {
 
     #[test]
     fn addresses() {
-        for good in ["10.0.0.1:1", "a:65535", "svc.ns.svc.cluster.local:50051", "[fd00::7]:50051", "[::1]:80"] {
+        for good in [
+            "10.0.0.1:1",
+            "a:65535",
+            "svc.ns.svc.cluster.local:50051",
+            "[fd00::7]:50051",
+            "[::1]:80",
+        ] {
             assert!(check_address(good).is_ok(), "{good}");
         }
-        for bad in ["10.0.0.1", "10.0.0.1:0", "h:65536", "fd00::7:50051", "[zz::1]:80", ":80", "-a:80", "a b:80", "[::1]:"] {
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "h:65536",
+            "fd00::7:50051",
+            "[zz::1]:80",
+            ":80",
+            "-a:80",
+            "a b:80",
+            "[::1]:",
+        ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
     }
@@ -276,7 +325,10 @@ mod tests {
     fn every_broken_rule_names_its_field() {
         let s = ConnectionPoolSpec {
             target: Target {
-                service: Some(ServiceTarget { name: "x".into(), port: IntOrString::Int(0) }),
+                service: Some(ServiceTarget {
+                    name: "x".into(),
+                    port: IntOrString::Int(0),
+                }),
                 addresses: Some(vec![Address("nope".into())]),
             },
             size: 0,
@@ -309,11 +361,17 @@ mod tests {
     fn named_ports() {
         let mut s = spec();
         s.target = Target {
-            service: Some(ServiceTarget { name: "x".into(), port: IntOrString::String("grpc".into()) }),
+            service: Some(ServiceTarget {
+                name: "x".into(),
+                port: IntOrString::String("grpc".into()),
+            }),
             addresses: None,
         };
         assert!(s.settings().is_ok());
         s.target.service.as_mut().unwrap().port = IntOrString::String("GRPC_".into());
-        assert_eq!(s.settings().unwrap_err().0[0].field, "spec.target.service.port");
+        assert_eq!(
+            s.settings().unwrap_err().0[0].field,
+            "spec.target.service.port"
+        );
     }
 }

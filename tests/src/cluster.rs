@@ -48,9 +48,16 @@ fn start() -> Result<Cluster> {
     if let Ok(kc) = std::env::var("TIDEPOOL_E2E_KUBECONFIG") {
         let kubeconfig = PathBuf::from(kc);
         if !kubeconfig.exists() {
-            bail!("TIDEPOOL_E2E_KUBECONFIG names {}, which does not exist", kubeconfig.display());
+            bail!(
+                "TIDEPOOL_E2E_KUBECONFIG names {}, which does not exist",
+                kubeconfig.display()
+            );
         }
-        return Ok(Cluster { kubeconfig, local: false, _child: None });
+        return Ok(Cluster {
+            kubeconfig,
+            local: false,
+            _child: None,
+        });
     }
     let bin_dir = match std::env::var("TIDEPOOL_CLUSTER_BIN") {
         Ok(d) => PathBuf::from(d),
@@ -81,7 +88,9 @@ fn start() -> Result<Cluster> {
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
         s
     });
-    let line = rx.recv_timeout(Duration::from_secs(150)).unwrap_or_default();
+    let line = rx
+        .recv_timeout(Duration::from_secs(150))
+        .unwrap_or_default();
     let Some(kubeconfig) = line
         .strip_prefix("ready kubeconfig=")
         .and_then(|rest| rest.split_whitespace().next())
@@ -91,10 +100,18 @@ fn start() -> Result<Cluster> {
         let why = errors.join().unwrap_or_default();
         bail!(
             "the local control plane did not start within 150s: {}",
-            if why.trim().is_empty() { "tpcluster printed nothing" } else { why.trim() }
+            if why.trim().is_empty() {
+                "tpcluster printed nothing"
+            } else {
+                why.trim()
+            }
         );
     };
-    Ok(Cluster { kubeconfig: PathBuf::from(kubeconfig), local: true, _child: Some(Mutex::new(child)) })
+    Ok(Cluster {
+        kubeconfig: PathBuf::from(kubeconfig),
+        local: true,
+        _child: Some(Mutex::new(child)),
+    })
 }
 
 /// Runs `tests/cluster/build.sh`, which builds (or finds in its cache) the
@@ -109,7 +126,11 @@ pub fn build_binaries() -> Result<PathBuf> {
     if !out.status.success() {
         bail!("{} failed (its messages are above)", script.display());
     }
-    let dir = String::from_utf8(out.stdout)?.lines().last().unwrap_or_default().to_string();
+    let dir = String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     Ok(PathBuf::from(dir))
 }
 

@@ -23,7 +23,11 @@ pub struct Output {
 impl Output {
     /// Standard output, or an error carrying standard error when kubectl failed.
     pub fn ok(self) -> Result<String> {
-        if self.success { Ok(self.stdout) } else { bail!("kubectl failed: {}", self.stderr.trim()) }
+        if self.success {
+            Ok(self.stdout)
+        } else {
+            bail!("kubectl failed: {}", self.stderr.trim())
+        }
     }
 }
 
@@ -44,13 +48,20 @@ pub async fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> Result<Output>
     cmd.arg("--kubeconfig")
         .arg(cluster.kubeconfig())
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("running {} failed; is kubectl installed? (make tools)", kubectl_path()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "running {} failed; is kubectl installed? (make tools)",
+            kubectl_path()
+        )
+    })?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin is piped");
         pipe.write_all(input.as_bytes()).await?;

@@ -37,7 +37,9 @@ impl TestNamespace {
     /// Deletes the namespace (on clusters that have a namespace controller).
     pub async fn cleanup(self) -> Result<()> {
         if !cluster()?.is_local() {
-            kubectl(&["delete", "namespace", &self.name, "--wait=false"]).await?.ok()?;
+            kubectl(&["delete", "namespace", &self.name, "--wait=false"])
+                .await?
+                .ok()?;
         }
         Ok(())
     }
@@ -58,7 +60,10 @@ pub async fn ensure_crd() -> Result<()> {
         let file = file.to_str().context("the repository path is not UTF-8")?;
         let out = kubectl(&["apply", "--server-side", "--force-conflicts", "-f", file]).await?;
         if !out.success {
-            bail!("installing the CRD from {file} failed: {}", out.stderr.trim());
+            bail!(
+                "installing the CRD from {file} failed: {}",
+                out.stderr.trim()
+            );
         }
         kubectl(&[
             "wait",

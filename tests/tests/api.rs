@@ -11,7 +11,9 @@ use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin, r
 /// A pool manifest named `name` with the given `spec` lines (YAML, indented
 /// by four spaces under `spec:`).
 fn manifest(name: &str, spec: &str) -> String {
-    format!("apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata:\n  name: {name}\nspec:\n{spec}\n")
+    format!(
+        "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
+    )
 }
 
 const TARGET: &str = "    target: {service: {name: payments-grpc, port: 50051}}";
@@ -38,10 +40,17 @@ async fn example_applies_and_defaults_fill_in() -> Result<()> {
     let ns = TestNamespace::new("example").await?;
     let example = std::fs::read_to_string(repo_root().join("examples/connectionpool.yaml"))?;
     let example = example.replace("namespace: shop", &format!("namespace: {}", ns.name));
-    kubectl_stdin(&["apply", "-f", "-"], Some(&example)).await?.ok()?;
+    kubectl_stdin(&["apply", "-f", "-"], Some(&example))
+        .await?
+        .ok()?;
 
     // A minimal pool gets go-micro's defaults from the schema.
-    kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest("minimal", TARGET))).await?.ok()?;
+    kubectl_stdin(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&manifest("minimal", TARGET)),
+    )
+    .await?
+    .ok()?;
     let got = kubectl(&[
         "get",
         "cpool",
@@ -61,11 +70,42 @@ async fn example_applies_and_defaults_fill_in() -> Result<()> {
 async fn get_prints_the_pool_health_columns() -> Result<()> {
     ensure_crd().await?;
     let ns = TestNamespace::new("columns").await?;
-    kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest("payments", TARGET))).await?.ok()?;
-    let out = kubectl(&["get", "connectionpools", "-n", &ns.name]).await?.ok()?;
-    let header: Vec<&str> = out.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "TARGET", "SIZE", "STREAMS", "CONNECTIONS", "SYNCED", "DESIRED", "READY", "AGE"]);
-    assert!(out.lines().nth(1).unwrap_or_default().starts_with("payments "), "{out}");
+    kubectl_stdin(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&manifest("payments", TARGET)),
+    )
+    .await?
+    .ok()?;
+    let out = kubectl(&["get", "connectionpools", "-n", &ns.name])
+        .await?
+        .ok()?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TARGET",
+            "SIZE",
+            "STREAMS",
+            "CONNECTIONS",
+            "SYNCED",
+            "DESIRED",
+            "READY",
+            "AGE"
+        ]
+    );
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap_or_default()
+            .starts_with("payments "),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -74,46 +114,151 @@ async fn explain_teaches_every_field() -> Result<()> {
     ensure_crd().await?;
     let cases = [
         ("connectionpool.spec.ttl", "How long a connection lives"),
-        ("connectionpool.spec.size", "Connections kept per backend address"),
+        (
+            "connectionpool.spec.size",
+            "Connections kept per backend address",
+        ),
         ("connectionpool.spec.maxIdle", "Idle connections"),
-        ("connectionpool.spec.maxStreams", "SETTINGS_MAX_CONCURRENT_STREAMS"),
+        (
+            "connectionpool.spec.maxStreams",
+            "SETTINGS_MAX_CONCURRENT_STREAMS",
+        ),
         ("connectionpool.spec.whenFull", "RESOURCE_EXHAUSTED"),
-        ("connectionpool.spec.target.service.port", "name of one of the"),
-        ("connectionpool.spec.target.addresses", "IPv6 hosts in brackets"),
+        (
+            "connectionpool.spec.target.service.port",
+            "name of one of the",
+        ),
+        (
+            "connectionpool.spec.target.addresses",
+            "IPv6 hosts in brackets",
+        ),
         ("connectionpool.status.addresses", "at most 50 entries"),
     ];
+    // The API server publishes a new CRD's OpenAPI a moment after it is
+    // Established; wait for it (bounded) before reading descriptions.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !kubectl(&["explain", "connectionpool"]).await?.success {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CRD's OpenAPI was not published within 30s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     for (field, words) in cases {
         let out = kubectl(&["explain", field]).await?.ok()?;
         // kubectl wraps descriptions; compare with whitespace collapsed.
         let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
-        assert!(flat.contains(words), "kubectl explain {field} lacks {words:?}:\n{out}");
+        assert!(
+            flat.contains(words),
+            "kubectl explain {field} lacks {words:?}:\n{out}"
+        );
     }
     Ok(())
 }
 
 /// Each bad spec, and the field the API server's message must name.
 const INVALID: &[(&str, &str, &str)] = &[
-    ("size-zero", "    target: {addresses: ['10.0.0.1:50051']}\n    size: 0", "spec.size"),
-    ("size-string", "    target: {addresses: ['10.0.0.1:50051']}\n    size: ten", "spec.size"),
-    ("streams-zero", "    target: {addresses: ['10.0.0.1:50051']}\n    maxStreams: 0", "spec.maxStreams"),
-    ("idle-negative", "    target: {addresses: ['10.0.0.1:50051']}\n    maxIdle: -1", "spec.maxIdle"),
-    ("idle-over-size", "    target: {addresses: ['10.0.0.1:50051']}\n    size: 10\n    maxIdle: 20", "spec.maxIdle"),
-    ("ttl-short", "    target: {addresses: ['10.0.0.1:50051']}\n    ttl: 500ms", "spec.ttl"),
-    ("ttl-garbage", "    target: {addresses: ['10.0.0.1:50051']}\n    ttl: forever", "spec.ttl"),
-    ("timeout-garbage", "    target: {addresses: ['10.0.0.1:50051']}\n    acquireTimeout: soon", "spec.acquireTimeout"),
-    ("listen-port", "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 70000", "spec.listenPort"),
-    ("when-full", "    target: {addresses: ['10.0.0.1:50051']}\n    whenFull: Sometimes", "spec.whenFull"),
-    ("svc-port-zero", "    target: {service: {name: s, port: 0}}", "spec.target.service.port"),
-    ("svc-port-high", "    target: {service: {name: s, port: 65536}}", "spec.target.service.port"),
-    ("svc-port-name", "    target: {service: {name: s, port: Not_A_Name}}", "spec.target.service.port"),
-    ("both-targets", "    target: {service: {name: s, port: 80}, addresses: ['10.0.0.1:50051']}", "spec.target"),
+    (
+        "size-zero",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    size: 0",
+        "spec.size",
+    ),
+    (
+        "size-string",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    size: ten",
+        "spec.size",
+    ),
+    (
+        "streams-zero",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    maxStreams: 0",
+        "spec.maxStreams",
+    ),
+    (
+        "idle-negative",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    maxIdle: -1",
+        "spec.maxIdle",
+    ),
+    (
+        "idle-over-size",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    size: 10\n    maxIdle: 20",
+        "spec.maxIdle",
+    ),
+    (
+        "ttl-short",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    ttl: 500ms",
+        "spec.ttl",
+    ),
+    (
+        "ttl-garbage",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    ttl: forever",
+        "spec.ttl",
+    ),
+    (
+        "timeout-garbage",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    acquireTimeout: soon",
+        "spec.acquireTimeout",
+    ),
+    (
+        "listen-port",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 70000",
+        "spec.listenPort",
+    ),
+    (
+        "when-full",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    whenFull: Sometimes",
+        "spec.whenFull",
+    ),
+    (
+        "svc-port-zero",
+        "    target: {service: {name: s, port: 0}}",
+        "spec.target.service.port",
+    ),
+    (
+        "svc-port-high",
+        "    target: {service: {name: s, port: 65536}}",
+        "spec.target.service.port",
+    ),
+    (
+        "svc-port-name",
+        "    target: {service: {name: s, port: Not_A_Name}}",
+        "spec.target.service.port",
+    ),
+    (
+        "both-targets",
+        "    target: {service: {name: s, port: 80}, addresses: ['10.0.0.1:50051']}",
+        "spec.target",
+    ),
     ("no-target", "    target: {}", "spec.target"),
-    ("empty-addresses", "    target: {addresses: []}", "spec.target.addresses"),
-    ("ipv6-unbracketed", "    target: {addresses: ['fd00::7:50051']}", "spec.target.addresses[0]"),
-    ("address-port-zero", "    target: {addresses: ['10.0.0.1:50051', '10.0.0.2:0']}", "spec.target.addresses[1]"),
-    ("address-no-port", "    target: {addresses: ['10.0.0.1']}", "spec.target.addresses[0]"),
-    ("address-duplicate", "    target: {addresses: ['10.0.0.1:50051', '10.0.0.1:50051']}", "spec.target.addresses[1]"),
-    ("unknown-field", "    target: {addresses: ['10.0.0.1:50051']}\n    poolSize: 5", "spec.poolSize"),
+    (
+        "empty-addresses",
+        "    target: {addresses: []}",
+        "spec.target.addresses",
+    ),
+    (
+        "ipv6-unbracketed",
+        "    target: {addresses: ['fd00::7:50051']}",
+        "spec.target.addresses[0]",
+    ),
+    (
+        "address-port-zero",
+        "    target: {addresses: ['10.0.0.1:50051', '10.0.0.2:0']}",
+        "spec.target.addresses[1]",
+    ),
+    (
+        "address-no-port",
+        "    target: {addresses: ['10.0.0.1']}",
+        "spec.target.addresses[0]",
+    ),
+    (
+        "address-duplicate",
+        "    target: {addresses: ['10.0.0.1:50051', '10.0.0.1:50051']}",
+        "spec.target.addresses[1]",
+    ),
+    (
+        "unknown-field",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    poolSize: 5",
+        "spec.poolSize",
+    ),
 ];
 
 #[tokio::test]
@@ -122,16 +267,27 @@ async fn invalid_pools_are_refused_naming_the_field() -> Result<()> {
     let ns = TestNamespace::new("invalid").await?;
     let mut failures = Vec::new();
     for (name, spec, field) in INVALID {
-        let out = kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest(name, spec))).await?;
+        let out = kubectl_stdin(
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some(&manifest(name, spec)),
+        )
+        .await?;
         if out.success {
             failures.push(format!("{name}: accepted, but it breaks a rule on {field}"));
-        } else if !out.stderr.contains(&format!("{field}:")) && !out.stderr.contains(&format!("\"{field}\"")) {
-            failures.push(format!("{name}: refused, but the message does not name {field}: {}", out.stderr.trim()));
+        } else if !out.stderr.contains(&format!("{field}:"))
+            && !out.stderr.contains(&format!("\"{field}\""))
+        {
+            failures.push(format!(
+                "{name}: refused, but the message does not name {field}: {}",
+                out.stderr.trim()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Nothing half-created.
-    let listed = kubectl(&["get", "cpool", "-n", &ns.name, "-o", "name"]).await?.ok()?;
+    let listed = kubectl(&["get", "cpool", "-n", &ns.name, "-o", "name"])
+        .await?
+        .ok()?;
     assert_eq!(listed.trim(), "");
     Ok(())
 }
@@ -141,13 +297,29 @@ async fn valid_edge_cases_are_accepted() -> Result<()> {
     ensure_crd().await?;
     let ns = TestNamespace::new("valid").await?;
     let cases = [
-        ("ipv6", "    target: {addresses: ['[fd00::7]:50051', 'backend.example.com:443']}"),
-        ("named-port", "    target: {service: {name: s, port: grpc-web}}"),
-        ("tight", "    target: {addresses: ['10.0.0.1:1']}\n    size: 1\n    maxIdle: 0\n    maxStreams: 1\n    ttl: 1s\n    whenFull: Wait\n    acquireTimeout: 250ms\n    listenPort: 65535"),
-        ("long-ttl", "    target: {addresses: ['10.0.0.1:65535']}\n    ttl: 1h30m"),
+        (
+            "ipv6",
+            "    target: {addresses: ['[fd00::7]:50051', 'backend.example.com:443']}",
+        ),
+        (
+            "named-port",
+            "    target: {service: {name: s, port: grpc-web}}",
+        ),
+        (
+            "tight",
+            "    target: {addresses: ['10.0.0.1:1']}\n    size: 1\n    maxIdle: 0\n    maxStreams: 1\n    ttl: 1s\n    whenFull: Wait\n    acquireTimeout: 250ms\n    listenPort: 65535",
+        ),
+        (
+            "long-ttl",
+            "    target: {addresses: ['10.0.0.1:65535']}\n    ttl: 1h30m",
+        ),
     ];
     for (name, spec) in cases {
-        let out = kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest(name, spec))).await?;
+        let out = kubectl_stdin(
+            &["apply", "-n", &ns.name, "-f", "-"],
+            Some(&manifest(name, spec)),
+        )
+        .await?;
         assert!(out.success, "{name} was refused: {}", out.stderr);
     }
     Ok(())
@@ -157,7 +329,12 @@ async fn valid_edge_cases_are_accepted() -> Result<()> {
 async fn status_written_by_server_side_apply_shows_in_columns() -> Result<()> {
     ensure_crd().await?;
     let ns = TestNamespace::new("status").await?;
-    kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest("payments", TARGET))).await?.ok()?;
+    kubectl_stdin(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&manifest("payments", TARGET)),
+    )
+    .await?
+    .ok()?;
 
     let client = cluster()?.client().await?;
     let api: Api<ConnectionPool> = Api::namespaced(client, &ns.name);
@@ -180,12 +357,31 @@ async fn status_written_by_server_side_apply_shows_in_columns() -> Result<()> {
             ]
         }
     });
-    api.patch_status("payments", &PatchParams::apply("tidepool-operator").force(), &Patch::Apply(&status))
-        .await?;
+    api.patch_status(
+        "payments",
+        &PatchParams::apply("tidepool-operator").force(),
+        &Patch::Apply(&status),
+    )
+    .await?;
 
-    let out = kubectl(&["get", "cpool", "payments", "-n", &ns.name, "--no-headers"]).await?.ok()?;
+    let out = kubectl(&["get", "cpool", "payments", "-n", &ns.name, "--no-headers"])
+        .await?
+        .ok()?;
     let cols: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(&cols[..8], ["payments", "payments-grpc:50051", "100", "131", "9", "3", "3", "True"], "{out}");
+    assert_eq!(
+        &cols[..8],
+        [
+            "payments",
+            "payments-grpc:50051",
+            "100",
+            "131",
+            "9",
+            "3",
+            "3",
+            "True"
+        ],
+        "{out}"
+    );
 
     // The status subresource is the only way status changes: a spec apply
     // does not wipe it, and the operator's field manager owns it.
@@ -197,9 +393,18 @@ async fn status_written_by_server_side_apply_shows_in_columns() -> Result<()> {
     .ok()?;
     let pool = api.get("payments").await?;
     assert_eq!(pool.spec.size, 7);
-    assert_eq!(pool.status.and_then(|s| s.totals).map(|t| t.streams), Some(131));
+    assert_eq!(
+        pool.status.and_then(|s| s.totals).map(|t| t.streams),
+        Some(131)
+    );
     let managers = kubectl(&[
-        "get", "cpool", "payments", "-n", &ns.name, "--show-managed-fields", "-o",
+        "get",
+        "cpool",
+        "payments",
+        "-n",
+        &ns.name,
+        "--show-managed-fields",
+        "-o",
         "jsonpath={.metadata.managedFields[?(@.subresource==\"status\")].manager}",
     ])
     .await?
@@ -212,7 +417,12 @@ async fn status_written_by_server_side_apply_shows_in_columns() -> Result<()> {
 async fn a_status_that_breaks_the_schema_is_refused() -> Result<()> {
     ensure_crd().await?;
     let ns = TestNamespace::new("badstatus").await?;
-    kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], Some(&manifest("p", TARGET))).await?.ok()?;
+    kubectl_stdin(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&manifest("p", TARGET)),
+    )
+    .await?
+    .ok()?;
     let client = cluster()?.client().await?;
     let api: Api<ConnectionPool> = Api::namespaced(client, &ns.name);
     let addresses: Vec<_> = (0..51)
@@ -223,7 +433,11 @@ async fn a_status_that_breaks_the_schema_is_refused() -> Result<()> {
         "status": {"addresses": addresses}
     });
     let err = api
-        .patch_status("p", &PatchParams::apply("tidepool-operator").force(), &Patch::Apply(&status))
+        .patch_status(
+            "p",
+            &PatchParams::apply("tidepool-operator").force(),
+            &Patch::Apply(&status),
+        )
         .await
         .expect_err("51 addresses exceed the cap of 50");
     assert!(err.to_string().contains("status.addresses"), "{err}");

@@ -91,8 +91,8 @@ func main() {
 
 	// Fail loudly if either server dies while we are up.
 	died := make(chan string, 2)
-	go func() { _ = c.etcd.Wait(); died <- "etcd" }()
-	go func() { _ = c.apiserver.Wait(); died <- "kube-apiserver" }()
+	go func() { <-c.etcdDone; died <- "etcd" }()
+	go func() { <-c.apiDone; died <- "kube-apiserver" }()
 	select {
 	case <-stop:
 		c.stop()
@@ -106,11 +106,12 @@ func main() {
 }
 
 type cluster struct {
-	bin, dir        string
-	etcd, apiserver *exec.Cmd
-	kubeconfig      string
-	server          string
-	stopped         bool
+	bin, dir          string
+	etcd, apiserver   *exec.Cmd
+	etcdDone, apiDone chan struct{} // closed when the process has exited
+	kubeconfig        string
+	server            string
+	stopped           bool
 }
 
 func fatalf(format string, args ...any) {
@@ -175,10 +176,10 @@ func (c *cluster) startOnce(readyTimeout time.Duration) error {
 		"--unsafe-no-fsync=true",
 		"--log-level=warn",
 	)
-	if err := startLogged(c.etcd, etcdLog); err != nil {
+	if c.etcdDone, err = startLogged(c.etcd, etcdLog); err != nil {
 		return fmt.Errorf("starting etcd failed: %w", err)
 	}
-	if err := waitHTTP(etcdURL+"/health", nil, 30*time.Second, c.etcd); err != nil {
+	if err := waitHTTP(etcdURL+"/health", nil, 30*time.Second, c.etcdDone); err != nil {
 		if logHas(etcdLog, "address already in use") {
 			return portClash{"etcd", etcdLog}
 		}
@@ -206,14 +207,14 @@ func (c *cluster) startOnce(readyTimeout time.Duration) error {
 		"--service-account-signing-key-file="+p("sa.key"),
 		"--v=0",
 	)
-	if err := startLogged(c.apiserver, apiLog); err != nil {
+	if c.apiDone, err = startLogged(c.apiserver, apiLog); err != nil {
 		return fmt.Errorf("starting kube-apiserver failed: %w", err)
 	}
 	client, err := c.adminClient()
 	if err != nil {
 		return err
 	}
-	if err := waitHTTP(c.server+"/readyz", client, readyTimeout, c.apiserver); err != nil {
+	if err := waitHTTP(c.server+"/readyz", client, readyTimeout, c.apiDone); err != nil {
 		if logHas(apiLog, "address already in use") {
 			return portClash{"kube-apiserver", apiLog}
 		}
@@ -222,35 +223,49 @@ func (c *cluster) startOnce(readyTimeout time.Duration) error {
 		return fmt.Errorf("kube-apiserver did not become ready within %s: %w; last lines of %s:\n%s", readyTimeout, err, apiLog, b.String())
 	}
 	// The default namespace appears shortly after /readyz on a fresh etcd.
-	if err := waitHTTP(c.server+"/api/v1/namespaces/default", client, 30*time.Second, c.apiserver); err != nil {
+	if err := waitHTTP(c.server+"/api/v1/namespaces/default", client, 30*time.Second, c.apiDone); err != nil {
 		return fmt.Errorf("the default namespace did not appear: %w; see %s", err, apiLog)
 	}
 	c.kubeconfig = p("kubeconfig")
 	return c.writeKubeconfig()
 }
 
-func startLogged(cmd *exec.Cmd, logPath string) error {
+// startLogged starts cmd with its output in logPath and returns a channel
+// that closes when it exits.
+func startLogged(cmd *exec.Cmd, logPath string) (chan struct{}, error) {
 	f, err := os.Create(logPath)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	cmd.Stdout = f
 	cmd.Stderr = f
 	// Its own process group, so a Ctrl-C meant for tpcluster reaches it only
 	// through our orderly stop.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	return cmd.Start()
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		f.Close()
+		close(done)
+	}()
+	return done, nil
 }
 
-func waitHTTP(url string, client *http.Client, timeout time.Duration, proc *exec.Cmd) error {
+func waitHTTP(url string, client *http.Client, timeout time.Duration, exited <-chan struct{}) error {
 	if client == nil {
 		client = &http.Client{Timeout: 2 * time.Second}
 	}
 	deadline := time.Now().Add(timeout)
 	var last error = errors.New("no answer yet")
 	for time.Now().Before(deadline) {
-		if proc.ProcessState != nil || (proc.Process != nil && proc.Process.Signal(syscall.Signal(0)) != nil) {
+		select {
+		case <-exited:
 			return fmt.Errorf("the process exited (%v)", last)
+		default:
 		}
 		resp, err := client.Get(url)
 		if err == nil {
@@ -307,27 +322,23 @@ func (c *cluster) stop() {
 		return
 	}
 	c.stopped = true
-	for _, cmd := range []*exec.Cmd{c.apiserver, c.etcd} {
-		if cmd == nil || cmd.Process == nil {
+	procs := []struct {
+		cmd  *exec.Cmd
+		done chan struct{}
+	}{{c.apiserver, c.apiDone}, {c.etcd, c.etcdDone}}
+	for _, p := range procs {
+		if p.cmd == nil || p.done == nil {
 			continue
 		}
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() {
-			for cmd.Process.Signal(syscall.Signal(0)) == nil {
-				time.Sleep(50 * time.Millisecond)
-			}
-			close(done)
-		}()
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-done:
+		case <-p.done:
 		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
+			_ = p.cmd.Process.Kill()
+			<-p.done
 		}
-		// Reap it if nobody else does; harmless when a waiter already did.
-		go func() { _, _ = cmd.Process.Wait() }()
 	}
-	c.apiserver, c.etcd = nil, nil
+	c.apiserver, c.etcd, c.apiDone, c.etcdDone = nil, nil, nil, nil
 	_ = os.RemoveAll(c.dir)
 }
 
