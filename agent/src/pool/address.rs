@@ -67,6 +67,8 @@ pub(crate) struct Entry<Conn> {
     born: Instant,
     /// This connection's TTL factor, in `[1 − JITTER, 1 + JITTER]`.
     jitter: f64,
+    /// `born + ttl × jitter`, recomputed when `ttl` changes.
+    expires: Instant,
     place: Place,
     links: Links,
     /// Dropping this (with the entry) ends the connection's watcher task.
@@ -283,7 +285,7 @@ impl<Conn: Clone> State<Conn> {
     }
 
     fn expires(&self, entry: &Entry<Conn>) -> Instant {
-        entry.born + self.settings.ttl.mul_f64(entry.jitter)
+        entry.expires
     }
 
     fn entry(&self, key: usize, id: u64) -> Option<&Entry<Conn>> {
@@ -397,7 +399,7 @@ impl<Conn: Clone> State<Conn> {
                 // Cannot happen while the waiter's guard is alive (it leaves
                 // the queue under this lock before dropping its receiver),
                 // but if it did, the stream goes straight back.
-                self.release(grant.key, Outcome::Ok, now, m, fx);
+                self.release(grant.key, Outcome::Ok, m, fx);
             }
         }
     }
@@ -427,6 +429,7 @@ impl<Conn: Clone> State<Conn> {
         self.failures_in_row = 0;
         self.backoff_until = None;
         let (stop_tx, stop_rx) = oneshot::channel();
+        let jitter = rand::random_range((1.0 - JITTER)..=(1.0 + JITTER));
         let id = self.next_id;
         self.next_id += 1;
         let entry = Entry {
@@ -435,7 +438,8 @@ impl<Conn: Clone> State<Conn> {
             streams: 0,
             server_max: connected.max_concurrent_streams,
             born: now,
-            jitter: rand::random_range((1.0 - JITTER)..=(1.0 + JITTER)),
+            jitter,
+            expires: now + self.settings.ttl.mul_f64(jitter),
             place: Place::Overflow,
             links: Links::default(),
             _stop: Some(stop_tx),
@@ -515,14 +519,11 @@ impl<Conn: Clone> State<Conn> {
     }
 
     /// Ends one stream on connection `key`.
-    pub(crate) fn release(
-        &mut self,
-        key: usize,
-        outcome: Outcome,
-        now: Instant,
-        m: &AddressMetrics,
-        fx: &mut Effects<Conn>,
-    ) {
+    ///
+    /// Reads the clock only on the rare paths that need it: a listed
+    /// connection past its TTL is retired by `take` (which checks the head
+    /// it is about to use) and by its own timer, not here.
+    pub(crate) fn release(&mut self, key: usize, outcome: Outcome, m: &AddressMetrics, fx: &mut Effects<Conn>) {
         let entry = &mut self.conns[key];
         debug_assert!(entry.streams > 0, "released a stream that was not taken");
         entry.streams -= 1;
@@ -546,7 +547,7 @@ impl<Conn: Clone> State<Conn> {
                 Place::Overflow => {
                     if streams == 0 {
                         self.overflow -= 1;
-                        let adopt = self.can_dial() && now < self.expires(&self.conns[key]);
+                        let adopt = self.can_dial() && Instant::now() < self.expires(&self.conns[key]);
                         if adopt {
                             // go-micro: an unpooled connection joins the
                             // pool on release when there is room.
@@ -558,17 +559,11 @@ impl<Conn: Clone> State<Conn> {
                         }
                     }
                 }
-                Place::Busy | Place::Available => {
-                    if now >= self.expires(entry) {
-                        self.retire(key, EvictionReason::Ttl, m, fx);
-                    } else {
-                        self.fix_place(key);
-                    }
-                }
+                Place::Busy | Place::Available => self.fix_place(key),
             }
         }
         if self.has_waiters() {
-            self.serve_waiters(now, m, fx);
+            self.serve_waiters(Instant::now(), m, fx);
         }
         self.settle_idle(key, m, fx);
     }
@@ -696,6 +691,11 @@ impl<Conn: Clone> State<Conn> {
     /// closes idle ones. No stream is cut. O(connections): reconfiguration
     /// is rare.
     pub(crate) fn reconfigure(&mut self, settings: Settings, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+        if settings.ttl != self.settings.ttl {
+            for (_, entry) in self.conns.iter_mut() {
+                entry.expires = entry.born + settings.ttl.mul_f64(entry.jitter);
+            }
+        }
         self.settings = settings;
         let mut listed = self.available.keys(&self.conns);
         listed.extend(self.busy.keys(&self.conns));

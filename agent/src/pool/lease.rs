@@ -3,8 +3,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use super::address::{Address, Effects, Grant};
 
 /// How a stream ended, as the caller saw it. Only a transport failure
@@ -76,7 +74,7 @@ impl<Conn: Clone> Lease<Conn> {
         {
             let address = &self.address;
             let mut state = address.lock();
-            state.release(self.key, outcome, Instant::now(), &address.metrics, &mut fx);
+            state.release(self.key, outcome, &address.metrics, &mut fx);
             state.publish(&address.metrics);
         }
         fx.run(&self.address);
