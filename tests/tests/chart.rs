@@ -1,0 +1,373 @@
+//! The Helm chart, with the real helm: it lints, renders restricted and
+//! least-privilege objects, refuses bad values by name, and installs into a
+//! real API server. (Its own test binary, so its cluster has no CRD that
+//! helm did not install.)
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_yaml::Value;
+use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin, repo_root};
+use tokio::process::Command;
+
+/// The helm binary: `TIDEPOOL_HELM`, else `helm` from `PATH`.
+fn helm_path() -> String {
+    std::env::var("TIDEPOOL_HELM").unwrap_or_else(|_| "helm".into())
+}
+
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs helm with a bounded time; `kubeconfig` when it talks to a cluster.
+async fn helm(args: &[&str], kubeconfig: bool) -> Result<Run> {
+    let mut cmd = Command::new(helm_path());
+    if kubeconfig {
+        cmd.arg("--kubeconfig").arg(cluster()?.kubeconfig());
+    }
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "running {} failed; is helm installed? (make tools)",
+            helm_path()
+        )
+    })?;
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .with_context(|| format!("helm {} did not finish within 120s", args.join(" ")))??;
+    Ok(Run {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn chart() -> String {
+    repo_root()
+        .join("charts/tidepool")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `helm template` with `extra` arguments, parsed into documents.
+async fn render(extra: &[&str]) -> Result<Vec<Value>> {
+    render_in("tidepool-system", extra).await
+}
+
+/// `helm template` into namespace `ns`.
+async fn render_in(ns: &str, extra: &[&str]) -> Result<Vec<Value>> {
+    let chart = chart();
+    let mut args = vec!["template", "tp", chart.as_str(), "--namespace", ns];
+    args.extend_from_slice(extra);
+    let out = helm(&args, false).await?;
+    if !out.success {
+        bail!("helm template failed: {}", out.stderr);
+    }
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&out.stdout) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+use serde::Deserialize;
+
+fn find<'a>(docs: &'a [Value], kind: &str, name_suffix: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(name_suffix))
+        })
+        .unwrap_or_else(|| panic!("no {kind} named *{name_suffix} in the chart"))
+}
+
+#[tokio::test]
+async fn lint_passes() -> Result<()> {
+    let out = helm(&["lint", "--strict", &chart()], false).await?;
+    assert!(
+        out.success,
+        "helm lint failed:\n{}{}",
+        out.stdout, out.stderr
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_meet_the_restricted_profile_with_probes_and_resources() -> Result<()> {
+    let docs = render(&[]).await?;
+    for (kind, name) in [("Deployment", "-operator"), ("DaemonSet", "-agent")] {
+        let w = find(&docs, kind, name);
+        let pod = &w["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"],
+            Value::Bool(true),
+            "{kind}"
+        );
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{kind}"
+        );
+        for c in pod["containers"].as_sequence().expect("containers") {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["allowPrivilegeEscalation"], Value::Bool(false), "{kind}");
+            assert_eq!(sc["readOnlyRootFilesystem"], Value::Bool(true), "{kind}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{kind}");
+            assert!(
+                c["resources"]["requests"]["cpu"].is_string(),
+                "{kind} has no cpu request"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{kind} has no memory limit"
+            );
+            assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{kind}");
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{kind}");
+        }
+        for label in ["name", "instance", "version", "managed-by", "component"] {
+            let key = format!("app.kubernetes.io/{label}");
+            assert!(
+                w["spec"]["template"]["metadata"]["labels"][key.as_str()].is_string(),
+                "{kind} lacks {key}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<()> {
+    let docs = render(&[]).await?;
+    let pod = &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], Value::Bool(false));
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    let c = &pod["containers"][0];
+    assert_eq!(c["ports"][0]["hostPort"], Value::from(15000));
+    let env = c["env"].as_sequence().expect("env");
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(field("NODE_NAME"), "spec.nodeName");
+    assert_eq!(field("HOST_IP"), "status.hostIP");
+    let operator = env
+        .iter()
+        .find(|e| e["name"] == "TIDEPOOL_OPERATOR")
+        .expect("TIDEPOOL_OPERATOR");
+    assert_eq!(
+        operator["value"],
+        "http://tp-tidepool-operator.tidepool-system.svc:15010"
+    );
+
+    // Tolerations are configurable.
+    let docs = render(&["--set", "agent.tolerations=null"]).await?;
+    assert!(
+        find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["tolerations"].is_null()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
+    let docs = render(&[]).await?;
+    let rules = |d: &Value| -> Vec<String> {
+        d["rules"]
+            .as_sequence()
+            .expect("rules")
+            .iter()
+            .flat_map(|r| {
+                let groups: Vec<_> = r["apiGroups"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_str().unwrap().to_owned())
+                    .collect();
+                let resources: Vec<_> = r["resources"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_str().unwrap().to_owned())
+                    .collect();
+                let verbs: Vec<_> = r["verbs"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_str().unwrap().to_owned())
+                    .collect();
+                let mut out = Vec::new();
+                for g in &groups {
+                    for res in &resources {
+                        out.push(format!("{g}/{res}: {}", verbs.join(",")));
+                    }
+                }
+                out
+            })
+            .collect()
+    };
+    let mut cluster_rules = rules(find(&docs, "ClusterRole", "-operator"));
+    cluster_rules.sort();
+    assert_eq!(
+        cluster_rules,
+        [
+            "/nodes: list,watch",
+            "/services: list,watch",
+            "discovery.k8s.io/endpointslices: list,watch",
+            "events.k8s.io/events: create,patch",
+            "tidepool.dev/connectionpools/status: patch",
+            "tidepool.dev/connectionpools: get,list,watch",
+        ]
+    );
+    assert_eq!(
+        rules(find(&docs, "Role", "-operator-leader")),
+        ["coordination.k8s.io/leases: get,create,update"]
+    );
+    // No wildcard anywhere.
+    let all = serde_yaml::to_string(&docs)?;
+    assert!(
+        !all.contains("'*'") && !all.contains("\"*\""),
+        "a wildcard rule crept in"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_values_fail_naming_the_value() -> Result<()> {
+    let cases = [
+        (vec!["--set", "agent.proxyPort=70000"], "/agent/proxyPort"),
+        (vec!["--set", "agent.proxyPort=grpc"], "/agent/proxyPort"),
+        (vec!["--set", "operator.replicas=0"], "/operator/replicas"),
+        (
+            vec!["--set", "operator.logLevel=loud"],
+            "/operator/logLevel",
+        ),
+        (vec!["--set", "agent.hostPrt=true"], "hostPrt"),
+        (
+            vec!["--set", "operator.image.pullPolicy=Sometimes"],
+            "/operator/image/pullPolicy",
+        ),
+        (
+            vec!["--set", "operator.podDisruptionBudget.minAvailable=2"],
+            "operator.podDisruptionBudget.minAvailable",
+        ),
+    ];
+    for (args, named) in cases {
+        let chart = chart();
+        let mut all = vec!["template", "tp", chart.as_str()];
+        all.extend(args.iter().copied());
+        let out = helm(&all, false).await?;
+        assert!(!out.success, "{args:?} was accepted");
+        assert!(
+            out.stderr.contains(named),
+            "{args:?}: the error does not name {named}: {}",
+            out.stderr
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_is_accepted_by_a_real_api_server_and_meets_restricted_pod_security() -> Result<()>
+{
+    let ns = TestNamespace::new("helm").await?;
+    // PodSecurity admission evaluates workload templates in warn mode.
+    kubectl(&[
+        "label",
+        "namespace",
+        &ns.name,
+        "pod-security.kubernetes.io/warn=restricted",
+    ])
+    .await?
+    .ok()?;
+    let warnings = |extra: &'static [&'static str]| {
+        let ns = ns.name.clone();
+        async move {
+            let docs = render_in(&ns, extra).await?;
+            let rendered = docs
+                .iter()
+                .filter(|d| d["kind"] == "Deployment" || d["kind"] == "DaemonSet")
+                .map(serde_yaml::to_string)
+                .collect::<Result<Vec<_>, _>>()?
+                .join("---\n");
+            let dry = kubectl_stdin(
+                &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+                Some(&rendered),
+            )
+            .await?;
+            anyhow::ensure!(dry.success, "{}", dry.stderr);
+            Ok::<_, anyhow::Error>(
+                dry.stderr
+                    .lines()
+                    .filter(|l| l.contains("PodSecurity"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    // The agent's hostPort is the one thing outside the restricted (indeed
+    // the baseline) profile, by design: applications reach their node's
+    // agent on it. Without it, everything is restricted.
+    let default = warnings(&[]).await?;
+    assert_eq!(default.len(), 1, "{default:?}");
+    assert!(
+        default[0].contains("hostPort (container \"agent\" uses hostPort 15000)")
+            && !default[0].contains(", "),
+        "{default:?}"
+    );
+    let without = warnings(&["--set", "agent.hostPort=false"]).await?;
+    assert!(without.is_empty(), "{without:?}");
+
+    let chart = chart();
+    let out = helm(&["install", "tp", &chart, "--namespace", &ns.name], true).await?;
+    assert!(out.success, "helm install failed: {}", out.stderr);
+    assert!(
+        out.stdout.contains("kubectl get connectionpools"),
+        "NOTES.txt is missing:\n{}",
+        out.stdout
+    );
+    for obj in [
+        "crd/connectionpools.tidepool.dev",
+        "clusterrole/tp-tidepool-operator",
+        "clusterrolebinding/tp-tidepool-operator",
+    ] {
+        kubectl(&["get", obj])
+            .await?
+            .ok()
+            .with_context(|| format!("{obj} was not created"))?;
+    }
+    for obj in [
+        "deployment/tp-tidepool-operator",
+        "daemonset/tp-tidepool-agent",
+        "service/tp-tidepool-operator",
+        "serviceaccount/tp-tidepool-operator",
+        "serviceaccount/tp-tidepool-agent",
+        "role/tp-tidepool-operator-leader",
+        "rolebinding/tp-tidepool-operator-leader",
+        "poddisruptionbudget/tp-tidepool-operator",
+    ] {
+        kubectl(&["get", "-n", &ns.name, obj])
+            .await?
+            .ok()
+            .with_context(|| format!("{obj} was not created"))?;
+    }
+    // The CRD outlives an uninstall (resource-policy: keep).
+    let out = helm(&["uninstall", "tp", "--namespace", &ns.name], true).await?;
+    assert!(out.success, "helm uninstall failed: {}", out.stderr);
+    kubectl(&["get", "crd/connectionpools.tidepool.dev"])
+        .await?
+        .ok()
+        .context("uninstall removed the CRD")?;
+    Ok(())
+}
