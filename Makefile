@@ -73,3 +73,23 @@ demo: ## the main job on an embedded default (see README)
 .PHONY: bench
 bench: ## benchmarks; figures go to docs/benchmarks.md by hand
 	$(CARGO) bench -p tidepool-agent
+
+TAG ?= dev
+
+.PHONY: release
+release: ## statically linked release binaries (what the images copy)
+	scripts/release.sh
+
+.PHONY: release-check
+release-check: release ## build the release binaries and check they are static (file, ldd)
+	scripts/check-static.sh
+
+.PHONY: images
+images: ## container images tidepool-operator:$(TAG) and tidepool-agent:$(TAG) (needs a Docker engine)
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine" >&2; exit 1; }
+	docker build -f operator/Dockerfile -t tidepool-operator:$(TAG) .
+	docker build -f agent/Dockerfile -t tidepool-agent:$(TAG) .
+
+.PHONY: e2e-kind
+e2e-kind: ## the e2e suite and the chart on a kind cluster (needs Docker and kind)
+	scripts/e2e-kind.sh
