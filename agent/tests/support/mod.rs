@@ -91,6 +91,39 @@ pub struct BackendState {
     pub cancelled: AtomicUsize,
     /// Bytes of messages `ServerStream` has produced.
     pub produced: AtomicUsize,
+    /// Where `Unary` calls with `x-gate` wait.
+    pub gate: Arc<Gate>,
+}
+
+/// Holds `Unary` calls that carry `x-gate` until it opens, counting them:
+/// proof that they are all in flight at once. Backends may share one.
+#[derive(Debug)]
+pub struct Gate {
+    /// Calls waiting at the gate (or that passed it).
+    pub arrived: AtomicUsize,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            arrived: AtomicUsize::new(0),
+            open: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl Gate {
+    /// Lets every waiting and later call through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
 }
 
 /// A running test backend.
@@ -106,15 +139,16 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on a free loopback port.
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Backend::serve(name, listener).await
+        Backend::start_gated(name, Arc::default()).await
     }
 
-    /// Starts a backend on `listener`.
-    pub async fn serve(name: &str, listener: TcpListener) -> Backend {
+    /// Starts a backend whose gated calls wait at `gate`.
+    pub async fn start_gated(name: &str, gate: Arc<Gate>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(BackendState {
             name: name.to_owned(),
+            gate,
             ..Default::default()
         });
         let kill = CancellationToken::new();
@@ -299,6 +333,9 @@ impl UnaryService<Bytes> for Unary {
             };
             if let Some(ms) = number(request.metadata(), "x-sleep-ms") {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if request.metadata().contains_key("x-gate") {
+                state.gate.pass().await;
             }
             finish.done = true;
             if let Some(status) = failure(&state, request.metadata()) {
