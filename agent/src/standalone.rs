@@ -224,7 +224,14 @@ pub fn load(file: &Path) -> Result<Vec<PoolConfig>, Error> {
 
 /// Loads `file` and applies it.
 pub fn load_and_apply(file: &Path, runtime: &Runtime) -> Result<usize, Error> {
-    let pools = load(file)?;
+    let pools = match load(file) {
+        Ok(pools) => pools,
+        Err(error) => {
+            // Counted like a configuration the runtime refused.
+            runtime.metrics().applied(false, 0);
+            return Err(error);
+        }
+    };
     let count = pools.len();
     runtime.apply(pools).map_err(|source| Error::Apply {
         file: file.to_owned(),
