@@ -55,7 +55,10 @@ impl From<&ApplyError> for Rejection {
             | ApplyError::PortClash { pool, .. }
             | ApplyError::Bind { pool, .. } => pool.clone(),
         };
-        Self { error: e.to_string(), pools: vec![pool] }
+        Self {
+            error: e.to_string(),
+            pools: vec![pool],
+        }
     }
 }
 
@@ -65,7 +68,10 @@ impl Apply for Runtime {
     }
 
     fn report(&self) -> Vec<pb::PoolReport> {
-        Runtime::report(self).into_iter().map(report_to_pb).collect()
+        Runtime::report(self)
+            .into_iter()
+            .map(report_to_pb)
+            .collect()
     }
 }
 
@@ -118,7 +124,11 @@ pub struct ControlOptions {
 
 impl ControlOptions {
     /// Options with the defaults for `operator`, `node` and `pod`.
-    pub fn new(operator: impl Into<String>, node: impl Into<String>, pod: impl Into<String>) -> Self {
+    pub fn new(
+        operator: impl Into<String>,
+        node: impl Into<String>,
+        pod: impl Into<String>,
+    ) -> Self {
         Self {
             operator: operator.into(),
             node: node.into(),
@@ -136,7 +146,9 @@ impl ControlOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// The operator URL is not a URL.
-    #[error("the operator address {url:?} is not a valid URL such as http://tidepool-operator:15010: {source}")]
+    #[error(
+        "the operator address {url:?} is not a valid URL such as http://tidepool-operator:15010: {source}"
+    )]
     BadUrl {
         /// The URL as given.
         url: String,
@@ -174,14 +186,24 @@ pub struct ClientState {
 /// Applies one snapshot and says how to answer it. The spec of every pool
 /// is converted first; a pool the agent cannot read is refused like an
 /// invalid one, and nothing is applied.
-pub fn handle_snapshot<A: Apply>(applier: &A, state: &mut ClientState, snapshot: pb::Snapshot) -> pb::AgentMessage {
+pub fn handle_snapshot<A: Apply>(
+    applier: &A,
+    state: &mut ClientState,
+    snapshot: pb::Snapshot,
+) -> pb::AgentMessage {
     use pb::agent_message::Kind;
-    let pb::Snapshot { version, nonce, pools } = snapshot;
+    let pb::Snapshot {
+        version,
+        nonce,
+        pools,
+    } = snapshot;
     let configs: Result<Vec<PoolConfig>, ProtocolError> = pools
         .into_iter()
         .map(|p| {
             let key = p.key();
-            let spec = p.spec.ok_or_else(|| ProtocolError::MissingSpec { pool: key.clone() })?;
+            let spec = p
+                .spec
+                .ok_or_else(|| ProtocolError::MissingSpec { pool: key.clone() })?;
             Ok(PoolConfig {
                 spec: spec_from_pb(&key, spec)?,
                 namespace: p.namespace,
@@ -194,7 +216,10 @@ pub fn handle_snapshot<A: Apply>(applier: &A, state: &mut ClientState, snapshot:
         .collect();
     let result = match configs {
         Ok(configs) => applier.apply(configs),
-        Err(e) => Err(Rejection { error: e.to_string(), pools: vec![protocol_error_pool(&e)] }),
+        Err(e) => Err(Rejection {
+            error: e.to_string(),
+            pools: vec![protocol_error_pool(&e)],
+        }),
     };
     let kind = match result {
         Ok(()) => {
@@ -204,7 +229,12 @@ pub fn handle_snapshot<A: Apply>(applier: &A, state: &mut ClientState, snapshot:
         }
         Err(r) => {
             tracing::warn!(%version, error = %r.error, "snapshot refused; the last good configuration keeps running");
-            Kind::Nack(pb::Nack { version, nonce, error: r.error, pools: r.pools })
+            Kind::Nack(pb::Nack {
+                version,
+                nonce,
+                error: r.error,
+                pools: r.pools,
+            })
         }
     };
     pb::AgentMessage { kind: Some(kind) }
@@ -222,7 +252,9 @@ fn protocol_error_pool(e: &ProtocolError) -> String {
 /// The delay before redial number `failures` (1-based): `min` doubling up
 /// to `max`, with up to 50% random jitter subtracted so agents spread out.
 pub fn backoff_delay(min: Duration, max: Duration, failures: u32) -> Duration {
-    let base = min.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(max);
+    let base = min
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(max);
     let jitter = rand::random::<f64>() * 0.5;
     base.mul_f64(1.0 - jitter)
 }
@@ -274,7 +306,10 @@ pub async fn session<A: Apply>(
     use pb::agent_message::Kind;
     let url = options.operator.clone();
     let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|source| ControlError::BadUrl { url: url.clone(), source })?
+        .map_err(|source| ControlError::BadUrl {
+            url: url.clone(),
+            source,
+        })?
         .connect_timeout(options.connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -331,7 +366,11 @@ pub async fn session<A: Apply>(
                 Some((last, at)) => *last != report || at.elapsed() >= options.report_interval,
             };
             if due {
-                let message = pb::AgentMessage { kind: Some(Kind::Report(pb::Report { pools: report.clone() })) };
+                let message = pb::AgentMessage {
+                    kind: Some(Kind::Report(pb::Report {
+                        pools: report.clone(),
+                    })),
+                };
                 if tx.send(message).await.is_err() {
                     return Err(ControlError::Closed);
                 }
@@ -390,7 +429,10 @@ mod tests {
         let answer = handle_snapshot(&fake, &mut state, snapshot("v1"));
         assert_eq!(
             answer.kind,
-            Some(pb::agent_message::Kind::Ack(pb::Ack { version: "v1".into(), nonce: "n1".into() }))
+            Some(pb::agent_message::Kind::Ack(pb::Ack {
+                version: "v1".into(),
+                nonce: "n1".into()
+            }))
         );
         assert_eq!(state.version, "v1");
         let applied = fake.applied.lock().unwrap();
@@ -402,12 +444,19 @@ mod tests {
     #[test]
     fn a_refused_snapshot_is_nacked_and_the_running_version_stays() {
         let fake = Fake {
-            refuse: Some(Rejection { error: "pool ns/p: spec.size: 0 must be at least 1".into(), pools: vec!["ns/p".into()] }),
+            refuse: Some(Rejection {
+                error: "pool ns/p: spec.size: 0 must be at least 1".into(),
+                pools: vec!["ns/p".into()],
+            }),
             ..Fake::default()
         };
-        let mut state = ClientState { version: "v0".into() };
+        let mut state = ClientState {
+            version: "v0".into(),
+        };
         let answer = handle_snapshot(&fake, &mut state, snapshot("v1"));
-        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else { panic!("{answer:?}") };
+        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else {
+            panic!("{answer:?}")
+        };
         assert_eq!((nack.version.as_str(), nack.nonce.as_str()), ("v1", "n1"));
         assert!(nack.error.contains("spec.size"));
         assert_eq!(nack.pools, ["ns/p"]);
@@ -421,8 +470,14 @@ mod tests {
         s.pools[0].spec.as_mut().unwrap().target = None;
         let mut state = ClientState::default();
         let answer = handle_snapshot(&fake, &mut state, s);
-        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else { panic!("{answer:?}") };
-        assert!(nack.error.contains("ns/p") && nack.error.contains("spec.target"), "{}", nack.error);
+        let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else {
+            panic!("{answer:?}")
+        };
+        assert!(
+            nack.error.contains("ns/p") && nack.error.contains("spec.target"),
+            "{}",
+            nack.error
+        );
         assert!(fake.applied.lock().unwrap().is_empty());
     }
 

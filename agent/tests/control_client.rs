@@ -27,21 +27,33 @@ use tonic::{Request, Response, Status, Streaming};
 /// lets it send snapshots.
 #[derive(Clone)]
 struct FakeOperator {
-    sessions: mpsc::Sender<(Streaming<pb::AgentMessage>, mpsc::Sender<Result<pb::OperatorMessage, Status>>)>,
+    sessions: mpsc::Sender<(
+        Streaming<pb::AgentMessage>,
+        mpsc::Sender<Result<pb::OperatorMessage, Status>>,
+    )>,
 }
 
 #[tonic::async_trait]
 impl Control for FakeOperator {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::OperatorMessage, Status>> + Send>>;
 
-    async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let (tx, rx) = mpsc::channel(8);
-        self.sessions.send((request.into_inner(), tx)).await.map_err(|_| Status::unavailable("test over"))?;
+        self.sessions
+            .send((request.into_inner(), tx))
+            .await
+            .map_err(|_| Status::unavailable("test over"))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-type Sessions = mpsc::Receiver<(Streaming<pb::AgentMessage>, mpsc::Sender<Result<pb::OperatorMessage, Status>>)>;
+type Sessions = mpsc::Receiver<(
+    Streaming<pb::AgentMessage>,
+    mpsc::Sender<Result<pb::OperatorMessage, Status>>,
+)>;
 
 async fn start_operator(addr: SocketAddr) -> (Sessions, CancellationToken, SocketAddr) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -52,7 +64,9 @@ async fn start_operator(addr: SocketAddr) -> (Sessions, CancellationToken, Socke
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ControlServer::new(FakeOperator { sessions: tx }))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { s.cancelled().await }),
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                s.cancelled().await
+            }),
     );
     (rx, stop, addr)
 }
@@ -78,8 +92,10 @@ async fn next_answer(inbound: &mut Streaming<pb::AgentMessage>) -> Kind {
 }
 
 fn snapshot(version: &str, size: i32, backend: &str) -> pb::OperatorMessage {
-    let spec: tidepool_crds::ConnectionPoolSpec =
-        serde_yaml::from_str(&format!("target: {{service: {{name: api, port: 50051}}}}\nsize: {size}")).unwrap();
+    let spec: tidepool_crds::ConnectionPoolSpec = serde_yaml::from_str(&format!(
+        "target: {{service: {{name: api, port: 50051}}}}\nsize: {size}"
+    ))
+    .unwrap();
     pb::OperatorMessage {
         kind: Some(pb::operator_message::Kind::Snapshot(pb::Snapshot {
             version: version.into(),
@@ -121,12 +137,29 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
 
     // Hello first, with no version yet.
     let (mut inbound, tx) = sessions.recv().await.unwrap();
-    let Kind::Hello(hello) = next(&mut inbound).await else { panic!("the first message must be a Hello") };
-    assert_eq!((hello.node.as_str(), hello.pod.as_str(), hello.version.as_str()), ("node-a", "agent-a", ""));
+    let Kind::Hello(hello) = next(&mut inbound).await else {
+        panic!("the first message must be a Hello")
+    };
+    assert_eq!(
+        (
+            hello.node.as_str(),
+            hello.pod.as_str(),
+            hello.version.as_str()
+        ),
+        ("node-a", "agent-a", "")
+    );
 
     // A good snapshot: applied and acked.
-    tx.send(Ok(snapshot("v1", 3, "127.0.0.2:50051"))).await.unwrap();
-    assert_eq!(next_answer(&mut inbound).await, Kind::Ack(pb::Ack { version: "v1".into(), nonce: "nonce-v1".into() }));
+    tx.send(Ok(snapshot("v1", 3, "127.0.0.2:50051")))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_answer(&mut inbound).await,
+        Kind::Ack(pb::Ack {
+            version: "v1".into(),
+            nonce: "nonce-v1".into()
+        })
+    );
     assert_eq!(runtime.table().pools["shop/api"].settings.size, 3);
 
     // A report follows the apply, with the pool and its declared address.
@@ -137,18 +170,28 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
             break r;
         }
     };
-    assert_eq!((report.pools[0].uid.as_str(), report.pools[0].generation), ("uid-1", 3));
+    assert_eq!(
+        (report.pools[0].uid.as_str(), report.pools[0].generation),
+        ("uid-1", 3)
+    );
     assert_eq!(report.pools[0].addresses[0].address, "127.0.0.2:50051");
 
     // An invalid one (size 0): nacked naming the field; nothing changed.
-    tx.send(Ok(snapshot("v2", 0, "127.0.0.3:50051"))).await.unwrap();
-    let Kind::Nack(nack) = next_answer(&mut inbound).await else { panic!("an invalid snapshot must be nacked") };
+    tx.send(Ok(snapshot("v2", 0, "127.0.0.3:50051")))
+        .await
+        .unwrap();
+    let Kind::Nack(nack) = next_answer(&mut inbound).await else {
+        panic!("an invalid snapshot must be nacked")
+    };
     assert_eq!(nack.version, "v2");
     assert!(nack.error.contains("spec.size"), "{}", nack.error);
     assert_eq!(nack.pools, ["shop/api"]);
     let table = runtime.table();
     assert_eq!(table.pools["shop/api"].settings.size, 3);
-    assert_eq!(table.pools["shop/api"].config.addresses, ["127.0.0.2:50051"]);
+    assert_eq!(
+        table.pools["shop/api"].config.addresses,
+        ["127.0.0.2:50051"]
+    );
 
     // The operator goes away: the agent keeps its pool and redials; when
     // the operator is back, the Hello says it runs v1.
@@ -157,8 +200,13 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(runtime.table().pools.contains_key("shop/api"));
     let (mut sessions, operator_stop, _) = start_operator(addr).await;
-    let (mut inbound, _tx) = tokio::time::timeout(Duration::from_secs(5), sessions.recv()).await.unwrap().unwrap();
-    let Kind::Hello(hello) = next(&mut inbound).await else { panic!("the first message must be a Hello") };
+    let (mut inbound, _tx) = tokio::time::timeout(Duration::from_secs(5), sessions.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Kind::Hello(hello) = next(&mut inbound).await else {
+        panic!("the first message must be a Hello")
+    };
     assert_eq!(hello.version, "v1");
 
     stop.cancel();
@@ -169,9 +217,27 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
 #[test]
 fn operator_mode_needs_a_node_name() {
     let parse = |args: &[&str]| Config::from_args(Args::try_parse_from(args).unwrap());
-    let err = parse(&["tidepool-agent", "--operator", "http://op:15010"]).unwrap_err().to_string();
+    let err = parse(&["tidepool-agent", "--operator", "http://op:15010"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("NODE_NAME"), "{err}");
-    let config = parse(&["tidepool-agent", "--operator", "http://op:15010", "--node-name", "n1"]).unwrap();
-    assert_eq!(config.mode, Mode::Operator { url: "http://op:15010".into(), node: "n1".into(), pod: String::new() });
-    assert!(Args::try_parse_from(["tidepool-agent", "--operator", "u", "--standalone", "f"]).is_err());
+    let config = parse(&[
+        "tidepool-agent",
+        "--operator",
+        "http://op:15010",
+        "--node-name",
+        "n1",
+    ])
+    .unwrap();
+    assert_eq!(
+        config.mode,
+        Mode::Operator {
+            url: "http://op:15010".into(),
+            node: "n1".into(),
+            pod: String::new()
+        }
+    );
+    assert!(
+        Args::try_parse_from(["tidepool-agent", "--operator", "u", "--standalone", "f"]).is_err()
+    );
 }

@@ -102,6 +102,21 @@ where
     reader
 }
 
+/// Waits until a store has its first full list.
+///
+/// Polled with a timeout: a store's readiness wakes only its last waiter
+/// (kube-runtime keeps one waker), and the controller waits on the pools
+/// store too.
+async fn listed<K: kube::runtime::reflector::Lookup + Clone + 'static>(store: &Store<K>)
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
+}
+
 /// Runs the operator until `stop` is cancelled (or leadership is lost).
 pub async fn run(
     config: Config,
@@ -233,6 +248,7 @@ pub async fn run(
         services: services.clone(),
         slices: slices_reader.clone(),
         metrics: metrics.clone(),
+        address_map: config.address_map.clone(),
         failures: Mutex::default(),
     });
     let by_slice = {
@@ -284,10 +300,10 @@ pub async fn run(
         let stop = stop.clone();
         tokio::spawn(async move {
             let ready = async {
-                let _ = pools.wait_until_ready().await;
-                let _ = nodes.wait_until_ready().await;
-                let _ = services.wait_until_ready().await;
-                let _ = slices.wait_until_ready().await;
+                listed(&pools).await;
+                listed(&nodes).await;
+                listed(&services).await;
+                listed(&slices).await;
                 let keys: Vec<String> = pools
                     .state()
                     .iter()

@@ -7,6 +7,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use tidepool_crds::validate::parse_duration;
 
+use crate::resolve::AddressMap;
+
 /// The command line of `tidepool-operator`.
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +70,13 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_IDENTITY")]
     pub identity: Option<String>,
 
+    /// Rewrite endpoint IPv4 addresses from one network to another, such as
+    /// `192.0.2.0/24=127.0.0.0/24` (comma-separated rules). Only for local
+    /// control planes, whose API server refuses loopback endpoints while
+    /// local backends listen on loopback (`make demo`, the e2e tests).
+    #[arg(long, env = "TIDEPOOL_ENDPOINT_ADDRESS_MAP", default_value = "")]
+    pub endpoint_address_map: AddressMap,
+
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -114,6 +123,8 @@ pub struct Config {
     pub push_concurrency: usize,
     /// Leader election, unless turned off.
     pub leader: Option<LeaderConfig>,
+    /// Endpoint address rewrites.
+    pub address_map: AddressMap,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -153,6 +164,7 @@ impl Config {
             push_debounce: args.push_debounce,
             push_concurrency: args.push_concurrency,
             leader,
+            address_map: args.endpoint_address_map,
             log_format: args.log_format,
         })
     }

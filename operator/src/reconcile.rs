@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::desired::{Desired, Entry};
 use crate::metrics::{Metrics, ResultLabel};
-use crate::resolve::{SERVICE_NAME_LABEL, resolve_service, static_addresses};
+use crate::resolve::{AddressMap, SERVICE_NAME_LABEL, resolve_service, static_addresses};
 
 /// Why a reconcile failed (and is retried).
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,8 @@ pub struct Context {
     pub slices: Store<EndpointSlice>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Endpoint address rewrites (local control planes only).
+    pub address_map: AddressMap,
     /// Consecutive unresolved reconciles per pool, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
 }
@@ -93,7 +95,13 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
                 s.metadata.namespace.as_deref() == Some(namespace.as_str())
                     && s.labels().get(SERVICE_NAME_LABEL) == Some(&target.name)
             });
-            resolve_service(&namespace, target, service.as_deref(), ours)
+            resolve_service(
+                &ctx.address_map,
+                &namespace,
+                target,
+                service.as_deref(),
+                ours,
+            )
         }
         None => Ok(static_addresses(spec)),
     };
@@ -206,6 +214,7 @@ mod tests {
             services: services_reader,
             slices: slices_reader,
             metrics: Metrics::new(&mut Registry::default()),
+            address_map: AddressMap::default(),
             failures: Mutex::default(),
         })
     }

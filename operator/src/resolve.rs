@@ -7,6 +7,7 @@
 //! hold, so the rules are tested without an API server.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -65,6 +66,68 @@ impl ResolveError {
     }
 }
 
+/// A rewrite of endpoint IPv4 addresses from one network to another of the
+/// same size (`192.0.2.0/24=127.0.0.0/24`), applied as endpoints are
+/// resolved.
+///
+/// For local control planes only (`make demo`, the e2e tests): the API
+/// server refuses loopback addresses in EndpointSlices, while local
+/// backends listen on loopback. The tests publish them under the
+/// documentation range 192.0.2.0/24 (RFC 5737, never routed) and the
+/// operator maps them back. Empty, the default, changes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddressMap(Vec<(Ipv4Addr, u8, Ipv4Addr)>);
+
+impl std::str::FromStr for AddressMap {
+    type Err = String;
+
+    /// Parses `FROM/N=TO/N[,FROM/N=TO/N…]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut rules = Vec::new();
+        for rule in s.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            let bad = || {
+                format!(
+                    "{rule:?} is not a rule such as 192.0.2.0/24=127.0.0.0/24 (two IPv4 networks of one size)"
+                )
+            };
+            let (from, to) = rule.split_once('=').ok_or_else(bad)?;
+            let net = |n: &str| -> Option<(Ipv4Addr, u8)> {
+                let (ip, bits) = n.split_once('/')?;
+                let bits: u8 = bits.parse().ok().filter(|b| *b <= 32)?;
+                Some((ip.parse().ok()?, bits))
+            };
+            let ((from, bits), (to, to_bits)) =
+                (net(from).ok_or_else(bad)?, net(to).ok_or_else(bad)?);
+            if bits != to_bits {
+                return Err(bad());
+            }
+            rules.push((from, bits, to));
+        }
+        Ok(Self(rules))
+    }
+}
+
+impl AddressMap {
+    /// `ip` rewritten by the first rule whose network holds it.
+    pub fn map(&self, ip: &str) -> String {
+        let Ok(addr) = ip.parse::<Ipv4Addr>() else {
+            return ip.to_string();
+        };
+        for (from, bits, to) in &self.0 {
+            let mask = if *bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(*bits))
+            };
+            if u32::from(addr) & mask == u32::from(*from) & mask {
+                return Ipv4Addr::from((u32::from(*to) & mask) | (u32::from(addr) & !mask))
+                    .to_string();
+            }
+        }
+        ip.to_string()
+    }
+}
+
 fn port_text(port: &IntOrString) -> String {
     match port {
         IntOrString::Int(n) => n.to_string(),
@@ -99,9 +162,11 @@ pub fn static_addresses(spec: &ConnectionPoolSpec) -> Vec<String> {
 }
 
 /// The ready endpoints of `target` in `namespace`, as sorted `host:port`
-/// strings. `service` is the Service if it exists; `slices` are the
-/// EndpointSlices of that Service (others are skipped).
+/// strings, IPv4 addresses rewritten by `map`. `service` is the Service if
+/// it exists; `slices` are the EndpointSlices of that Service (others are
+/// skipped).
 pub fn resolve_service<'a>(
+    map: &AddressMap,
     namespace: &str,
     target: &ServiceTarget,
     service: Option<&Service>,
@@ -183,7 +248,7 @@ pub fn resolve_service<'a>(
                 if ipv6 {
                     addresses.insert(format!("[{host}]:{number}"));
                 } else {
-                    addresses.insert(format!("{host}:{number}"));
+                    addresses.insert(format!("{}:{number}", map.map(host)));
                 }
             }
         }
@@ -266,6 +331,7 @@ mod tests {
             ),
         ];
         let got = resolve_service(
+            &AddressMap::default(),
             "shop",
             &target(IntOrString::String("grpc".into())),
             Some(&svc),
@@ -275,6 +341,7 @@ mod tests {
         assert_eq!(got, ["127.0.0.2:9000", "127.0.0.4:9000", "[fd00::7]:9000"]);
         // The same port by number.
         let got = resolve_service(
+            &AddressMap::default(),
             "shop",
             &target(IntOrString::Int(50051)),
             Some(&svc),
@@ -295,6 +362,7 @@ mod tests {
             serde_json::json!([{"addresses": ["127.0.0.2"]}]),
         )];
         let got = resolve_service(
+            &AddressMap::default(),
             "shop",
             &target(IntOrString::Int(50051)),
             Some(&svc),
@@ -307,12 +375,12 @@ mod tests {
     #[test]
     fn failures_say_what_is_missing() {
         let t = target(IntOrString::String("grpc".into()));
-        let err = resolve_service("shop", &t, None, []).unwrap_err();
+        let err = resolve_service(&AddressMap::default(), "shop", &t, None, []).unwrap_err();
         assert_eq!(err.reason(), "ServiceNotFound");
         assert_eq!(err.to_string(), "service shop/api does not exist");
 
         let svc = service(serde_json::json!([{"name": "http", "port": 80}, {"port": 81}]));
-        let err = resolve_service("shop", &t, Some(&svc), []).unwrap_err();
+        let err = resolve_service(&AddressMap::default(), "shop", &t, Some(&svc), []).unwrap_err();
         assert_eq!(err.reason(), "PortNotFound");
         assert_eq!(
             err.to_string(),
@@ -327,9 +395,52 @@ mod tests {
             serde_json::json!([{"name": "grpc", "port": 80}]),
             serde_json::json!([{"addresses": ["127.0.0.2"], "conditions": {"ready": false}}]),
         )];
-        let err = resolve_service("shop", &t, Some(&svc), &not_ready).unwrap_err();
+        let err = resolve_service(&AddressMap::default(), "shop", &t, Some(&svc), &not_ready)
+            .unwrap_err();
         assert_eq!(err.reason(), "NoReadyEndpoints");
         assert!(err.to_string().contains("no ready endpoints"), "{err}");
+    }
+
+    #[test]
+    fn the_address_map_moves_hosts_between_networks() {
+        let m: AddressMap = "192.0.2.0/24=127.0.0.0/24, 198.51.100.0/30=10.9.9.4/30"
+            .parse()
+            .unwrap();
+        assert_eq!(m.map("192.0.2.7"), "127.0.0.7");
+        assert_eq!(m.map("198.51.100.2"), "10.9.9.6");
+        assert_eq!(m.map("198.51.100.9"), "198.51.100.9");
+        assert_eq!(m.map("fd00::1"), "fd00::1");
+        assert_eq!(AddressMap::default().map("192.0.2.7"), "192.0.2.7");
+        for bad in [
+            "192.0.2.0/24",
+            "192.0.2.0/24=127.0.0.0/16",
+            "x/24=127.0.0.0/24",
+            "192.0.2.0/33=127.0.0.0/33",
+        ] {
+            assert!(
+                bad.parse::<AddressMap>()
+                    .unwrap_err()
+                    .contains("192.0.2.0/24=127.0.0.0/24"),
+                "{bad}"
+            );
+        }
+        let svc = service(serde_json::json!([{"name": "grpc", "port": 1}]));
+        let slices = [slice(
+            "a",
+            "api",
+            "IPv4",
+            serde_json::json!([{"name": "grpc", "port": 9000}]),
+            serde_json::json!([{"addresses": ["192.0.2.3"]}]),
+        )];
+        let got = resolve_service(
+            &m,
+            "shop",
+            &target(IntOrString::Int(1)),
+            Some(&svc),
+            &slices,
+        )
+        .unwrap();
+        assert_eq!(got, ["127.0.0.3:9000"]);
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! and etcd by default), the real kubectl, and a namespace per test.
 
 pub mod cluster;
+pub mod grpc;
 pub mod kubectl;
 pub mod namespace;
+pub mod objects;
+pub mod procs;
 
 pub use cluster::{Cluster, cluster, repo_root};
 pub use kubectl::{Output, kubectl, kubectl_stdin};

@@ -1,0 +1,126 @@
+//! `tidepool-demo`: the demo's gRPC backend and load client.
+//!
+//! - `backend --listen ADDR`: the gRPC health service, naming itself in an
+//!   `x-backend` response header.
+//! - `load --agent ADDR --authority NAME`: unary calls through an agent at a
+//!   steady rate plus long-lived watch streams, printing which backends
+//!   answered.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tidepool_e2e::grpc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidepool-demo",
+    about = "the tidepool demo's backend and load client"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the gRPC health service.
+    Backend {
+        /// Where to listen.
+        #[arg(long, env = "TIDEPOOL_DEMO_LISTEN")]
+        listen: SocketAddr,
+    },
+    /// Send calls through an agent.
+    Load {
+        /// The agent's proxy listener.
+        #[arg(long, env = "TIDEPOOL_DEMO_AGENT", default_value = "127.0.0.1:15000")]
+        agent: SocketAddr,
+        /// The authority the calls carry (the pool's Service name).
+        #[arg(
+            long,
+            env = "TIDEPOOL_DEMO_AUTHORITY",
+            default_value = "payments-grpc.shop"
+        )]
+        authority: String,
+        /// Concurrent unary callers.
+        #[arg(long, env = "TIDEPOOL_DEMO_CALLERS", default_value_t = 4)]
+        callers: usize,
+        /// Long-lived watch streams kept open.
+        #[arg(long, env = "TIDEPOOL_DEMO_WATCHERS", default_value_t = 6)]
+        watchers: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let stop = CancellationToken::new();
+    match args.command {
+        Cmd::Backend { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("backend serving on {listen}");
+            grpc::serve_backend(listener, Duration::from_secs(1), stop.clone());
+            tokio::signal::ctrl_c().await?;
+            stop.cancel();
+        }
+        Cmd::Load {
+            agent,
+            authority,
+            callers,
+            watchers,
+        } => {
+            let channel = grpc::channel(agent, &authority)?;
+            let streaming = grpc::streaming_channel(agent, &authority)?;
+            for _ in 0..watchers {
+                let streaming = streaming.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if let Ok(mut s) = grpc::watch(&streaming).await {
+                            while let Ok(Some(_)) = s.message().await {}
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+            }
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, String>>(1024);
+            for _ in 0..callers {
+                let channel = channel.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let r = grpc::check(&channel).await.map_err(|e| e.to_string());
+                        if tx.send(r).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            let (mut ok, mut failed, mut by_backend, mut last_error) =
+                (0u64, 0u64, BTreeMap::new(), None);
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    r = rx.recv() => match r {
+                        Some(Ok(b)) => { ok += 1; *by_backend.entry(b).or_insert(0u64) += 1; }
+                        Some(Err(e)) => { failed += 1; last_error = Some(e); }
+                        None => return Ok(()),
+                    },
+                    _ = tick.tick() => {
+                        let spread: Vec<String> = by_backend.iter().map(|(b, n)| format!("{b}={n}")).collect();
+                        println!("load: {ok} ok, {failed} failed in 5s via {agent} ({}){}", spread.join(" "),
+                            last_error.take().map(|e| format!("; last error: {e}")).unwrap_or_default());
+                        (ok, failed) = (0, 0);
+                        by_backend.clear();
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! The operator and agents as real processes, as they run in a cluster:
+//! built once per test process, started on free loopback ports, logging to
+//! files that a failing test prints, killed when dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, Command};
+use tokio::sync::OnceCell;
+
+use crate::{cluster, repo_root};
+
+static BINS: OnceCell<PathBuf> = OnceCell::const_new();
+
+/// The directory holding `tidepool-operator` and `tidepool-agent`, built
+/// (once per process) in the profile the tests run in.
+pub async fn bin_dir() -> Result<PathBuf> {
+    BINS.get_or_try_init(|| async {
+        // target/<profile>/deps/<test binary> → target/<profile>
+        let exe = std::env::current_exe()?;
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .context("the test binary has no target directory")?
+            .to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root()).args([
+            "build",
+            "-q",
+            "-p",
+            "tidepool-operator",
+            "-p",
+            "tidepool-agent",
+            "--bins",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = tokio::time::timeout(Duration::from_secs(900), cmd.output())
+            .await
+            .context("building the operator and agent took over 15 minutes")??;
+        if !out.status.success() {
+            bail!(
+                "building the operator and agent failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(dir)
+    })
+    .await
+    .cloned()
+}
+
+/// A free TCP port on `ip` (bound, then released).
+pub fn free_port(ip: &str) -> Result<u16> {
+    Ok(TcpListener::bind(format!("{ip}:0"))?.local_addr()?.port())
+}
+
+/// A child process whose output goes to a log file.
+pub struct Proc {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proc")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proc {
+    /// Starts `program` with `args`.
+    pub fn spawn(
+        name: &str,
+        program: PathBuf,
+        args: Vec<String>,
+        envs: Vec<(String, String)>,
+    ) -> Result<Self> {
+        let dir = std::sync::Arc::new(tempfile::tempdir()?);
+        let log = dir.path().join(format!("{name}.log"));
+        let mut p = Self {
+            name: name.into(),
+            program,
+            args,
+            envs,
+            child: None,
+            log,
+            _dir: dir,
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env(
+                "TIDEPOOL_LOG",
+                std::env::var("TIDEPOOL_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} ({}) failed", self.name, self.program.display())
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to 10 s, then kills it.
+    pub async fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .await;
+            }
+            if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+
+    /// Starts the process again with the same arguments.
+    pub fn restart(&mut self) -> Result<()> {
+        self.start()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Its pid, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A GET on a local HTTP/1 server: (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        anyhow::Ok((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .with_context(|| format!("GET http://{addr}{path} timed out"))?
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what} did not happen within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The operator's `--endpoint-address-map` in tests and the demo.
+pub const LOOPBACK_MAP: &str = "192.0.2.0/24=127.0.0.0/24";
+
+/// The address an EndpointSlice publishes for a backend on loopback
+/// `127.0.0.x` ([`LOOPBACK_MAP`] maps it back).
+pub fn published(loopback_ip: &str) -> String {
+    loopback_ip.replacen("127.0.0.", "192.0.2.", 1)
+}
+
+/// How a test's operator runs.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// The namespace it watches and keeps its Lease in.
+    pub namespace: String,
+    /// The label selector of its nodes.
+    pub node_selector: String,
+    /// The least time between status writes of a pool.
+    pub status_interval: String,
+}
+
+/// A running operator process.
+#[derive(Debug)]
+pub struct Operator {
+    /// The process.
+    pub proc: Proc,
+    /// Its control service.
+    pub control: SocketAddr,
+    /// Its admin server.
+    pub admin: SocketAddr,
+}
+
+impl Operator {
+    /// Starts an operator and waits until it is ready (leads, knows every pool).
+    pub async fn start(options: &OperatorOptions) -> Result<Self> {
+        let bin = bin_dir().await?.join("tidepool-operator");
+        let control: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let kubeconfig = cluster()?.kubeconfig().display().to_string();
+        let args = vec![
+            format!("--control-listen={control}"),
+            format!("--admin-listen={admin}"),
+            format!("--watch-namespace={}", options.namespace),
+            format!("--node-selector={}", options.node_selector),
+            format!("--lease-namespace={}", options.namespace),
+            format!("--identity=operator-{}", options.namespace),
+            "--lease-duration=3s".into(),
+            format!("--status-interval={}", options.status_interval),
+            // EndpointSlices cannot hold loopback addresses: tests publish
+            // backends on 127.0.0.x as 192.0.2.x (RFC 5737).
+            format!("--endpoint-address-map={LOOPBACK_MAP}"),
+        ];
+        let proc = Proc::spawn(
+            "operator",
+            bin,
+            args,
+            vec![("KUBECONFIG".into(), kubeconfig)],
+        )?;
+        let op = Self {
+            proc,
+            control,
+            admin,
+        };
+        op.wait_ready().await?;
+        Ok(op)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) -> Result<()> {
+        eventually(
+            Duration::from_secs(30),
+            "the operator becoming ready",
+            || async {
+                matches!(http_get(self.admin, "/readyz").await, Ok((200, _))).then_some(())
+            },
+        )
+        .await
+        .with_context(|| format!("operator log:\n{}", self.proc.log()))
+    }
+
+    /// The control URL agents dial.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.control)
+    }
+
+    /// The value of a metric line starting with `name` (first match).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let (_, body) = http_get(self.admin, "/metrics").await?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no metric {name} in:\n{body}"))
+    }
+}
+
+/// A running agent process.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Its node.
+    pub node: String,
+    /// Its shared proxy listener.
+    pub proxy: SocketAddr,
+    /// Its admin server.
+    pub admin: SocketAddr,
+}
+
+impl Agent {
+    /// Starts an agent for `node` dialing `operator`.
+    pub async fn start(operator: &str, node: &str) -> Result<Self> {
+        let bin = bin_dir().await?.join("tidepool-agent");
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let args = vec![
+            format!("--operator={operator}"),
+            format!("--node-name={node}"),
+            format!("--pod-name=agent-{node}"),
+            format!("--listen={proxy}"),
+            format!("--admin-listen={admin}"),
+            "--drain-timeout=2s".into(),
+        ];
+        let proc = Proc::spawn(&format!("agent-{node}"), bin, args, vec![])?;
+        Ok(Self {
+            proc,
+            node: node.into(),
+            proxy,
+            admin,
+        })
+    }
+
+    /// The agent's `/pools`, parsed (empty when it cannot be read).
+    pub async fn pools(&self) -> Vec<serde_json::Value> {
+        match http_get(self.admin, "/pools").await {
+            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Array(a)) => a,
+                Ok(serde_json::Value::Object(o)) => o
+                    .get("pools")
+                    .and_then(|p| p.as_array())
+                    .cloned()
+                    .unwrap_or_default(),
+                _ => vec![],
+            },
+            _ => vec![],
+        }
+    }
+
+    /// The pool `namespace/name` as `/pools` shows it.
+    pub async fn pool(&self, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        self.pools()
+            .await
+            .into_iter()
+            .find(|p| p["namespace"] == namespace && p["name"] == name)
+    }
+}
