@@ -204,13 +204,15 @@ impl<C: Connector> Pool<C> {
                     continue;
                 }
                 let now = Instant::now();
-                if !state.has_waiters() {
-                    if let Some(grant) = state.take(now, &address.metrics, &mut fx) {
-                        state.publish(&address.metrics);
-                        drop(state);
-                        fx.run(&address);
-                        return Ok(Lease::new(address, grant));
-                    }
+                // Queued callers come first (FIFO): a newcomer takes a
+                // stream directly only when nobody waits.
+                if !state.has_waiters()
+                    && let Some(grant) = state.take(now, &address.metrics, &mut fx)
+                {
+                    state.publish(&address.metrics);
+                    drop(state);
+                    fx.run(&address);
+                    return Ok(Lease::new(address, grant));
                 }
                 let settings = *state.settings();
                 let miss = state.miss(&mut fx);
