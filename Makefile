@@ -68,7 +68,7 @@ cluster-down: ## stop the local control plane and remove its files
 
 .PHONY: demo
 demo: ## the main job on an embedded default (see README)
-	@echo "make demo needs the operator (issue 5), which is not built yet; today: make cluster-up, then kubectl apply -f examples/connectionpool.yaml" >&2; exit 1
+	@scripts/demo.sh
 
 .PHONY: bench
 bench: ## benchmarks; figures go to docs/benchmarks.md by hand
