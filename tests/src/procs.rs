@@ -333,11 +333,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts an agent for `node` dialing `operator`.
-    pub async fn start(operator: &str, node: &str) -> Result<Self> {
+    /// Starts an agent for `node` dialing `operator`, listening on loopback
+    /// address `ip` (its own, as a node's IP is: dedicated pool ports of
+    /// different agents do not clash).
+    pub async fn start(operator: &str, node: &str, ip: &str) -> Result<Self> {
         let bin = bin_dir().await?.join("tidepool-agent");
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
+        let proxy: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
+        let admin: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
         let args = vec![
             format!("--operator={operator}"),
             format!("--node-name={node}"),

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use kube::api::Api;
 use tidepool_crds::ConnectionPool;
 use tidepool_e2e::grpc::{self, Backend};
@@ -19,6 +19,8 @@ use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin};
 /// A test's world: namespace, nodes, backends, Service, operator, agents.
 struct World {
     ns: String,
+    /// Agent n listens on 127.0.<block>.n.
+    block: u8,
     client: kube::Client,
     operator: Operator,
     agents: Vec<Agent>,
@@ -69,12 +71,27 @@ impl World {
             status_interval: "1s".into(),
         })
         .await?;
+        // Each test's agents get their own loopback block, as nodes have
+        // their own IPs.
+        let block = 10
+            + (ns
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+                % 200) as u8;
         let mut agents = Vec::new();
         for n in 1..=3 {
-            agents.push(Agent::start(&operator.url(), &format!("{ns}-n{n}")).await?);
+            agents.push(
+                Agent::start(
+                    &operator.url(),
+                    &format!("{ns}-n{n}"),
+                    &format!("127.0.{block}.{n}"),
+                )
+                .await?,
+            );
         }
         Ok(Self {
             ns,
+            block,
             client,
             operator,
             agents,
@@ -252,5 +269,373 @@ async fn apply_reaches_every_agent_carries_traffic_and_status_shows_occupancy() 
         .await?
         .ok()?;
     assert!(out.contains("api:grpc") && out.contains("True"), "{out}");
+    Ok(())
+}
+
+/// The backends a pool entry in an agent's `/pools` lists.
+fn addresses_of(p: &serde_json::Value) -> BTreeSet<String> {
+    p["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["address"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test]
+async fn live_changes_keep_in_flight_streams_and_agents_follow_endpoints() -> Result<()> {
+    let mut w = World::new("op-change", 2).await?;
+    w.apply_pool("  size: 2\n  maxStreams: 10\n").await?;
+    w.agents_have(Duration::from_secs(10), "has the pool", |p| {
+        addresses_of(p).len() == 2
+    })
+    .await?;
+
+    // A long-lived stream through agent 1, getting a message every flip.
+    let channel = grpc::streaming_channel(w.agents[0].proxy, &w.authority())?;
+    let mut stream = grpc::watch(&channel).await?;
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .context("the watch ended")?;
+
+    // New settings reach every agent...
+    w.apply_pool("  size: 5\n  maxStreams: 3\n").await?;
+    w.agents_have(Duration::from_secs(10), "runs size 5, maxStreams 3", |p| {
+        p["settings"]["size"] == 5 && p["settings"]["maxStreams"] == 3
+    })
+    .await?;
+    // ...and the stream opened before them still flows.
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??;
+        assert!(
+            m.is_some(),
+            "the in-flight stream ended when the settings changed"
+        );
+    }
+    let p = w
+        .condition("Ready", "True", Duration::from_secs(15))
+        .await?;
+    assert_eq!(p.status.unwrap().observed_generation, Some(2));
+
+    // An endpoint added: every agent dials it.
+    let third = grpc::start_backend(
+        format!("127.0.0.4:{}", w.port).parse()?,
+        Duration::from_millis(200),
+    )
+    .await?;
+    apply_slice(
+        &w.client,
+        &w.ns,
+        "api",
+        "api-4",
+        "grpc",
+        w.port,
+        &[(&published("127.0.0.4"), true)],
+    )
+    .await?;
+    let with_third: BTreeSet<String> = w
+        .backend_addrs()
+        .into_iter()
+        .chain([third.addr.to_string()])
+        .collect();
+    w.agents_have(Duration::from_secs(10), "follows the added endpoint", |p| {
+        addresses_of(p) == with_third
+    })
+    .await?;
+    let reached = eventually(
+        Duration::from_secs(10),
+        "a call reaching the new backend",
+        || async {
+            traffic(w.agents[1].proxy, &w.authority(), 10)
+                .await
+                .ok()
+                .filter(|s| s.contains(&third.addr.to_string()))
+        },
+    )
+    .await?;
+    assert!(reached.contains(&third.addr.to_string()));
+    w.backends.push(third);
+
+    // An endpoint removed: agents drop it and calls no longer reach it.
+    let gone = w.backends[0].addr.to_string();
+    delete_slice(&w.client, &w.ns, "api-2").await?;
+    w.agents_have(Duration::from_secs(10), "drops the removed endpoint", |p| {
+        let a = addresses_of(p);
+        a.len() == 2 && !a.contains(&gone)
+    })
+    .await?;
+    for agent in &w.agents {
+        let seen = traffic(agent.proxy, &w.authority(), 20).await?;
+        assert!(
+            !seen.contains(&gone),
+            "agent {} still sends to the removed endpoint {gone}",
+            agent.node
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarted_agents_and_operator_resync_and_agents_serve_meanwhile() -> Result<()> {
+    let mut w = World::new("op-restart", 1).await?;
+    w.apply_pool("  size: 2\n").await?;
+    w.agents_have(Duration::from_secs(10), "has the pool", |p| {
+        addresses_of(p).len() == 1
+    })
+    .await?;
+
+    // An agent killed and restarted gets its pools back.
+    w.agents[0].proc.kill().await;
+    w.agents[0].proc.restart()?;
+    w.agents_have(
+        Duration::from_secs(10),
+        "has the pool again after a restart",
+        |p| p["settings"]["size"] == 2,
+    )
+    .await?;
+    traffic(w.agents[0].proxy, &w.authority(), 5).await?;
+
+    // The operator killed: agents keep serving with what they have.
+    w.operator.proc.kill().await;
+    for agent in &w.agents {
+        traffic(agent.proxy, &w.authority(), 5)
+            .await
+            .with_context(|| format!("agent {} while the operator is down", agent.node))?;
+    }
+    // A change made meanwhile reaches them once the operator is back.
+    w.apply_pool("  size: 4\n").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        w.agents[0].pool(&w.ns, "api").await.context("the pool")?["settings"]["size"],
+        2
+    );
+    w.operator.proc.restart()?;
+    w.operator.wait_ready().await?;
+    w.agents_have(Duration::from_secs(15), "resyncs to size 4", |p| {
+        p["settings"]["size"] == 4
+    })
+    .await?;
+    for agent in &w.agents {
+        traffic(agent.proxy, &w.authority(), 5).await?;
+    }
+    let p = w
+        .condition("Ready", "True", Duration::from_secs(15))
+        .await?;
+    let s = p.status.unwrap();
+    assert_eq!(s.observed_generation, Some(2));
+    assert_eq!(s.agents.map(|a| (a.desired, a.synced)), Some((3, 3)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rejected_snapshot_degrades_the_pool_naming_the_node_and_delete_closes_listeners()
+-> Result<()> {
+    let w = World::new("op-reject", 1).await?;
+    // Something on node 2 holds the port the pool asks for.
+    let ip2 = format!("127.0.{}.2", w.block);
+    let port = free_port(&ip2)?;
+    let _squatter = std::net::TcpListener::bind(format!("{ip2}:{port}"))?;
+    w.apply_pool(&format!("  size: 2\n  listenPort: {port}\n"))
+        .await?;
+
+    let node2 = format!("{}-n2", w.ns);
+    let p = w
+        .condition("Degraded", "True", Duration::from_secs(15))
+        .await?;
+    let s = p.status.unwrap();
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.reason, "AgentRejected");
+    assert!(degraded.message.contains(&node2), "{}", degraded.message);
+    assert!(
+        degraded.message.contains(&format!("{port}")),
+        "{}",
+        degraded.message
+    );
+    let agents = s.agents.unwrap();
+    assert_eq!((agents.desired, agents.synced, agents.rejected), (3, 2, 1));
+    assert!(
+        w.agents[1].pool(&w.ns, "api").await.is_none(),
+        "node 2 keeps its last good configuration"
+    );
+
+    // The other nodes serve it, on the dedicated port too.
+    let dedicated: SocketAddr = format!("127.0.{}.1:{port}", w.block).parse()?;
+    let direct = grpc::channel(dedicated, "anything")?;
+    grpc::check(&direct)
+        .await
+        .context("a call on the pool's dedicated port")?;
+
+    // A person sees it in `kubectl describe` (an Event).
+    let events = eventually(
+        Duration::from_secs(10),
+        "an AgentRejected event",
+        || async {
+            let out = kubectl(&[
+                "get",
+                "events",
+                "-n",
+                &w.ns,
+                "--field-selector",
+                "reason=AgentRejected",
+                "-o",
+                "name",
+            ])
+            .await
+            .ok()?;
+            let out = out.ok().ok()?;
+            (!out.trim().is_empty()).then_some(out)
+        },
+    )
+    .await?;
+    assert!(events.contains("event"), "{events}");
+
+    // Deleted: agents drop it and its listener closes.
+    kubectl(&["delete", "connectionpool", "api", "-n", &w.ns])
+        .await?
+        .ok()?;
+    for agent in [&w.agents[0], &w.agents[2]] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("agent {} dropping the pool", agent.node),
+            || async { agent.pool(&w.ns, "api").await.is_none().then_some(()) },
+        )
+        .await
+        .map_err(|e| w.explain(e))?;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the dedicated listener closing",
+        || async {
+            tokio::net::TcpStream::connect(dedicated)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_targets_say_why_in_conditions_and_unknown_nodes_are_refused() -> Result<()> {
+    let w = World::new("op-bad", 1).await?;
+    let manifest = format!(
+        "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata:\n  name: lost\n  namespace: {}\nspec:\n  target: {{service: {{name: lost, port: grpc}}}}\n",
+        w.ns
+    );
+    kubectl_stdin(&["apply", "-f", "-"], Some(&manifest))
+        .await?
+        .ok()?;
+    let api = Api::<ConnectionPool>::namespaced(w.client.clone(), &w.ns);
+    let reason = |want: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(
+                Duration::from_secs(15),
+                &format!("reason {want}"),
+                || async {
+                    let p = api.get("lost").await.ok()?;
+                    let st = p.status?;
+                    let ready = st.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
+                    let degraded = st
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == "Degraded")?
+                        .clone();
+                    (ready.status == "False"
+                        && ready.reason == want
+                        && degraded.status == "True"
+                        && degraded.reason == want)
+                        .then_some(ready.message)
+                },
+            )
+            .await
+        }
+    };
+    let m = reason("ServiceNotFound").await.map_err(|e| w.explain(e))?;
+    assert!(m.contains("lost") && m.contains("does not exist"), "{m}");
+
+    apply_service(&w.client, &w.ns, "lost", &[("http", 80)]).await?;
+    let m = reason("PortNotFound").await?;
+    assert!(m.contains("http (80)"), "{m}");
+
+    apply_service(&w.client, &w.ns, "lost", &[("grpc", 50051)]).await?;
+    apply_slice(
+        &w.client,
+        &w.ns,
+        "lost",
+        "lost-1",
+        "grpc",
+        w.port,
+        &[(&published("127.0.0.2"), false)],
+    )
+    .await?;
+    reason("NoReadyEndpoints").await?;
+
+    apply_slice(
+        &w.client,
+        &w.ns,
+        "lost",
+        "lost-1",
+        "grpc",
+        w.port,
+        &[(&published("127.0.0.2"), true)],
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(15),
+        "the pool becoming Ready once it resolves",
+        || async {
+            let p = api.get("lost").await.ok()?;
+            p.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await
+    .map_err(|e| w.explain(e))?;
+
+    // An agent on a node the operator does not serve is refused, clearly,
+    // and the others stay connected.
+    let stranger = Agent::start(
+        &w.operator.url(),
+        "no-such-node",
+        &format!("127.0.{}.9", w.block),
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(10),
+        "the stranger's refusal in its log",
+        || async {
+            stranger
+                .proc
+                .log()
+                .contains("node \\\"no-such-node\\\" is not a node this operator serves")
+                .then_some(())
+                .or_else(|| {
+                    stranger
+                        .proc
+                        .log()
+                        .contains("is not a node this operator serves")
+                        .then_some(())
+                })
+        },
+    )
+    .await
+    .with_context(|| stranger.proc.log())?;
+    assert!(
+        w.operator
+            .metric("tidepool_operator_refused_streams_total")
+            .await?
+            >= 1.0
+    );
+    assert_eq!(
+        w.operator
+            .metric("tidepool_operator_connected_agents")
+            .await?,
+        3.0
+    );
     Ok(())
 }
