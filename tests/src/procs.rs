@@ -29,15 +29,18 @@ pub async fn bin_dir() -> Result<PathBuf> {
             .to_path_buf();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Built as `make unit` builds them (`cargo test --workspace
+        // --exclude tidepool-e2e`), so the same features unify and, after
+        // it, this is a no-op; a narrower `cargo build` would rebuild shared
+        // dependencies with other features.
         let mut cmd = Command::new(cargo);
         cmd.current_dir(repo_root()).args([
-            "build",
+            "test",
             "-q",
-            "-p",
-            "tidepool-operator",
-            "-p",
-            "tidepool-agent",
-            "--bins",
+            "--workspace",
+            "--exclude",
+            "tidepool-e2e",
+            "--no-run",
         ]);
         if release {
             cmd.arg("--release");

@@ -145,7 +145,8 @@ impl World {
         Ok(())
     }
 
-    /// Waits until the pool's condition `type_` has `status`.
+    /// Waits until the pool's condition `type_` has `status` for the
+    /// pool's current generation.
     async fn condition(
         &self,
         type_: &str,
@@ -160,7 +161,8 @@ impl World {
                 .conditions
                 .iter()
                 .find(|c| c.type_ == type_)?;
-            (c.status == status).then_some(p)
+            // Only a condition about the current generation counts.
+            (c.status == status && c.observed_generation == p.metadata.generation).then_some(p)
         })
         .await
         .map_err(|e| self.explain(e))
