@@ -15,7 +15,7 @@
 //!
 //! | API group | resource | verbs |
 //! | --- | --- | --- |
-//! | `tidepool.dev` | `connectionpools` | get, list, watch |
+//! | `tidepool.dev` | `connectionpools` | list, watch |
 //! | `tidepool.dev` | `connectionpools/status` | patch (server-side apply) |
 //! | `""` (core) | `services` | list, watch |
 //! | `discovery.k8s.io` | `endpointslices` | list, watch |
@@ -23,9 +23,8 @@
 //! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |
 //! | `events.k8s.io` | `events` | create, patch |
 //!
-//! `get` on connectionpools is not used today (reads come from the watch
-//! cache) but keeps `kubectl`-style debugging by the service account
-//! possible; drop it for the strictest role. With `--watch-namespace`, every
+//! Every read comes from a watch cache; the only direct reads are the
+//! Lease's. With `--watch-namespace`, every
 //! namespaced rule can be a Role in that namespace; nodes always need a
 //! ClusterRole.
 
