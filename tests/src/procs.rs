@@ -259,12 +259,21 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts an operator and waits until it is ready (leads, knows every pool).
+    /// Starts an operator as the cluster's admin and waits until it is
+    /// ready (leads, knows every pool).
     pub async fn start(options: &OperatorOptions) -> Result<Self> {
+        let op = Self::spawn_as(options, cluster()?.kubeconfig()).await?;
+        op.wait_ready().await?;
+        Ok(op)
+    }
+
+    /// Starts an operator that authenticates with `kubeconfig` (for example
+    /// a ServiceAccount token), without waiting for it to become ready.
+    pub async fn spawn_as(options: &OperatorOptions, kubeconfig: &Path) -> Result<Self> {
         let bin = bin_dir().await?.join("tidepool-operator");
         let control: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
-        let kubeconfig = cluster()?.kubeconfig().display().to_string();
+        let kubeconfig = kubeconfig.display().to_string();
         let args = vec![
             format!("--control-listen={control}"),
             format!("--admin-listen={admin}"),
@@ -284,13 +293,11 @@ impl Operator {
             args,
             vec![("KUBECONFIG".into(), kubeconfig)],
         )?;
-        let op = Self {
+        Ok(Self {
             proc,
             control,
             admin,
-        };
-        op.wait_ready().await?;
-        Ok(op)
+        })
     }
 
     /// Waits until `/readyz` answers 200.

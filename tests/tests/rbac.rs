@@ -1,0 +1,244 @@
+//! The chart grants the operator what it needs: `helm install` the chart,
+//! run the operator as the chart's own ServiceAccount (a token from the
+//! TokenRequest API; the API server authorizes with RBAC) and run its main
+//! scenario — a pool over a Service reaches every agent and its status turns
+//! Ready. Then take away a rule the code needs and see the operator fail
+//! with a permissions error. (Its own test binary: helm installs the CRD.)
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use kube::api::Api;
+use tidepool_crds::ConnectionPool;
+use tidepool_e2e::grpc;
+use tidepool_e2e::objects::{apply_node, apply_service, apply_slice};
+use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
+use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin, repo_root};
+
+const SA: &str = "tp-tidepool-operator";
+
+/// A kubeconfig that authenticates as ServiceAccount `sa` in `ns` with a
+/// token from the TokenRequest API, for the same server as the admin's.
+async fn service_account_kubeconfig(dir: &Path, ns: &str, sa: &str) -> Result<PathBuf> {
+    let token = kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"])
+        .await?
+        .ok()?;
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(cluster()?.kubeconfig())?)?;
+    let server = admin["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .context("no server")?;
+    let ca = admin["clusters"][0]["cluster"]["certificate-authority-data"]
+        .as_str()
+        .context("no CA")?;
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: '{server}', certificate-authority-data: '{ca}'}}\n\
+         users:\n- name: {sa}\n  user: {{token: '{}'}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: {sa}, namespace: {ns}}}\ncurrent-context: c\n",
+        token.trim()
+    );
+    let path = dir.join(format!("{sa}.kubeconfig"));
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
+async fn helm_install(ns: &str) -> Result<()> {
+    let helm = std::env::var("TIDEPOOL_HELM").unwrap_or_else(|_| "helm".into());
+    let chart = repo_root().join("charts/tidepool");
+    let out = tokio::process::Command::new(&helm)
+        .arg("--kubeconfig")
+        .arg(cluster()?.kubeconfig())
+        .args(["install", "tp"])
+        .arg(&chart)
+        .args(["--namespace", ns])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .context("helm install hung")??;
+    if !out.status.success() {
+        bail!(
+            "helm install failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+async fn ready(api: &Api<ConnectionPool>, limit: Duration) -> Result<ConnectionPool> {
+    eventually(
+        limit,
+        "the pool's Ready=True for its generation",
+        || async {
+            let p = api.get("api").await.ok()?;
+            let c = p
+                .status
+                .as_ref()?
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.status == "True" && c.observed_generation == p.metadata.generation).then_some(p)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Result<()> {
+    let ns = TestNamespace::new("rbac").await?.name;
+    helm_install(&ns).await?;
+    let client = cluster()?.client().await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = service_account_kubeconfig(dir.path(), &ns, SA).await?;
+
+    // The chart's identity is not the admin: it may not, say, read Secrets.
+    let can = kubectl(&[
+        "auth",
+        "can-i",
+        "list",
+        "secrets",
+        "-n",
+        &ns,
+        "--as",
+        &format!("system:serviceaccount:{ns}:{SA}"),
+    ])
+    .await?;
+    assert_eq!(can.stdout.trim(), "no");
+
+    // The world: two nodes, one backend behind Service `api`.
+    let group = ("tidepool.dev/e2e-group", ns.as_str());
+    for n in 1..=2 {
+        apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
+    }
+    let port = free_port("127.0.0.2")?;
+    let _backend = grpc::start_backend(
+        format!("127.0.0.2:{port}").parse()?,
+        Duration::from_millis(200),
+    )
+    .await?;
+    apply_service(&client, &ns, "api", &[("grpc", 50051)]).await?;
+    apply_slice(
+        &client,
+        &ns,
+        "api",
+        "api-2",
+        "grpc",
+        port,
+        &[(&published("127.0.0.2"), true)],
+    )
+    .await?;
+
+    let options = OperatorOptions {
+        namespace: ns.clone(),
+        node_selector: format!("tidepool.dev/e2e-group={ns}"),
+        status_interval: "1s".into(),
+    };
+    let operator = Operator::spawn_as(&options, &kubeconfig).await?;
+    operator.wait_ready().await?;
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        agents.push(
+            Agent::start(
+                &operator.url(),
+                &format!("{ns}-n{n}"),
+                &format!("127.0.250.{n}"),
+            )
+            .await?,
+        );
+    }
+    let manifest = format!(
+        "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: api, namespace: {ns}}}\nspec:\n  target: {{service: {{name: api, port: grpc}}}}\n"
+    );
+    kubectl_stdin(&["apply", "-f", "-"], Some(&manifest))
+        .await?
+        .ok()?;
+
+    // The main scenario, as the chart's ServiceAccount.
+    let api: Api<ConnectionPool> = Api::namespaced(client.clone(), &ns);
+    let pool = ready(&api, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("operator log:\n{}", operator.proc.log()))?;
+    let agents_status = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.agents.clone())
+        .context("no agents in status")?;
+    assert_eq!((agents_status.desired, agents_status.synced), (2, 2));
+    for agent in &agents {
+        let channel = grpc::channel(agent.proxy, &format!("api.{ns}:50051"))?;
+        grpc::check(&channel)
+            .await
+            .with_context(|| format!("a call through {} failed", agent.node))?;
+    }
+    // It created Events and took its Lease as that identity.
+    kubectl(&["get", "lease", "-n", &ns, "tidepool-operator"])
+        .await?
+        .ok()
+        .context("no Lease")?;
+
+    // Take away the status rule: the operator can no longer write status,
+    // and says so with a permissions error; nothing else breaks.
+    let role = kubectl(&["get", "clusterrole", SA, "-o", "json"])
+        .await?
+        .ok()?;
+    let mut role: serde_json::Value = serde_json::from_str(&role)?;
+    let rules = role["rules"].as_array_mut().context("rules")?;
+    let before = rules.len();
+    rules.retain(|r| r["resources"] != serde_json::json!(["connectionpools/status"]));
+    assert_eq!(
+        rules.len(),
+        before - 1,
+        "the chart's ClusterRole has no connectionpools/status rule"
+    );
+    kubectl_stdin(&["replace", "-f", "-"], Some(&role.to_string()))
+        .await?
+        .ok()?;
+
+    let status_before = api.get("api").await?.status;
+    kubectl(&[
+        "patch",
+        "cpool",
+        "api",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"maxStreams":7}}"#,
+    ])
+    .await?
+    .ok()?;
+    eventually(
+        Duration::from_secs(30),
+        "a permissions error in the operator's log",
+        || async {
+            let log = operator.proc.log();
+            (log.contains("forbidden") || log.contains("Forbidden")).then_some(())
+        },
+    )
+    .await
+    .with_context(|| format!("operator log:\n{}", operator.proc.log()))?;
+    let log = operator.proc.log();
+    assert!(
+        log.contains("connectionpools/status") || log.contains("status"),
+        "the error does not say what was refused:\n{log}"
+    );
+    // Status stayed as it was: the write was refused, not half-done.
+    let after = api.get("api").await?;
+    assert_eq!(
+        after.status.as_ref().and_then(|s| s.observed_generation),
+        status_before.and_then(|s| s.observed_generation)
+    );
+    // The agents still got the new settings: only status writing needs that rule.
+    for agent in &agents {
+        eventually(
+            Duration::from_secs(10),
+            "the agent applying maxStreams 7",
+            || async {
+                let p = agent.pool(&ns, "api").await?;
+                p.to_string().contains("\"maxStreams\":7").then_some(())
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
