@@ -284,6 +284,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let pools = parse_str(include_str!("../../examples/standalone.yaml")).unwrap();
+        let keys: Vec<String> = pools.iter().map(PoolConfig::key).collect();
+        assert_eq!(keys, ["default/greeter", "shop/billing"]);
+        assert_eq!(pools[1].spec.listen_port, Some(15001));
+    }
+
+    #[test]
     fn several_documents_and_lists_parse() {
         let pools = parse_str(
             "apiVersion: tidepool.dev/v1alpha1
