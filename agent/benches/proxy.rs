@@ -13,7 +13,7 @@
 //! `BENCH_SECONDS` sets each phase's length (default 3).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::net::SocketAddr;

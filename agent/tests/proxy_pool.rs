@@ -228,7 +228,7 @@ async fn ten_thousand_concurrent_streams_complete() {
                 client
                     .unary(request(Bytes::from(i.to_string()), &[("x-gate", "1")]))
                     .await
-                    .map(|r| r.into_inner() == Bytes::from(i.to_string()))
+                    .map(|r| r.into_inner() == i.to_string())
             }));
             while i + 1 - gate.arrived.load(Ordering::SeqCst) > 500 {
                 tokio::time::sleep(Duration::from_millis(2)).await;

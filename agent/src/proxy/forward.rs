@@ -7,14 +7,16 @@
 //! that streams its frames. No message is ever held whole.
 
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{Reason, SendStream};
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -138,21 +140,42 @@ async fn open(
         let left = deadline.saturating_duration_since(Instant::now());
         parts.headers.insert("grpc-timeout", encode_grpc_timeout(left));
     }
-    let end_of_stream = body.is_end_stream();
+    let mut body = body;
+    // What of the request has already arrived (usually a whole unary
+    // request) goes out with the headers, without a pump task.
+    let (arrived, ended) = take_arrived(&mut body);
     let addr = lease.address().to_owned();
     let backend_error = |source: h2::Error| Error::Backend {
         pool: entry.key.clone(),
         addr: addr.clone(),
         source,
     };
-    let (response, send) = match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+    let headers_only = ended && arrived.is_empty();
+    let sent = sender
+        .send_request(Request::from_parts(parts, ()), headers_only)
+        .and_then(|(response, mut send)| {
+            let last = arrived.len();
+            for (i, frame) in arrived.into_iter().enumerate() {
+                match frame.into_data() {
+                    // Bounded by INLINE: h2 holds it until the window opens.
+                    Ok(data) => send.send_data(data, ended && i + 1 == last)?,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            send.send_trailers(trailers)?;
+                        }
+                    }
+                }
+            }
+            Ok((response, send))
+        });
+    let (response, send) = match sent {
         Ok(sent) => sent,
         Err(source) => {
             lease.finish(Outcome::TransportError);
             return Err(backend_error(source));
         }
     };
-    let pump = (!end_of_stream).then(|| AbortOnDrop(tokio::spawn(pump(body, send))));
+    let pump = (!ended).then(|| AbortOnDrop(tokio::spawn(pump(body, send))));
 
     let response = match deadline {
         Some(deadline) => match tokio::time::timeout_at(deadline, response).await {
@@ -214,6 +237,36 @@ async fn ready(entry: &PoolEntry, addr: &str) -> Result<(Lease<H2Conn>, h2::clie
     }
 }
 
+/// Most request bytes sent along with the headers without waiting for
+/// the backend's window.
+const INLINE: usize = 64 * 1024;
+
+/// Takes the request frames that have already arrived, without waiting, up
+/// to about [`INLINE`] bytes; `true` when that is the whole request.
+fn take_arrived(body: &mut Incoming) -> (Vec<Frame<Bytes>>, bool) {
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if body.is_end_stream() {
+            return (frames, true);
+        }
+        if bytes >= INLINE {
+            return (frames, false);
+        }
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                bytes += frame.data_ref().map_or(0, Bytes::len);
+                frames.push(frame);
+            }
+            Poll::Ready(None) => return (frames, true),
+            // A failed client stream: the pump sees the error again and
+            // cancels the backend stream.
+            Poll::Ready(Some(Err(_))) | Poll::Pending => return (frames, false),
+        }
+    }
+}
+
 /// Copies the client's body frames (data and trailers) to the backend
 /// stream, taking backend flow-control capacity before each send. Ends by
 /// resetting the backend stream (CANCEL) if the client's stream fails, and
@@ -221,7 +274,7 @@ async fn ready(entry: &PoolEntry, addr: &str) -> Result<(Lease<H2Conn>, h2::clie
 async fn pump(mut body: Incoming, mut send: SendStream<Bytes>) {
     loop {
         let frame = tokio::select! {
-            frame = poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)) => frame,
+            frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
             reset = poll_fn(|cx| send.poll_reset(cx)) => {
                 tracing::trace!(?reset, "backend reset the stream while the client was sending");
                 return;
