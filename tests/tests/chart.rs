@@ -227,7 +227,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
             "discovery.k8s.io/endpointslices: list,watch",
             "events.k8s.io/events: create,patch",
             "tidepool.dev/connectionpools/status: patch",
-            "tidepool.dev/connectionpools: get,list,watch",
+            "tidepool.dev/connectionpools: list,watch",
         ]
     );
     assert_eq!(
