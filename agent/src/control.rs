@@ -351,7 +351,9 @@ pub async fn session<A: Apply>(
                     if tx.send(answer).await.is_err() {
                         return Err(ControlError::Closed);
                     }
-                    report_now = true;
+                    // The new pools are reported at the next check, not at
+                    // once: right after a push every agent would report
+                    // together, while the operator still fans out.
                 }
                 Ok(Some(_)) => tracing::debug!("ignoring an operator message this agent does not know"),
                 Ok(None) => return Err(ControlError::Closed),

@@ -5,7 +5,7 @@
 //! that restarted before its old stream was noticed dead) replaces the
 //! first, whose writer then ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -65,7 +65,7 @@ pub struct Agent {
     /// The last snapshot it refused, until it acknowledges a later one.
     pub rejected: Option<Rejected>,
     /// Its latest report, by pool `namespace/name`.
-    pub reports: HashMap<String, pb::PoolReport>,
+    pub reports: HashMap<Arc<str>, StoredReport>,
 }
 
 impl Agent {
@@ -77,6 +77,89 @@ impl Agent {
                 .rejected
                 .as_ref()
                 .is_none_or(|r| &r.snapshot.version != v)
+    }
+}
+
+/// One pool's occupancy on one node, kept compactly: names are interned,
+/// so 500 agents reporting the same 200 pools share their strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReport {
+    /// The pool's uid as the agent runs it.
+    pub uid: Arc<str>,
+    /// The generation it runs.
+    pub generation: i64,
+    /// Per address.
+    pub addresses: Box<[AddressUsage]>,
+}
+
+/// One address's occupancy on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressUsage {
+    /// `host:port`.
+    pub address: Arc<str>,
+    /// Pooled connections.
+    pub connections: i64,
+    /// Pooled connections at max streams.
+    pub busy: i64,
+    /// Pooled connections with no stream.
+    pub idle: i64,
+    /// Streams in use.
+    pub streams: i64,
+    /// Open overflow connections.
+    pub overflow: i64,
+}
+
+/// Shared strings for reports. Entries nobody else holds are dropped every
+/// [`PRUNE_EVERY`] reports, so names of deleted pools and removed addresses
+/// do not pile up.
+#[derive(Debug, Default)]
+struct Interner {
+    set: HashSet<Arc<str>>,
+    reports: u64,
+}
+
+/// How many reports pass between two prunings of the interner.
+const PRUNE_EVERY: u64 = 4096;
+
+impl Interner {
+    fn get(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.set.get(s.as_str()) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = s.into();
+        self.set.insert(Arc::clone(&a));
+        a
+    }
+
+    fn store(&mut self, report: pb::Report) -> HashMap<Arc<str>, StoredReport> {
+        self.reports += 1;
+        if self.reports.is_multiple_of(PRUNE_EVERY) {
+            self.set.retain(|a| Arc::strong_count(a) > 1);
+        }
+        report
+            .pools
+            .into_iter()
+            .map(|p| {
+                let key = self.get(p.key());
+                let stored = StoredReport {
+                    uid: self.get(p.uid),
+                    generation: p.generation,
+                    addresses: p
+                        .addresses
+                        .into_iter()
+                        .map(|a| AddressUsage {
+                            address: self.get(a.address),
+                            connections: a.connections,
+                            busy: a.busy,
+                            idle: a.idle,
+                            streams: a.streams,
+                            overflow: a.overflow,
+                        })
+                        .collect(),
+                };
+                (key, stored)
+            })
+            .collect()
     }
 }
 
@@ -111,6 +194,8 @@ pub enum Answer {
 #[derive(Debug, Default)]
 pub struct Agents {
     inner: Mutex<Inner>,
+    /// Taken before `inner`, never while holding it.
+    interner: Mutex<Interner>,
 }
 
 #[derive(Debug, Default)]
@@ -274,11 +359,12 @@ impl Agents {
 
     /// Stores a session's report, replacing the last.
     pub fn report(&self, node: &str, session: u64, report: pb::Report) {
+        // Converted before the registry is locked: sessions' answers and the
+        // status writer do not wait for it.
+        let reports = self.interner.lock().unwrap_or_else(PoisonError::into_inner).store(report);
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session) {
-            let reports: HashMap<String, pb::PoolReport> =
-                report.pools.into_iter().map(|p| (p.key(), p)).collect();
             if reports != agent.reports {
                 agent.reports = reports;
                 inner.changes += 1;

@@ -107,12 +107,12 @@ pub fn compute(
         {
             rejections.push((node, &r.error));
         }
-        if let Some(report) = agent.reports.get(&key).filter(|r| r.uid == uid) {
+        if let Some(report) = agent.reports.get(key.as_str()).filter(|r| *r.uid == *uid) {
             for a in &report.addresses {
                 let s = by_address
                     .entry(&a.address)
                     .or_insert_with(|| AddressStatus {
-                        address: a.address.clone(),
+                        address: a.address.to_string(),
                         ..AddressStatus::default()
                     });
                 s.connections += a.connections;
