@@ -10,7 +10,8 @@
 //!
 //! It measures and prints; it asserts nothing about time. Run with
 //! `make bench` or `cargo bench -p tidepool-agent --bench proxy`;
-//! `BENCH_SECONDS` sets each phase's length (default 3).
+//! `BENCH_SECONDS` sets each phase's length (default 3),
+//! `BENCH_AGENT_THREADS` the agent's worker threads (default 1).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -70,6 +71,7 @@ impl Agent {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{}", support::free_port())])
             .env("TIDEPOOL_LOG", "warn")
+            .env("TIDEPOOL_WORKER_THREADS", agent_threads().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -95,6 +97,12 @@ impl Agent {
         let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
         ticks / clock_ticks()
     }
+}
+
+/// The agent's worker threads: `BENCH_AGENT_THREADS`, default 1 (the load
+/// generator and the backend share the same cores).
+fn agent_threads() -> usize {
+    std::env::var("BENCH_AGENT_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
 }
 
 fn clock_ticks() -> f64 {
@@ -255,7 +263,11 @@ async fn bench() {
     let backend = Backend::start("bench").await;
     let agent = Agent::start(&backend).await;
     let direct = backend.addr;
-    println!("agent data-path benchmark: {MESSAGE}-byte messages, {CONCURRENCY} concurrent streams, {length:?} per phase");
+    println!(
+        "agent data-path benchmark: {MESSAGE}-byte messages, {CONCURRENCY} concurrent streams, {length:?} per phase, \
+         agent with {} worker thread(s)",
+        agent_threads()
+    );
 
     let mut rows = Vec::new();
     for kind in [Kind::Unary, Kind::Streaming] {

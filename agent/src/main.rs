@@ -8,11 +8,17 @@ use tidepool_agent::config::{Args, Config, LogFormat, Mode};
 use tidepool_agent::{control, shutdown, standalone};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
     init_tracing(config.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    runtime.enable_all().build().context("starting the async runtime")?.block_on(run(config))
+}
 
+async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::start(AppOptions::from(&config)).await?;
     let sources = app.runtime().drain().token().child_token();
     match &config.mode {
