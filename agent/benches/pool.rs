@@ -17,6 +17,7 @@
 //! A benchmark measures; it asserts no time.
 
 use std::hint::black_box;
+use std::sync::Barrier;
 use std::time::{Duration, Instant as StdInstant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -135,8 +136,10 @@ mod reference {
         conns: Mutex<HashMap<String, StreamsPool>>,
     }
 
-    pub struct RefLease {
-        addr: String,
+    /// go-micro's release takes the address as an argument; borrowing it
+    /// here keeps allocation out of the measured work, as in Go.
+    pub struct RefLease<'a> {
+        addr: &'a str,
         key: usize,
         pub conn: Conn,
     }
@@ -156,11 +159,19 @@ mod reference {
             Conn(Arc::new(0))
         }
 
-        pub fn get_conn(&self, addr: &str) -> RefLease {
+        /// `p.conns[addr]`: a lookup that allocates only for a new address.
+        fn streams_pool<'m>(map: &'m mut HashMap<String, StreamsPool>, addr: &str) -> &'m mut StreamsPool {
+            if !map.contains_key(addr) {
+                map.insert(addr.to_owned(), StreamsPool::default());
+            }
+            map.get_mut(addr).expect("inserted")
+        }
+
+        pub fn get_conn<'a>(&self, addr: &'a str) -> RefLease<'a> {
             let now = Instant::now();
             {
                 let mut map = self.conns.lock().unwrap();
-                let sp = map.entry(addr.to_owned()).or_default();
+                let sp = Self::streams_pool(&mut map, addr);
                 let mut at = sp.head;
                 while let Some(key) = at {
                     let (streams, created, next) = {
@@ -189,7 +200,7 @@ mod reference {
                     let c = &mut sp.conns[key];
                     c.streams += 1;
                     return RefLease {
-                        addr: addr.to_owned(),
+                        addr,
                         key,
                         conn: c.conn.clone(),
                     };
@@ -198,7 +209,7 @@ mod reference {
             // Nothing usable: dial with the lock released.
             let conn = Self::dial();
             let mut map = self.conns.lock().unwrap();
-            let sp = map.entry(addr.to_owned()).or_default();
+            let sp = Self::streams_pool(&mut map, addr);
             let key = sp.conns.insert(PoolConn {
                 conn: conn.clone(),
                 streams: 1,
@@ -210,16 +221,12 @@ mod reference {
             if sp.count < self.size {
                 sp.add_front(key, Which::Head);
             }
-            RefLease {
-                addr: addr.to_owned(),
-                key,
-                conn,
-            }
+            RefLease { addr, key, conn }
         }
 
-        pub fn release(&self, lease: RefLease, failed: bool) {
+        pub fn release(&self, lease: RefLease<'_>, failed: bool) {
             let mut map = self.conns.lock().unwrap();
-            let sp = map.get_mut(&lease.addr).expect("address");
+            let sp = map.get_mut(lease.addr).expect("address");
             let key = lease.key;
             if sp.conns[key].list.is_none() {
                 if sp.count < self.size {
@@ -249,9 +256,9 @@ mod reference {
         /// Puts `n` connections at the front of `addr`'s available list that
         /// are past the TTL and carry one stream each (their leases are
         /// returned, to be held), ahead of whatever is there.
-        pub fn seed_expired_busy(&self, addr: &str, n: usize) -> Vec<RefLease> {
+        pub fn seed_expired_busy<'a>(&self, addr: &'a str, n: usize) -> Vec<RefLease<'a>> {
             let mut map = self.conns.lock().unwrap();
-            let sp = map.entry(addr.to_owned()).or_default();
+            let sp = Self::streams_pool(&mut map, addr);
             let created = Instant::now() - self.ttl * 2;
             (0..n)
                 .map(|_| {
@@ -265,11 +272,7 @@ mod reference {
                         next: None,
                     });
                     sp.add_front(key, Which::Head);
-                    RefLease {
-                        addr: addr.to_owned(),
-                        key,
-                        conn,
-                    }
+                    RefLease { addr, key, conn }
                 })
                 .collect()
         }
@@ -298,22 +301,30 @@ fn reference_op(pool: &RefPool, addr: &str) {
     pool.release(lease, false);
 }
 
-/// Runs `iters` operations split over `threads` threads and returns the
-/// wall time.
+/// Runs `iters` operations split over `threads` OS threads that start
+/// together (a barrier), and returns the wall time from the start to the
+/// last thread's end; thread creation is not timed.
 fn run_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Duration {
     let per_thread = iters.div_ceil(threads as u64);
-    let start = StdInstant::now();
+    let barrier = Barrier::new(threads + 1);
     std::thread::scope(|scope| {
-        for t in 0..threads {
-            let op = &op;
-            scope.spawn(move || {
-                for i in 0..per_thread {
-                    op(t, i);
-                }
-            });
-        }
-    });
-    start.elapsed()
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (op, barrier) = (&op, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    for i in 0..per_thread {
+                        op(t, i);
+                    }
+                    StdInstant::now()
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = StdInstant::now();
+        let end = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+        end.duration_since(start)
+    })
 }
 
 fn throughput(c: &mut Criterion, rt: &Runtime) {

@@ -12,7 +12,7 @@ use super::connector::{ConnEvent, Connected};
 use super::error::Error;
 use super::lease::Outcome;
 use super::list::{Linked, Links, List};
-use super::metrics::AddressMetrics;
+use super::metrics::{AddressCounts, AddressMetrics};
 use super::occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
 use super::settings::{Settings, WhenFull};
 
@@ -178,8 +178,8 @@ pub(crate) struct State<Conn> {
     dial_failures: u64,
     overflow_total: u64,
     evictions: Evictions,
-    /// The gauge values last written by [`State::publish`].
-    published: [usize; 7],
+    /// Streams handed out since the address was first used (`rq_total`).
+    requests: u64,
 }
 
 /// What a caller that found no free stream should do.
@@ -236,7 +236,7 @@ impl<Conn: Clone> Address<Conn> {
                 dial_failures: 0,
                 overflow_total: 0,
                 evictions: Evictions::default(),
-                published: [0; 7],
+                requests: 0,
             }),
         }
     }
@@ -324,7 +324,7 @@ impl<Conn: Clone> State<Conn> {
             if entry.streams >= cap {
                 self.move_to(key, Place::Busy);
             }
-            m.rq.inc();
+            self.requests += 1;
             return Some(grant);
         }
         None
@@ -458,7 +458,7 @@ impl<Conn: Clone> State<Conn> {
             let entry = &mut self.conns[key];
             entry.streams = 1;
             self.streams += 1;
-            m.rq.inc();
+            self.requests += 1;
             let grant = Grant {
                 key,
                 id,
@@ -763,37 +763,18 @@ impl<Conn: Clone> State<Conn> {
         });
     }
 
-    /// Sets the address's gauges from its state. Only gauges whose value
-    /// changed are written: a gauge write is an atomic swap, and most
-    /// acquires change one or two of the seven.
-    pub(crate) fn publish(&mut self, m: &AddressMetrics) {
-        let now = [
-            self.conns.len(),
-            self.busy.len(),
-            self.idle,
-            self.draining,
-            self.overflow,
-            self.streams,
-            self.queue.len(),
-        ];
-        if now == self.published {
-            return;
+    /// The counts the scrape-time gauges and `rq_total` report.
+    pub(crate) fn counts(&self) -> AddressCounts {
+        AddressCounts {
+            cx_active: self.conns.len(),
+            cx_busy: self.busy.len(),
+            cx_idle: self.idle,
+            cx_draining: self.draining,
+            cx_overflow_active: self.overflow,
+            rq_active: self.streams,
+            rq_pending_active: self.queue.len(),
+            rq_total: self.requests,
         }
-        let gauges = [
-            &m.cx_active,
-            &m.cx_busy,
-            &m.cx_idle,
-            &m.cx_draining,
-            &m.cx_overflow_active,
-            &m.rq_active,
-            &m.rq_pending_active,
-        ];
-        for ((gauge, value), last) in gauges.into_iter().zip(now).zip(self.published) {
-            if value != last {
-                gauge.set(to_i64(value));
-            }
-        }
-        self.published = now;
     }
 
     pub(crate) fn occupancy(&self, address: &str) -> AddressOccupancy {
@@ -836,10 +817,6 @@ impl<Conn: Clone> State<Conn> {
     }
 }
 
-fn to_i64(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 /// Follows one connection for its life: its TTL timer, and what the
 /// connector reports (GOAWAY, keepalive failure, closure, a new
 /// SETTINGS_MAX_CONCURRENT_STREAMS). Ends when the pool drops the connection
@@ -880,7 +857,6 @@ pub(crate) async fn watch<Conn: Clone>(
                 {
                     let mut state = address.lock();
                     state.event(key, id, event, Instant::now(), &address.metrics, &mut fx);
-                    state.publish(&address.metrics);
                 }
                 fx.run(&address);
                 if matches!(event, ConnEvent::Closed(_)) {
@@ -893,7 +869,6 @@ pub(crate) async fn watch<Conn: Clone>(
                 {
                     let mut state = address.lock();
                     state.expire(key, id, Instant::now(), &address.metrics, &mut fx);
-                    state.publish(&address.metrics);
                 }
                 fx.run(&address);
             }

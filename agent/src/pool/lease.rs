@@ -73,9 +73,7 @@ impl<Conn: Clone> Lease<Conn> {
         let mut fx = Effects::default();
         {
             let address = &self.address;
-            let mut state = address.lock();
-            state.release(self.key, outcome, &address.metrics, &mut fx);
-            state.publish(&address.metrics);
+            address.lock().release(self.key, outcome, &address.metrics, &mut fx);
         }
         fx.run(&self.address);
     }
