@@ -131,6 +131,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which ends with the last ')').
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn proc_status(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
@@ -267,6 +280,11 @@ async fn main() -> Result<()> {
     let rss_connected = proc_status(pid, "VmRSS:").unwrap_or(0);
 
     // Convergence: spec changes, one pool at a time.
+    let (op_cpu0, bench_cpu0, rounds_start) = (
+        cpu_seconds(&pid.to_string()),
+        cpu_seconds("self"),
+        Instant::now(),
+    );
     let mut per_agent = Vec::new();
     let mut to_all = Vec::new();
     for round in 0..args.rounds {
@@ -307,6 +325,9 @@ async fn main() -> Result<()> {
             "bench: round {round}: every agent applied {key} generation {generation} after {last:?}"
         );
     }
+    let rounds_wall = rounds_start.elapsed().as_secs_f64();
+    let op_cpu = (cpu_seconds(&pid.to_string()) - op_cpu0) / rounds_wall;
+    let bench_cpu = (cpu_seconds("self") - bench_cpu0) / rounds_wall;
     per_agent.sort();
     to_all.sort();
 
@@ -358,6 +379,9 @@ async fn main() -> Result<()> {
         ms(percentile(&to_all, 0.5)),
         ms(percentile(&to_all, 0.99)),
         ms(to_all.last().copied().unwrap_or_default())
+    );
+    println!(
+        "| CPU during the rounds: operator / simulated agents (cores) | {op_cpu:.2} / {bench_cpu:.2} |"
     );
     println!(
         "| operator RSS with every agent connected (VmRSS) | {:.1} MiB |",
