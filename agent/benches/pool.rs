@@ -27,7 +27,9 @@ use tidepool_agent::pool::{Lease, Pool, PoolMetrics, Settings};
 use tokio::runtime::Runtime;
 
 fn addrs(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("10.2.{}.{}:50051", i / 250, i % 250)).collect()
+    (0..n)
+        .map(|i| format!("10.2.{}.{}:50051", i / 250, i % 250))
+        .collect()
 }
 
 /// go-micro's `grpc_pool.go` algorithm, kept faithful as the baseline: one
@@ -160,7 +162,10 @@ mod reference {
         }
 
         /// `p.conns[addr]`: a lookup that allocates only for a new address.
-        fn streams_pool<'m>(map: &'m mut HashMap<String, StreamsPool>, addr: &str) -> &'m mut StreamsPool {
+        fn streams_pool<'m>(
+            map: &'m mut HashMap<String, StreamsPool>,
+            addr: &str,
+        ) -> &'m mut StreamsPool {
             if !map.contains_key(addr) {
                 map.insert(addr.to_owned(), StreamsPool::default());
             }
@@ -282,7 +287,13 @@ mod reference {
 use reference::{RefLease, RefPool};
 
 fn tidepool(settings: Settings) -> Pool<MemoryConnector> {
-    Pool::new("bench", settings, MemoryConnector::new(), PoolMetrics::unregistered()).unwrap()
+    Pool::new(
+        "bench",
+        settings,
+        MemoryConnector::new(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap()
 }
 
 /// One acquire+release on tidepool, synchronously when the pool has a free
@@ -302,29 +313,30 @@ fn reference_op(pool: &RefPool, addr: &str) {
 }
 
 /// Runs `iters` operations split over `threads` OS threads that start
-/// together (a barrier), and returns the wall time from the start to the
-/// last thread's end; thread creation is not timed.
+/// together (a barrier), and returns the wall time from the first thread's
+/// start to the last thread's end; thread creation is not timed.
 fn run_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Duration {
     let per_thread = iters.div_ceil(threads as u64);
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|scope| {
+    let barrier = Barrier::new(threads);
+    let spans: Vec<(StdInstant, StdInstant)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (op, barrier) = (&op, &barrier);
                 scope.spawn(move || {
                     barrier.wait();
+                    let start = StdInstant::now();
                     for i in 0..per_thread {
                         op(t, i);
                     }
-                    StdInstant::now()
+                    (start, StdInstant::now())
                 })
             })
             .collect();
-        barrier.wait();
-        let start = StdInstant::now();
-        let end = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
-        end.duration_since(start)
-    })
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let start = spans.iter().map(|s| s.0).min().unwrap();
+    let end = spans.iter().map(|s| s.1).max().unwrap();
+    end.duration_since(start)
 }
 
 fn throughput(c: &mut Criterion, rt: &Runtime) {
@@ -372,7 +384,10 @@ fn connections(c: &mut Criterion) {
     let addr = "10.3.0.1:50051";
     for n in [1usize, 10, 100, 1000] {
         // Live connections, each with one long stream.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let settings = Settings::default().size(n).max_idle(n).max_streams(2);
         let pool = tidepool(settings);
         let held: Vec<Lease<_>> = rt.block_on(async {
@@ -400,7 +415,9 @@ fn connections(c: &mut Criterion) {
                 reference.release(lease, false);
             }
         }
-        group.bench_function(format!("reference/conns{n}"), |b| b.iter(|| reference_op(&reference, addr)));
+        group.bench_function(format!("reference/conns{n}"), |b| {
+            b.iter(|| reference_op(&reference, addr))
+        });
         drop(held);
     }
 
@@ -412,7 +429,11 @@ fn connections(c: &mut Criterion) {
             .start_paused(true)
             .build()
             .unwrap();
-        let settings = Settings::default().size(n + 1).max_idle(n + 1).max_streams(2).ttl(ttl);
+        let settings = Settings::default()
+            .size(n + 1)
+            .max_idle(n + 1)
+            .max_streams(2)
+            .ttl(ttl);
         let pool = tidepool(settings);
         let held: Vec<Lease<_>> = rt.block_on(async {
             let mut all = Vec::new();
