@@ -33,7 +33,10 @@ const CONCURRENCY: usize = 64;
 const MESSAGE: usize = 128;
 
 fn phase_length() -> Duration {
-    let seconds = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let seconds = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     Duration::from_secs_f64(seconds)
 }
 
@@ -69,7 +72,10 @@ impl Agent {
             .arg("--standalone")
             .arg(&file)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", support::free_port())])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", support::free_port()),
+            ])
             .env("TIDEPOOL_LOG", "warn")
             .env("TIDEPOOL_WORKER_THREADS", agent_threads().to_string())
             .stdout(Stdio::null())
@@ -83,18 +89,25 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Agent { child, addr, _dir: dir }
+        Agent {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 
     /// CPU seconds (user + system) the agent process has used.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name, which is in parentheses.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // utime and stime are fields 14 and 15 of the whole line, 12 and 13
         // after the name.
-        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+        });
         ticks / clock_ticks()
     }
 }
@@ -102,7 +115,10 @@ impl Agent {
 /// The agent's worker threads: `BENCH_AGENT_THREADS`, default 1 (the load
 /// generator and the backend share the same cores).
 fn agent_threads() -> usize {
-    std::env::var("BENCH_AGENT_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+    std::env::var("BENCH_AGENT_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
 }
 
 fn clock_ticks() -> f64 {
@@ -163,7 +179,10 @@ async fn saturate(addr: SocketAddr, kind: Kind, length: Duration) -> Run {
                 Kind::Unary => {
                     while !stop.load(Ordering::Relaxed) {
                         let started = Instant::now();
-                        client.unary(tonic::Request::new(message.clone())).await.expect("unary call");
+                        client
+                            .unary(tonic::Request::new(message.clone()))
+                            .await
+                            .expect("unary call");
                         latencies.push(started.elapsed());
                         count.fetch_add(1, Ordering::Relaxed);
                     }
@@ -171,7 +190,9 @@ async fn saturate(addr: SocketAddr, kind: Kind, length: Duration) -> Run {
                 Kind::Streaming => {
                     let (tx, rx) = mpsc::channel::<Bytes>(1);
                     let response = client
-                        .bidi(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+                        .bidi(tonic::Request::new(
+                            tokio_stream::wrappers::ReceiverStream::new(rx),
+                        ))
                         .await
                         .expect("open stream");
                     let mut stream = response.into_inner();
@@ -199,7 +220,11 @@ async fn saturate(addr: SocketAddr, kind: Kind, length: Duration) -> Run {
     for worker in workers {
         latencies.extend(worker.await.unwrap());
     }
-    Run { rpcs, seconds, latencies }
+    Run {
+        rpcs,
+        seconds,
+        latencies,
+    }
 }
 
 /// Open loop: unary calls started at `rate` per second for `length`,
@@ -219,7 +244,10 @@ async fn paced(addr: SocketAddr, rate: f64, length: Duration) -> Run {
         let (tx, message) = (tx.clone(), message.clone());
         tokio::spawn(async move {
             let begun = Instant::now();
-            client.unary(tonic::Request::new(message)).await.expect("unary call");
+            client
+                .unary(tonic::Request::new(message))
+                .await
+                .expect("unary call");
             let _ = tx.send(begun.elapsed());
         });
         sent += 1;
@@ -250,11 +278,17 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter that excludes us is honoured.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     if !args.is_empty() && !args.iter().any(|a| "proxy".contains(a.as_str())) {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(bench());
 }
 
@@ -318,8 +352,16 @@ async fn bench() {
     println!();
     println!("| unary at {rate:.0}/s | p50 ms | p99 ms |");
     println!("| --- | ---: | ---: |");
-    println!("| direct | {:.3} | {:.3} |", ms(base.percentile(0.5)), ms(base.percentile(0.99)));
-    println!("| through agent | {:.3} | {:.3} |", ms(through.percentile(0.5)), ms(through.percentile(0.99)));
+    println!(
+        "| direct | {:.3} | {:.3} |",
+        ms(base.percentile(0.5)),
+        ms(base.percentile(0.99))
+    );
+    println!(
+        "| through agent | {:.3} | {:.3} |",
+        ms(through.percentile(0.5)),
+        ms(through.percentile(0.99))
+    );
     println!(
         "| added by the agent | {:.3} | {:.3} |",
         ms(through.percentile(0.5)) - ms(base.percentile(0.5)),

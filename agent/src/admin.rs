@@ -40,7 +40,12 @@ pub fn router(runtime: Runtime, registry: Arc<Registry>) -> Router {
 }
 
 /// Serves the admin routes on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, runtime: Runtime, registry: Arc<Registry>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    runtime: Runtime,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) {
     let app = router(runtime, registry);
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
@@ -54,11 +59,18 @@ async fn metrics(State(admin): State<Admin>) -> Response {
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &admin.registry) {
         Ok(()) => (
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {error}\n")).into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics failed: {error}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -66,7 +78,11 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     if admin.runtime.drain().is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !admin.runtime.is_configured() {
-        (StatusCode::SERVICE_UNAVAILABLE, "no configuration applied yet\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no configuration applied yet\n",
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }

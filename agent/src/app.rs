@@ -90,11 +90,13 @@ impl App {
             what: "proxy",
             source,
         })?;
-        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-            addr: options.admin_listen,
-            what: "admin",
-            source,
-        })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: options.admin_listen,
+                what: "admin",
+                source,
+            })?;
 
         let runtime = Runtime::new(
             RuntimeOptions {

@@ -47,7 +47,11 @@ impl PoolConfig {
 
 /// The command line of `tidepool-agent`.
 #[derive(Debug, Parser)]
-#[command(name = "tidepool-agent", version, about = "tidepool's node agent: a gRPC proxy over connection pools")]
+#[command(
+    name = "tidepool-agent",
+    version,
+    about = "tidepool's node agent: a gRPC proxy over connection pools"
+)]
 pub struct Args {
     /// Where the pools come from.
     #[command(flatten)]
@@ -204,10 +208,14 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No source of pools was given.
-    #[error("no source of pools: pass --standalone FILE (TIDEPOOL_STANDALONE) or --operator URL (TIDEPOOL_OPERATOR)")]
+    #[error(
+        "no source of pools: pass --standalone FILE (TIDEPOOL_STANDALONE) or --operator URL (TIDEPOOL_OPERATOR)"
+    )]
     NoMode,
     /// `--operator` without a node name.
-    #[error("--operator needs the node's name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)")]
+    #[error(
+        "--operator needs the node's name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)"
+    )]
     NoNodeName,
     /// `--max-concurrent-streams` was zero.
     #[error("--max-concurrent-streams (TIDEPOOL_MAX_CONCURRENT_STREAMS) = 0: must be at least 1")]
@@ -220,7 +228,10 @@ impl Config {
         let mode = match (args.mode.standalone, args.mode.operator) {
             (_, Some(url)) => Mode::Operator {
                 url,
-                node: args.node_name.filter(|n| !n.is_empty()).ok_or(ConfigError::NoNodeName)?,
+                node: args
+                    .node_name
+                    .filter(|n| !n.is_empty())
+                    .ok_or(ConfigError::NoNodeName)?,
                 pod: args.pod_name,
             },
             (Some(file), None) => Mode::Standalone {
@@ -279,10 +290,19 @@ mod tests {
 
     #[test]
     fn a_bad_duration_names_the_flag_and_the_value() {
-        let err = Args::try_parse_from(["tidepool-agent", "--standalone", "p.yaml", "--drain-timeout", "soon"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--drain-timeout") && err.contains("soon"), "{err}");
+        let err = Args::try_parse_from([
+            "tidepool-agent",
+            "--standalone",
+            "p.yaml",
+            "--drain-timeout",
+            "soon",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--drain-timeout") && err.contains("soon"),
+            "{err}"
+        );
     }
 
     #[test]

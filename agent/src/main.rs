@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(threads) = config.worker_threads {
         runtime.worker_threads(threads);
     }
-    runtime.enable_all().build().context("starting the async runtime")?.block_on(run(config))
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(config))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -26,7 +30,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let options = control::ControlOptions::new(url.clone(), node.clone(), pod.clone());
             tokio::spawn(control::run(options, app.runtime().clone(), sources));
         }
-        Mode::Standalone { file, reload_interval } => {
+        Mode::Standalone {
+            file,
+            reload_interval,
+        } => {
             let count = standalone::load_and_apply(file, app.runtime())
                 .with_context(|| format!("standalone pools file {}", file.display()))?;
             tracing::info!(file = %file.display(), pools = count, "standalone pools loaded");

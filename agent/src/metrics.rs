@@ -92,8 +92,16 @@ impl Metrics {
             pools: Gauge::default(),
         };
         let proxy = registry.sub_registry_with_prefix("proxy");
-        proxy.register("streams", "Proxied streams by gRPC status", metrics.streams.clone());
-        proxy.register("streams_active", "Streams being proxied", metrics.streams_active.clone());
+        proxy.register(
+            "streams",
+            "Proxied streams by gRPC status",
+            metrics.streams.clone(),
+        );
+        proxy.register(
+            "streams_active",
+            "Streams being proxied",
+            metrics.streams_active.clone(),
+        );
         proxy.register(
             "stream_duration_seconds",
             "Time from request to the end of the response",
@@ -110,7 +118,11 @@ impl Metrics {
             metrics.connections_active.clone(),
         );
         let config = registry.sub_registry_with_prefix("config");
-        config.register("applies", "Configurations applied or refused", metrics.applies.clone());
+        config.register(
+            "applies",
+            "Configurations applied or refused",
+            metrics.applies.clone(),
+        );
         config.register("pools", "Pools in force", metrics.pools.clone());
         metrics
     }
@@ -118,7 +130,9 @@ impl Metrics {
     /// The handles one pool's streams update, looked up once per pool so a
     /// stream touches no label map.
     pub fn pool(&self, pool: &str) -> PoolStreamMetrics {
-        let label = PoolLabel { pool: pool.to_owned() };
+        let label = PoolLabel {
+            pool: pool.to_owned(),
+        };
         PoolStreamMetrics {
             by_code: Arc::new(std::array::from_fn(|i| {
                 self.streams
@@ -135,7 +149,9 @@ impl Metrics {
 
     /// Drops a removed pool's series.
     pub fn remove_pool(&self, pool: &str) {
-        let label = PoolLabel { pool: pool.to_owned() };
+        let label = PoolLabel {
+            pool: pool.to_owned(),
+        };
         self.streams_active.remove(&label);
         self.stream_duration.remove(&label);
         for code in Code::ALL {

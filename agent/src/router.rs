@@ -25,13 +25,17 @@ use crate::config::PoolConfig;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     /// No pool declares the authority.
-    #[error("no ConnectionPool routes authority {authority:?}: set it to a pool's Service name (svc, svc.ns or svc.ns.svc.cluster.local, with its port) or a static pool's name")]
+    #[error(
+        "no ConnectionPool routes authority {authority:?}: set it to a pool's Service name (svc, svc.ns or svc.ns.svc.cluster.local, with its port) or a static pool's name"
+    )]
     Unknown {
         /// The authority as the client sent it.
         authority: String,
     },
     /// More than one pool answers to the authority.
-    #[error("authority {authority:?} is ambiguous: pools {pools} all answer to it; use the namespaced form svc.ns")]
+    #[error(
+        "authority {authority:?} is ambiguous: pools {pools} all answer to it; use the namespaced form svc.ns"
+    )]
     Ambiguous {
         /// The authority as the client sent it.
         authority: String,
@@ -112,7 +116,10 @@ impl Routes {
         // Clients send lower case almost always; only fold when needed.
         let routes = match self.by_host.get(host) {
             Some(routes) => routes,
-            None => self.by_host.get(&host.to_ascii_lowercase()).ok_or_else(unknown)?,
+            None => self
+                .by_host
+                .get(&host.to_ascii_lowercase())
+                .ok_or_else(unknown)?,
         };
         let mut matching = routes
             .iter()
@@ -173,7 +180,11 @@ impl<C: crate::pool::Connector> Load for crate::pool::Pool<C> {
 /// backoff (and not `avoid`), the one with fewer active streams. When every
 /// address is in backoff, any of them (the dial may succeed now). `None`
 /// only for an empty list.
-pub fn pick<'a, L: Load + ?Sized>(load: &L, addresses: &'a [String], avoid: Option<&str>) -> Option<&'a str> {
+pub fn pick<'a, L: Load + ?Sized>(
+    load: &L,
+    addresses: &'a [String],
+    avoid: Option<&str>,
+) -> Option<&'a str> {
     let usable = |a: &str| Some(a) != avoid && !load.in_backoff(a);
     match addresses.len() {
         0 => return None,
@@ -191,7 +202,11 @@ pub fn pick<'a, L: Load + ?Sized>(load: &L, addresses: &'a [String], avoid: Opti
         let (a, b) = (addresses[i].as_str(), addresses[j].as_str());
         match (usable(a), usable(b)) {
             (true, true) => {
-                return Some(if load.active_streams(b) < load.active_streams(a) { b } else { a });
+                return Some(if load.active_streams(b) < load.active_streams(a) {
+                    b
+                } else {
+                    a
+                });
             }
             (true, false) => return Some(a),
             (false, true) => return Some(b),
@@ -204,7 +219,12 @@ pub fn pick<'a, L: Load + ?Sized>(load: &L, addresses: &'a [String], avoid: Opti
         .map(String::as_str)
         .filter(|a| usable(a))
         .min_by_key(|a| load.active_streams(a))
-        .or_else(|| addresses.iter().map(String::as_str).find(|a| Some(*a) != avoid))
+        .or_else(|| {
+            addresses
+                .iter()
+                .map(String::as_str)
+                .find(|a| Some(*a) != avoid)
+        })
         .or(Some(&addresses[0]))
 }
 
@@ -228,7 +248,11 @@ mod tests {
 
     #[test]
     fn every_dns_form_routes_to_the_service_pool() {
-        let pools = [pool("shop", "payments", "target: {service: {name: payments-grpc, port: 50051}}")];
+        let pools = [pool(
+            "shop",
+            "payments",
+            "target: {service: {name: payments-grpc, port: 50051}}",
+        )];
         let routes = Routes::new(&pools);
         for a in [
             "payments-grpc",
@@ -240,8 +264,16 @@ mod tests {
         ] {
             assert_eq!(routes.lookup(a), Ok("shop/payments"), "{a}");
         }
-        for a in ["payments-grpc:50052", "payments:50051", "payments-grpc.other:50051", "10.0.0.1:50051"] {
-            assert!(matches!(routes.lookup(a), Err(RouteError::Unknown { .. })), "{a}");
+        for a in [
+            "payments-grpc:50052",
+            "payments:50051",
+            "payments-grpc.other:50051",
+            "10.0.0.1:50051",
+        ] {
+            assert!(
+                matches!(routes.lookup(a), Err(RouteError::Unknown { .. })),
+                "{a}"
+            );
         }
         let err = routes.lookup("nope.shop:1").unwrap_err().to_string();
         assert!(err.contains("\"nope.shop:1\""), "{err}");
@@ -249,10 +281,17 @@ mod tests {
 
     #[test]
     fn static_pools_answer_to_their_name_on_any_port() {
-        let pools = [pool("default", "echo", "target: {addresses: ['127.0.0.1:1']}")];
+        let pools = [pool(
+            "default",
+            "echo",
+            "target: {addresses: ['127.0.0.1:1']}",
+        )];
         let routes = Routes::new(&pools);
         assert_eq!(routes.lookup("echo:15000"), Ok("default/echo"));
-        assert_eq!(routes.lookup("echo.default.svc.cluster.local"), Ok("default/echo"));
+        assert_eq!(
+            routes.lookup("echo.default.svc.cluster.local"),
+            Ok("default/echo")
+        );
     }
 
     #[test]
@@ -322,7 +361,11 @@ mod tests {
     #[test]
     fn pick_finds_the_one_healthy_address_among_many_and_never_picks_avoid() {
         let addresses = addrs(50);
-        let backoff: HashSet<String> = addresses.iter().filter(|a| *a != "a37:1").cloned().collect();
+        let backoff: HashSet<String> = addresses
+            .iter()
+            .filter(|a| *a != "a37:1")
+            .cloned()
+            .collect();
         let load = FakeLoad {
             streams: HashMap::new(),
             backoff,

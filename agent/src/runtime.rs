@@ -187,7 +187,12 @@ struct Inner {
 
 impl Runtime {
     /// A runtime with no pool. Listeners it starts stop with `drain`.
-    pub fn new(options: RuntimeOptions, metrics: Metrics, pool_metrics: PoolMetrics, drain: Drain) -> Self {
+    pub fn new(
+        options: RuntimeOptions,
+        metrics: Metrics,
+        pool_metrics: PoolMetrics,
+        drain: Drain,
+    ) -> Self {
         let (changes, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
@@ -205,7 +210,13 @@ impl Runtime {
 
     /// The configuration in force.
     pub fn table(&self) -> Arc<Table> {
-        Arc::clone(&self.inner.table.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .inner
+                .table
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     /// The agent's metrics.
@@ -254,7 +265,11 @@ impl Runtime {
     }
 
     fn try_apply(&self, pools: Vec<PoolConfig>) -> Result<(), ApplyError> {
-        let _applying = self.inner.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        let _applying = self
+            .inner
+            .applying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let old = self.table();
 
         // 1. Check everything.
@@ -284,7 +299,11 @@ impl Runtime {
                     });
                 }
                 if let Some(other) = ports.insert(port, key.clone()) {
-                    return Err(ApplyError::PortClash { port, pool: key, other });
+                    return Err(ApplyError::PortClash {
+                        port,
+                        pool: key,
+                        other,
+                    });
                 }
             }
             checked.push((key, config, settings));
@@ -293,7 +312,11 @@ impl Runtime {
         // 2. Bind the new ports; dropped again if one fails.
         let mut bound = Vec::new();
         {
-            let running = self.inner.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+            let running = self
+                .inner
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for (&port, key) in &ports {
                 if running.contains_key(&port) {
                     continue;
@@ -354,7 +377,11 @@ impl Runtime {
         let new_ports: HashSet<u16> = table.ports.keys().copied().collect();
 
         // 4. Swap, then settle what changed.
-        *self.inner.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        *self
+            .inner
+            .table
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
         for (pool, settings, addresses) in changed {
             if pool.settings() != settings {
                 // Checked in step 1.
@@ -373,7 +400,11 @@ impl Runtime {
             }
         }
         {
-            let mut running = self.inner.listeners.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut running = self
+                .inner
+                .listeners
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             running.retain(|port, stop| {
                 let keep = new_ports.contains(port);
                 if !keep {
@@ -386,7 +417,12 @@ impl Runtime {
                 let stop = self.inner.drain.token().child_token();
                 running.insert(port, stop.clone());
                 tracing::info!(port, pool = %table.ports[&port], "dedicated listener started");
-                tokio::spawn(proxy::serve(listener, proxy::Target::Dedicated(port), self.clone(), stop));
+                tokio::spawn(proxy::serve(
+                    listener,
+                    proxy::Target::Dedicated(port),
+                    self.clone(),
+                    stop,
+                ));
             }
         }
         self.inner.changes.send_modify(|n| *n += 1);
@@ -396,7 +432,8 @@ impl Runtime {
     /// Occupancy of every pool, sorted by `namespace/name`.
     pub fn report(&self) -> Vec<PoolReport> {
         let table = self.table();
-        let mut reports: Vec<PoolReport> = table.pools.values().map(|entry| report(entry)).collect();
+        let mut reports: Vec<PoolReport> =
+            table.pools.values().map(|entry| report(entry)).collect();
         reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         reports
     }
@@ -449,10 +486,13 @@ fn unused(address: &str) -> AddressOccupancy {
 /// The pool settings of a spec, every CRD rule and every pool range
 /// checked.
 pub fn pool_settings(key: &str, config: &PoolConfig) -> Result<pool::Settings, ApplyError> {
-    let s = config.spec.settings().map_err(|errors| ApplyError::Invalid {
-        pool: key.to_owned(),
-        errors,
-    })?;
+    let s = config
+        .spec
+        .settings()
+        .map_err(|errors| ApplyError::Invalid {
+            pool: key.to_owned(),
+            errors,
+        })?;
     let settings = pool::Settings {
         size: s.size as usize,
         ttl: s.ttl,

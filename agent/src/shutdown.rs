@@ -100,7 +100,9 @@ mod tests {
     async fn drain_returns_as_soon_as_connections_end() {
         let drain = Drain::new();
         let token = drain.token().clone();
-        drain.tracker().spawn(async move { token.cancelled().await });
+        drain
+            .tracker()
+            .spawn(async move { token.cancelled().await });
         let started = tokio::time::Instant::now();
         assert_eq!(drain.run(Duration::from_secs(30)).await, 0);
         assert!(started.elapsed() < Duration::from_secs(1));

@@ -48,7 +48,9 @@ pub enum Error {
         source: serde_yaml::Error,
     },
     /// A document is not a `tidepool.dev/v1alpha1` ConnectionPool.
-    #[error("{file}: document {document}: apiVersion {api_version:?} kind {kind:?}: only {API_VERSION} ConnectionPool is accepted")]
+    #[error(
+        "{file}: document {document}: apiVersion {api_version:?} kind {kind:?}: only {API_VERSION} ConnectionPool is accepted"
+    )]
     Kind {
         /// The file.
         file: PathBuf,
@@ -79,7 +81,9 @@ pub enum Error {
         errors: SpecErrors,
     },
     /// A ConnectionPool targets a Service, which needs the operator.
-    #[error("{file}: ConnectionPool {pool}: spec.target.service needs the operator to resolve it; standalone mode accepts only spec.target.addresses")]
+    #[error(
+        "{file}: ConnectionPool {pool}: spec.target.service needs the operator to resolve it; standalone mode accepts only spec.target.addresses"
+    )]
     ServiceTarget {
         /// The file.
         file: PathBuf,
@@ -116,11 +120,18 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<PoolConfig>, Error> {
             resource,
             source,
         };
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| yaml_error(e, String::new()))?;
+        let value =
+            serde_yaml::Value::deserialize(document).map_err(|e| yaml_error(e, String::new()))?;
         if value.is_null() {
             continue;
         }
-        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
         let is_list = field("kind") == "List";
         let items = if is_list {
             serde_yaml::from_value::<List>(value.clone())
@@ -130,7 +141,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<PoolConfig>, Error> {
             vec![value]
         };
         for item in items {
-            let text_of = |name: &str| item.get(name).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+            let text_of = |name: &str| {
+                item.get(name)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_owned()
+            };
             let (api_version, kind) = (text_of("apiVersion"), text_of("kind"));
             if api_version != API_VERSION || kind != "ConnectionPool" {
                 return Err(Error::Kind {
@@ -186,7 +202,11 @@ fn pool_config(file: &Path, document: usize, pool: ConnectionPool) -> Result<Poo
             document,
         });
     }
-    let namespace = pool.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = pool
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let key = format!("{namespace}/{name}");
     pool.spec.settings().map_err(|errors| Error::Invalid {
         file: file.to_owned(),
@@ -269,8 +289,12 @@ pub async fn watch(file: PathBuf, runtime: Runtime, interval: Duration, stop: Ca
         }
         last = Some(current);
         match load_and_apply(&file, &runtime) {
-            Ok(count) => tracing::info!(file = %file.display(), pools = count, "pools file reloaded"),
-            Err(error) => tracing::error!(%error, "pools file refused; the last good configuration keeps running"),
+            Ok(count) => {
+                tracing::info!(file = %file.display(), pools = count, "pools file reloaded")
+            }
+            Err(error) => {
+                tracing::error!(%error, "pools file refused; the last good configuration keeps running")
+            }
         }
     }
 }
@@ -330,7 +354,10 @@ spec: {target: {addresses: ['127.0.0.1:50051']}, size: 2, maxIdle: 3}
         )
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("pools.yaml: ConnectionPool shop/echo: spec.maxIdle"), "{err}");
+        assert!(
+            err.starts_with("pools.yaml: ConnectionPool shop/echo: spec.maxIdle"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -344,7 +371,10 @@ spec: {target: {addresses: ['127.0.0.1:50051']}, size: lots}
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("pools.yaml") && err.contains("default/echo") && err.contains("size"), "{err}");
+        assert!(
+            err.contains("pools.yaml") && err.contains("default/echo") && err.contains("size"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -358,7 +388,10 @@ spec: {target: {service: {name: echo, port: 50051}}}
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("default/echo") && err.contains("spec.target.service"), "{err}");
+        assert!(
+            err.contains("default/echo") && err.contains("spec.target.service"),
+            "{err}"
+        );
         let err = parse_str("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n").unwrap_err();
         assert!(matches!(err, Error::Kind { document: 1, .. }), "{err}");
     }

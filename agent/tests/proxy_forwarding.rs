@@ -22,7 +22,12 @@ async fn setup() -> (tidepool_agent::app::App, Backend, Client) {
     let backend = Backend::start("b1").await;
     let app = agent().await;
     app.runtime()
-        .apply(vec![pool("echo", &[backend.address()]).size(4).max_streams(100).build()])
+        .apply(vec![
+            pool("echo", &[backend.address()])
+                .size(4)
+                .max_streams(100)
+                .build(),
+        ])
         .unwrap();
     let client = Client::connect(app.proxy_addr(), "echo.default:50051").await;
     (app, backend, client)
@@ -32,21 +37,37 @@ async fn setup() -> (tidepool_agent::app::App, Backend, Client) {
 async fn unary_headers_binary_metadata_and_message_pass_unchanged() {
     timeout(LIMIT, async {
         let (app, backend, mut client) = setup().await;
-        let mut req = request(Bytes::from_static(b"hello \x00\xff"), &[("x-echo-plain", "value 1")]);
-        req.metadata_mut()
-            .insert_bin("x-echo-data-bin", MetadataValue::from_bytes(&[0, 159, 146, 150, 255]));
+        let mut req = request(
+            Bytes::from_static(b"hello \x00\xff"),
+            &[("x-echo-plain", "value 1")],
+        );
+        req.metadata_mut().insert_bin(
+            "x-echo-data-bin",
+            MetadataValue::from_bytes(&[0, 159, 146, 150, 255]),
+        );
         let response = client.unary(req).await.unwrap();
         assert_eq!(response.get_ref().as_ref(), b"hello \x00\xff");
         let md = response.metadata();
         assert_eq!(md.get("x-echo-plain").unwrap(), "value 1");
         assert_eq!(
-            md.get_bin("x-echo-data-bin").unwrap().to_bytes().unwrap().as_ref(),
+            md.get_bin("x-echo-data-bin")
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .as_ref(),
             &[0, 159, 146, 150, 255]
         );
         assert_eq!(backend_of(md), "b1");
         assert_eq!(backend.state.calls.load(Ordering::SeqCst), 1);
         // The stream is released once the response has ended.
-        assert!(eventually(Duration::from_secs(2), || occupancy(&app, &backend.address()).0 == 0).await);
+        assert!(
+            eventually(Duration::from_secs(2), || occupancy(
+                &app,
+                &backend.address()
+            )
+            .0 == 0)
+            .await
+        );
     })
     .await
     .unwrap();
@@ -57,7 +78,10 @@ async fn server_streaming_forwards_every_message_and_the_trailers() {
     timeout(LIMIT, async {
         let (_app, _backend, mut client) = setup().await;
         let response = client
-            .server_stream(request(Bytes::from_static(b"tick"), &[("x-count", "5"), ("x-interval-ms", "10")]))
+            .server_stream(request(
+                Bytes::from_static(b"tick"),
+                &[("x-count", "5"), ("x-interval-ms", "10")],
+            ))
             .await
             .unwrap();
         let mut stream = response.into_inner();
@@ -69,7 +93,12 @@ async fn server_streaming_forwards_every_message_and_the_trailers() {
         let trailers = stream.trailers().await.unwrap().unwrap();
         assert_eq!(trailers.get("x-trailer").unwrap(), "done");
         assert_eq!(
-            trailers.get_bin("x-trailer-bin").unwrap().to_bytes().unwrap().as_ref(),
+            trailers
+                .get_bin("x-trailer-bin")
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .as_ref(),
             &[0, 1, 2, 255]
         );
     })
@@ -81,7 +110,9 @@ async fn server_streaming_forwards_every_message_and_the_trailers() {
 async fn client_streaming_forwards_every_message() {
     timeout(LIMIT, async {
         let (_app, _backend, mut client) = setup().await;
-        let parts: Vec<Bytes> = (0..50u8).map(|i| Bytes::from(vec![i; 1000 + usize::from(i)])).collect();
+        let parts: Vec<Bytes> = (0..50u8)
+            .map(|i| Bytes::from(vec![i; 1000 + usize::from(i)]))
+            .collect();
         let expected: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
         let response = client
             .client_stream(tonic::Request::new(futures::stream::iter(parts)))
@@ -99,7 +130,9 @@ async fn bidirectional_streaming_echoes_in_lockstep() {
         let (_app, _backend, mut client) = setup().await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let response = client
-            .bidi(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .bidi(tonic::Request::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
             .await
             .unwrap();
         let mut stream = response.into_inner();
@@ -124,7 +157,11 @@ async fn error_status_message_details_and_metadata_pass_unchanged() {
         let details = [8u8, 0, 1, 2, 254, 255, 10, 3];
         let mut req = request(
             Bytes::from_static(b"x"),
-            &[("x-fail-code", "5"), ("x-fail-message", "no such thing: 100% gone"), ("x-echo-why", "because")],
+            &[
+                ("x-fail-code", "5"),
+                ("x-fail-message", "no such thing: 100% gone"),
+                ("x-echo-why", "because"),
+            ],
         );
         req.metadata_mut()
             .insert_bin("x-fail-details-bin", MetadataValue::from_bytes(&details));
@@ -134,8 +171,17 @@ async fn error_status_message_details_and_metadata_pass_unchanged() {
         assert_eq!(status.details(), &details);
         assert_eq!(status.metadata().get("x-echo-why").unwrap(), "because");
         // An application error is a normal completion: the connection stays.
-        assert!(eventually(Duration::from_secs(2), || occupancy(&app, &backend.address()) == (0, 1)).await);
-        let ok = client.unary(request(Bytes::from_static(b"again"), &[])).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || occupancy(
+                &app,
+                &backend.address()
+            ) == (0, 1))
+            .await
+        );
+        let ok = client
+            .unary(request(Bytes::from_static(b"again"), &[]))
+            .await
+            .unwrap();
         assert_eq!(ok.get_ref().as_ref(), b"again");
         assert_eq!(backend.accepts(), 1);
     })
@@ -147,14 +193,20 @@ async fn error_status_message_details_and_metadata_pass_unchanged() {
 async fn messages_of_4_mib_and_more_pass_both_ways() {
     timeout(LIMIT, async {
         let (_app, _backend, mut client) = setup().await;
-        let big: Bytes = (0..(6 << 20)).map(|i: u32| (i % 251) as u8).collect::<Vec<u8>>().into();
+        let big: Bytes = (0..(6 << 20))
+            .map(|i: u32| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
         let response = client.unary(request(big.clone(), &[])).await.unwrap();
         assert_eq!(response.get_ref().len(), big.len());
         assert!(response.get_ref() == &big);
         // Two 4 MiB messages streamed up, one 8 MiB answer down.
         let four: Bytes = vec![7u8; 4 << 20].into();
         let response = client
-            .client_stream(tonic::Request::new(futures::stream::iter(vec![four.clone(), four.clone()])))
+            .client_stream(tonic::Request::new(futures::stream::iter(vec![
+                four.clone(),
+                four.clone(),
+            ])))
             .await
             .unwrap();
         assert_eq!(response.get_ref().len(), 8 << 20);
@@ -192,9 +244,19 @@ async fn grpc_timeout_is_honoured_and_the_backend_gets_what_is_left() {
         let mut req = request(Bytes::from_static(b"x"), &[]);
         req.set_timeout(Duration::from_secs(5));
         let response = client.unary(req).await.unwrap();
-        let seen = response.metadata().get("x-seen-grpc-timeout").unwrap().to_str().unwrap().to_owned();
-        let seen = tidepool_agent::proxy::forward::parse_grpc_timeout(&seen.parse().unwrap()).unwrap();
-        assert!(seen <= Duration::from_secs(5) && seen > Duration::from_secs(4), "{seen:?}");
+        let seen = response
+            .metadata()
+            .get("x-seen-grpc-timeout")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let seen =
+            tidepool_agent::proxy::forward::parse_grpc_timeout(&seen.parse().unwrap()).unwrap();
+        assert!(
+            seen <= Duration::from_secs(5) && seen > Duration::from_secs(4),
+            "{seen:?}"
+        );
 
         // A slow handler past the deadline, called by a client that does
         // not enforce deadlines itself: the agent answers DEADLINE_EXCEEDED
@@ -204,15 +266,30 @@ async fn grpc_timeout_is_honoured_and_the_backend_gets_what_is_left() {
             _app.proxy_addr(),
             "POST",
             &format!("http://echo/{SERVICE}/Unary"),
-            &[("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m"), ("x-sleep-ms", "10000")],
+            &[
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("grpc-timeout", "300m"),
+                ("x-sleep-ms", "10000"),
+            ],
             grpc_frame(b"x"),
         )
         .await
         .unwrap();
         assert_eq!(response.grpc_status().as_deref(), Some("4"), "{response:?}");
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
-        assert!(eventually(Duration::from_secs(3), || backend.state.cancelled.load(Ordering::SeqCst) >= 1).await);
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert!(
+            eventually(Duration::from_secs(3), || backend
+                .state
+                .cancelled
+                .load(Ordering::SeqCst)
+                >= 1)
+            .await
+        );
     })
     .await
     .unwrap();
@@ -222,18 +299,33 @@ async fn grpc_timeout_is_honoured_and_the_backend_gets_what_is_left() {
 async fn a_cancelled_client_cancels_the_backend_stream() {
     timeout(LIMIT, async {
         let (app, backend, mut client) = setup().await;
-        let response = client.hold(request(Bytes::from_static(b"first"), &[])).await.unwrap();
+        let response = client
+            .hold(request(Bytes::from_static(b"first"), &[]))
+            .await
+            .unwrap();
         let mut stream = response.into_inner();
         assert_eq!(stream.message().await.unwrap().unwrap().as_ref(), b"first");
         assert_eq!(backend.state.holding.load(Ordering::SeqCst), 1);
         assert_eq!(occupancy(&app, &backend.address()).0, 1);
         drop(stream);
         assert!(
-            eventually(Duration::from_secs(3), || backend.state.holding.load(Ordering::SeqCst) == 0).await,
+            eventually(Duration::from_secs(3), || backend
+                .state
+                .holding
+                .load(Ordering::SeqCst)
+                == 0)
+            .await,
             "the backend stream outlived the client's"
         );
         assert!(backend.state.cancelled.load(Ordering::SeqCst) >= 1);
-        assert!(eventually(Duration::from_secs(3), || occupancy(&app, &backend.address()).0 == 0).await);
+        assert!(
+            eventually(Duration::from_secs(3), || occupancy(
+                &app,
+                &backend.address()
+            )
+            .0 == 0)
+            .await
+        );
     })
     .await
     .unwrap();
@@ -243,7 +335,10 @@ async fn a_cancelled_client_cancels_the_backend_stream() {
 async fn a_reset_backend_fails_the_client_stream() {
     timeout(LIMIT, async {
         let (_app, backend, mut client) = setup().await;
-        let response = client.hold(request(Bytes::from_static(b"first"), &[])).await.unwrap();
+        let response = client
+            .hold(request(Bytes::from_static(b"first"), &[]))
+            .await
+            .unwrap();
         let mut stream = response.into_inner();
         assert_eq!(stream.message().await.unwrap().unwrap().as_ref(), b"first");
         backend.kill();
@@ -271,7 +366,11 @@ async fn flow_control_holds_a_fast_backend_to_a_slow_client() {
         let produced = backend.state.produced.load(Ordering::SeqCst);
         // Windows and send buffers on three hops hold a few MiB; the agent
         // must not have soaked up the rest.
-        assert!(produced < 24 << 20, "the backend produced {} MiB for a stalled client", produced >> 20);
+        assert!(
+            produced < 24 << 20,
+            "the backend produced {} MiB for a stalled client",
+            produced >> 20
+        );
         // Reading on drains everything in order.
         let mut count = 1;
         while let Some(message) = stream.message().await.unwrap() {
@@ -295,7 +394,9 @@ async fn a_long_lived_stream_outlives_the_connection_ttl() {
         let mut client = Client::connect(app.proxy_addr(), "echo").await;
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let response = client
-            .bidi(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .bidi(tonic::Request::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
             .await
             .unwrap();
         let mut stream = response.into_inner();
@@ -324,7 +425,10 @@ async fn any_grpc_path_is_forwarded_and_the_backend_answers_it() {
             app.proxy_addr(),
             "POST",
             &format!("http://echo/{SERVICE}/Nope"),
-            &[("content-type", "application/grpc+proto"), ("te", "trailers")],
+            &[
+                ("content-type", "application/grpc+proto"),
+                ("te", "trailers"),
+            ],
             grpc_frame(b""),
         )
         .await

@@ -23,11 +23,14 @@ async fn concurrent_streams_use_at_most_ceil_n_over_max_streams_connections_per_
         let max_streams = 5;
         app.runtime()
             .apply(vec![
-                pool("echo", &backends.iter().map(Backend::address).collect::<Vec<_>>())
-                    .size(100)
-                    .max_idle(100)
-                    .max_streams(max_streams)
-                    .build(),
+                pool(
+                    "echo",
+                    &backends.iter().map(Backend::address).collect::<Vec<_>>(),
+                )
+                .size(100)
+                .max_idle(100)
+                .max_streams(max_streams)
+                .build(),
             ])
             .unwrap();
         let client = Client::connect(app.proxy_addr(), "echo").await;
@@ -36,7 +39,10 @@ async fn concurrent_streams_use_at_most_ceil_n_over_max_streams_connections_per_
             let mut client = client.clone();
             async move {
                 let response = client
-                    .unary(request(Bytes::from(format!("{i}")), &[("x-sleep-ms", "300")]))
+                    .unary(request(
+                        Bytes::from(format!("{i}")),
+                        &[("x-sleep-ms", "300")],
+                    ))
                     .await
                     .unwrap();
                 backend_of(response.metadata())
@@ -50,12 +56,25 @@ async fn concurrent_streams_use_at_most_ceil_n_over_max_streams_connections_per_
         let bound = n.div_ceil(max_streams as usize);
         for backend in &backends {
             let accepts = backend.accepts();
-            assert!(accepts >= 1, "backend {} got no connection", backend.state.name);
-            assert!(accepts <= bound, "backend {} got {accepts} connections > {bound}", backend.state.name);
+            assert!(
+                accepts >= 1,
+                "backend {} got no connection",
+                backend.state.name
+            );
+            assert!(
+                accepts <= bound,
+                "backend {} got {accepts} connections > {bound}",
+                backend.state.name
+            );
         }
         // Load-aware spreading: both backends carry a real share.
         assert!(per_backend.values().all(|&c| c >= n / 4), "{per_backend:?}");
-        assert!(eventually(Duration::from_secs(2), || backends.iter().all(|b| occupancy(&app, &b.address()).0 == 0)).await);
+        assert!(
+            eventually(Duration::from_secs(2), || backends
+                .iter()
+                .all(|b| occupancy(&app, &b.address()).0 == 0))
+            .await
+        );
     })
     .await
     .unwrap();
@@ -71,11 +90,20 @@ async fn a_new_backend_behind_one_address_gets_streams_once_the_ttl_rotates_conn
         let balancer = Balancer::start(vec![old.addr]).await;
         let app = agent().await;
         app.runtime()
-            .apply(vec![pool("echo", &[balancer.addr.to_string()]).size(1).max_idle(1).ttl("1s").build()])
+            .apply(vec![
+                pool("echo", &[balancer.addr.to_string()])
+                    .size(1)
+                    .max_idle(1)
+                    .ttl("1s")
+                    .build(),
+            ])
             .unwrap();
         let mut client = Client::connect(app.proxy_addr(), "echo").await;
         let call = |mut client: Client| async move {
-            let response = client.unary(request(Bytes::from_static(b"x"), &[])).await.unwrap();
+            let response = client
+                .unary(request(Bytes::from_static(b"x"), &[]))
+                .await
+                .unwrap();
             backend_of(response.metadata())
         };
         assert_eq!(call(client.clone()).await, "old");
@@ -91,7 +119,10 @@ async fn a_new_backend_behind_one_address_gets_streams_once_the_ttl_rotates_conn
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(seen_new, "no stream reached the new backend after the TTL");
-        let _ = client.unary(request(Bytes::from_static(b"x"), &[])).await.unwrap();
+        let _ = client
+            .unary(request(Bytes::from_static(b"x"), &[]))
+            .await
+            .unwrap();
     })
     .await
     .unwrap();
@@ -115,22 +146,34 @@ async fn a_killed_backend_fails_only_its_streams_and_occupancy_returns_to_zero()
         let mut streams = Vec::new();
         for i in 0..20 {
             let mut client = client.clone();
-            let response = client.hold(request(Bytes::from(format!("{i}")), &[])).await.unwrap();
+            let response = client
+                .hold(request(Bytes::from(format!("{i}")), &[]))
+                .await
+                .unwrap();
             let backend = backend_of(response.metadata());
             let mut stream = response.into_inner();
             stream.message().await.unwrap().unwrap();
             streams.push((backend, stream));
         }
         let on_doomed = streams.iter().filter(|(b, _)| b == "doomed").count();
-        assert!(on_doomed > 0 && on_doomed < 20, "{on_doomed} of 20 on the doomed backend");
-        assert_eq!(occupancy(&app, &doomed.address()).0 + occupancy(&app, &healthy.address()).0, 20);
+        assert!(
+            on_doomed > 0 && on_doomed < 20,
+            "{on_doomed} of 20 on the doomed backend"
+        );
+        assert_eq!(
+            occupancy(&app, &doomed.address()).0 + occupancy(&app, &healthy.address()).0,
+            20
+        );
 
         doomed.kill();
         let mut failed = 0;
         let mut alive = Vec::new();
         for (backend, mut stream) in streams {
             if backend == "doomed" {
-                let status = timeout(Duration::from_secs(5), stream.message()).await.unwrap().unwrap_err();
+                let status = timeout(Duration::from_secs(5), stream.message())
+                    .await
+                    .unwrap()
+                    .unwrap_err();
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
                 failed += 1;
             } else {
@@ -142,13 +185,17 @@ async fn a_killed_backend_fails_only_its_streams_and_occupancy_returns_to_zero()
         assert_eq!(healthy.state.holding.load(Ordering::SeqCst), alive.len());
         let mut fresh = client.clone();
         for _ in 0..5 {
-            let response = fresh.unary(request(Bytes::from_static(b"x"), &[])).await.unwrap();
+            let response = fresh
+                .unary(request(Bytes::from_static(b"x"), &[]))
+                .await
+                .unwrap();
             assert_eq!(backend_of(response.metadata()), "healthy");
         }
         drop(alive);
         // Nothing leaks: no stream anywhere, no connection to the dead one.
         let settled = eventually(Duration::from_secs(5), || {
-            occupancy(&app, &doomed.address()) == (0, 0) && occupancy(&app, &healthy.address()).0 == 0
+            occupancy(&app, &doomed.address()) == (0, 0)
+                && occupancy(&app, &healthy.address()).0 == 0
         })
         .await;
         assert!(settled, "{:#?}", app.runtime().report());
@@ -164,28 +211,46 @@ async fn settings_and_addresses_change_live_without_cutting_streams() {
         let second = Backend::start("second").await;
         let app = agent().await;
         app.runtime()
-            .apply(vec![pool("echo", &[first.address()]).max_streams(10).build()])
+            .apply(vec![
+                pool("echo", &[first.address()]).max_streams(10).build(),
+            ])
             .unwrap();
         let mut client = Client::connect(app.proxy_addr(), "echo").await;
-        let mut held = client.hold(request(Bytes::from_static(b"x"), &[])).await.unwrap().into_inner();
+        let mut held = client
+            .hold(request(Bytes::from_static(b"x"), &[]))
+            .await
+            .unwrap()
+            .into_inner();
         held.message().await.unwrap().unwrap();
 
         // New settings, the old address replaced by a new one.
         app.runtime()
-            .apply(vec![pool("echo", &[second.address()]).max_streams(3).generation(2).build()])
+            .apply(vec![
+                pool("echo", &[second.address()])
+                    .max_streams(3)
+                    .generation(2)
+                    .build(),
+            ])
             .unwrap();
         let report = &app.runtime().report()[0];
         assert_eq!((report.generation, report.settings.max_streams), (2, 3));
         // New streams go to the new address only.
         for _ in 0..5 {
-            let response = client.unary(request(Bytes::from_static(b"y"), &[])).await.unwrap();
+            let response = client
+                .unary(request(Bytes::from_static(b"y"), &[]))
+                .await
+                .unwrap();
             assert_eq!(backend_of(response.metadata()), "second");
         }
         // The old stream is still alive and still draining its connection.
         assert_eq!(first.state.holding.load(Ordering::SeqCst), 1);
         assert_eq!(first.state.cancelled.load(Ordering::SeqCst), 0);
         drop(held);
-        assert!(eventually(Duration::from_secs(3), || occupancy(&app, &first.address()) == (0, 0)).await);
+        assert!(
+            eventually(Duration::from_secs(3), || occupancy(&app, &first.address())
+                == (0, 0))
+            .await
+        );
     })
     .await
     .unwrap();
@@ -206,16 +271,20 @@ async fn ten_thousand_concurrent_streams_complete() {
         .await;
         app.runtime()
             .apply(vec![
-                pool("echo", &backends.iter().map(Backend::address).collect::<Vec<_>>())
-                    .size(100)
-                    .max_idle(100)
-                    .max_streams(100)
-                    .build(),
+                pool(
+                    "echo",
+                    &backends.iter().map(Backend::address).collect::<Vec<_>>(),
+                )
+                .size(100)
+                .max_idle(100)
+                .max_streams(100)
+                .build(),
             ])
             .unwrap();
         let n = 10_000usize;
         let clients: Vec<Client> =
-            futures::future::join_all((0..4).map(|_| Client::connect(app.proxy_addr(), "echo"))).await;
+            futures::future::join_all((0..4).map(|_| Client::connect(app.proxy_addr(), "echo")))
+                .await;
         let started = std::time::Instant::now();
         // Streams open as fast as they reach the backend, at most 500 on the
         // way at a time (a cold pool dials one connection per address at a
@@ -234,12 +303,21 @@ async fn ten_thousand_concurrent_streams_complete() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        let all_in_flight = eventually(Duration::from_secs(60), || gate.arrived.load(Ordering::SeqCst) == n).await;
+        let all_in_flight = eventually(Duration::from_secs(60), || {
+            gate.arrived.load(Ordering::SeqCst) == n
+        })
+        .await;
         let in_flight = gate.arrived.load(Ordering::SeqCst);
-        let streams: usize = backends.iter().map(|b| occupancy(&app, &b.address()).0).sum();
+        let streams: usize = backends
+            .iter()
+            .map(|b| occupancy(&app, &b.address()).0)
+            .sum();
         if !all_in_flight {
             eprintln!("{:#?}", app.runtime().report());
-            eprintln!("accepts {:?}", backends.iter().map(Backend::accepts).collect::<Vec<_>>());
+            eprintln!(
+                "accepts {:?}",
+                backends.iter().map(Backend::accepts).collect::<Vec<_>>()
+            );
         }
         gate.open();
         let results = futures::future::join_all(calls).await;
@@ -253,14 +331,24 @@ async fn ten_thousand_concurrent_streams_complete() {
             }
         }
         assert!(errors.is_empty(), "{errors:#?}");
-        assert!(all_in_flight, "only {in_flight} of {n} streams were in flight together");
+        assert!(
+            all_in_flight,
+            "only {in_flight} of {n} streams were in flight together"
+        );
         assert_eq!(streams, n, "the pools did not hold {n} streams at once");
         // Pooled: ceil(N / maxStreams) connections per address at most.
         for backend in &backends {
-            assert!(backend.accepts() <= n.div_ceil(100), "{}", backend.accepts());
+            assert!(
+                backend.accepts() <= n.div_ceil(100),
+                "{}",
+                backend.accepts()
+            );
         }
         assert!(
-            eventually(Duration::from_secs(5), || backends.iter().all(|b| occupancy(&app, &b.address()).0 == 0)).await
+            eventually(Duration::from_secs(5), || backends
+                .iter()
+                .all(|b| occupancy(&app, &b.address()).0 == 0))
+            .await
         );
         eprintln!("{n} concurrent streams in {:?}", started.elapsed());
     })

@@ -20,7 +20,11 @@ use tokio_util::sync::CancellationToken;
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn manifest(name: &str, addresses: &[String], extra: &str) -> String {
-    let list = addresses.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
+    let list = addresses
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "---\napiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: {name}, namespace: shop}}\n\
          spec: {{target: {{addresses: [{list}]}}, size: 4, maxStreams: 10{extra}}}\n"
@@ -35,12 +39,23 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let mut text = String::new();
     tcp.read_to_string(&mut text).await.unwrap();
-    let status = text.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
-async fn served_by(app: &tidepool_agent::app::App, authority: &str) -> Result<String, tonic::Status> {
+async fn served_by(
+    app: &tidepool_agent::app::App,
+    authority: &str,
+) -> Result<String, tonic::Status> {
     let mut client = Client::connect(app.proxy_addr(), authority).await;
     let response = client.unary(request(Bytes::from_static(b"x"), &[])).await?;
     Ok(backend_of(response.metadata()))
@@ -89,14 +104,19 @@ async fn the_file_is_reloaded_when_it_changes_and_a_bad_one_is_refused() {
         std::fs::write(&file, manifest("echo", &[one.address()], ", maxIdle: 9")).unwrap();
         let err = standalone::load(&file).unwrap_err().to_string();
         assert!(
-            err.contains(&file.display().to_string()) && err.contains("shop/echo") && err.contains("spec.maxIdle"),
+            err.contains(&file.display().to_string())
+                && err.contains("shop/echo")
+                && err.contains("spec.maxIdle"),
             "{err}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(served_by(&app, "echo.shop").await.unwrap(), "two");
         assert!(served_by(&app, "other.shop").await.is_ok());
         let (_, metrics) = http_get(app.admin_addr(), "/metrics").await;
-        assert!(metrics.contains("tidepool_config_applies_total{result=\"error\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("tidepool_config_applies_total{result=\"error\"} 1"),
+            "{metrics}"
+        );
         stop.cancel();
     })
     .await
@@ -109,14 +129,29 @@ async fn admin_endpoints_report_health_metrics_and_per_address_occupancy() {
         let backend = Backend::start("one").await;
         let app = agent().await;
         app.runtime()
-            .apply(vec![pool("echo", &[backend.address()]).size(3).max_streams(7).build()])
+            .apply(vec![
+                pool("echo", &[backend.address()])
+                    .size(3)
+                    .max_streams(7)
+                    .build(),
+            ])
             .unwrap();
         let mut client = Client::connect(app.proxy_addr(), "echo").await;
-        let mut held = client.hold(request(Bytes::from_static(b"x"), &[])).await.unwrap().into_inner();
+        let mut held = client
+            .hold(request(Bytes::from_static(b"x"), &[]))
+            .await
+            .unwrap()
+            .into_inner();
         held.message().await.unwrap().unwrap();
-        client.unary(request(Bytes::from_static(b"y"), &[("x-fail-code", "5")])).await.unwrap_err();
+        client
+            .unary(request(Bytes::from_static(b"y"), &[("x-fail-code", "5")]))
+            .await
+            .unwrap_err();
 
-        assert_eq!(http_get(app.admin_addr(), "/healthz").await, (200, "ok\n".to_owned()));
+        assert_eq!(
+            http_get(app.admin_addr(), "/healthz").await,
+            (200, "ok\n".to_owned())
+        );
         let (status, body) = http_get(app.admin_addr(), "/pools").await;
         assert_eq!(status, 200);
         let pools: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -173,7 +208,9 @@ async fn the_binary_serves_a_file_and_drains_on_sigterm() {
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let mut ready = false;
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(admin).await.is_ok() && http_get(admin, "/readyz").await.0 == 200 {
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && http_get(admin, "/readyz").await.0 == 200
+            {
                 ready = true;
                 break;
             }
@@ -184,12 +221,19 @@ async fn the_binary_serves_a_file_and_drains_on_sigterm() {
         let mut client = Client::connect(proxy, "echo.shop").await;
         let slow = tokio::spawn(async move {
             client
-                .unary(request(Bytes::from_static(b"slow"), &[("x-sleep-ms", "1000")]))
+                .unary(request(
+                    Bytes::from_static(b"slow"),
+                    &[("x-sleep-ms", "1000")],
+                ))
                 .await
                 .map(|r| r.into_inner())
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let killed = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         assert!(killed.success());
         // The stream in flight finishes.
         assert_eq!(slow.await.unwrap().unwrap().as_ref(), b"slow");
@@ -217,7 +261,10 @@ async fn the_binary_serves_a_file_and_drains_on_sigterm() {
 fn the_binary_refuses_an_invalid_file_naming_file_resource_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad-pools.yaml");
-    write(&file, &manifest("echo", &["127.0.0.1:1".to_owned()], ", maxIdle: 5"));
+    write(
+        &file,
+        &manifest("echo", &["127.0.0.1:1".to_owned()], ", maxIdle: 5"),
+    );
     let output = Command::new(agent_binary())
         .arg("--standalone")
         .arg(&file)

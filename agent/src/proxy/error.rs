@@ -62,16 +62,20 @@ impl Error {
             Error::Route(RouteError::Missing) => Code::InvalidArgument,
             Error::Route(_) => Code::Unimplemented,
             Error::Pool(pool::Error::Full { .. }) => Code::ResourceExhausted,
-            Error::Pool(_) | Error::NoDedicatedPool { .. } | Error::NoAddresses { .. } | Error::Backend { .. } => {
-                Code::Unavailable
-            }
+            Error::Pool(_)
+            | Error::NoDedicatedPool { .. }
+            | Error::NoAddresses { .. }
+            | Error::Backend { .. } => Code::Unavailable,
             Error::Deadline { .. } => Code::DeadlineExceeded,
         }
     }
 
     /// Whether nothing reached the backend, so another attempt is safe.
     pub fn retryable(&self) -> bool {
-        matches!(self, Error::Pool(pool::Error::Dial { .. }) | Error::Backend { .. })
+        matches!(
+            self,
+            Error::Pool(pool::Error::Dial { .. }) | Error::Backend { .. }
+        )
     }
 }
 

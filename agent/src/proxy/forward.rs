@@ -35,7 +35,10 @@ const ATTEMPTS: usize = 2;
 
 /// Forwards `request` through `entry`'s pool and returns the response to
 /// send the client; errors become gRPC statuses naming what failed.
-pub(crate) async fn forward(entry: Arc<PoolEntry>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn forward(
+    entry: Arc<PoolEntry>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let mut stream = Some(StreamGuard::new(entry.metrics.clone()));
     let span = tracing::debug_span!("stream", pool = %entry.key, path = %request.uri().path());
     match open(&entry, request, &mut stream).instrument(span).await {
@@ -104,7 +107,10 @@ async fn open(
     let (mut parts, body) = request.into_parts();
     // hyper's extensions mean nothing to the backend connection.
     parts.extensions = http::Extensions::new();
-    let timeout = parts.headers.get("grpc-timeout").and_then(parse_grpc_timeout);
+    let timeout = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(parse_grpc_timeout);
     let deadline = timeout.map(|t| started + t);
     let pool_name = || entry.key.clone();
 
@@ -131,14 +137,18 @@ async fn open(
         timeout: timeout.unwrap_or_default(),
     };
     let (lease, mut sender) = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, connect).await.map_err(deadline_passed)??,
+        Some(deadline) => tokio::time::timeout_at(deadline, connect)
+            .await
+            .map_err(deadline_passed)??,
         None => connect.await?,
     };
 
     if let Some(deadline) = deadline {
         // The backend gets what is left of the client's budget.
         let left = deadline.saturating_duration_since(Instant::now());
-        parts.headers.insert("grpc-timeout", encode_grpc_timeout(left));
+        parts
+            .headers
+            .insert("grpc-timeout", encode_grpc_timeout(left));
     }
     let mut body = body;
     // What of the request has already arrived (usually a whole unary
@@ -221,7 +231,10 @@ async fn open(
 
 /// Takes a stream on a connection to `addr` and waits until the connection
 /// can open it.
-async fn ready(entry: &PoolEntry, addr: &str) -> Result<(Lease<H2Conn>, h2::client::SendRequest<Bytes>)> {
+async fn ready(
+    entry: &PoolEntry,
+    addr: &str,
+) -> Result<(Lease<H2Conn>, h2::client::SendRequest<Bytes>)> {
     let lease = entry.pool.acquire(addr).await?;
     match lease.conn().sender().ready().await {
         Ok(sender) => Ok((lease, sender)),
@@ -303,7 +316,11 @@ async fn pump(mut body: Incoming, mut send: SendStream<Bytes>) {
 
 /// Sends `data` as the backend's window allows, in as many DATA frames as
 /// that takes.
-async fn send_data(send: &mut SendStream<Bytes>, mut data: Bytes, end: bool) -> Result<(), h2::Error> {
+async fn send_data(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), h2::Error> {
     if data.is_empty() {
         return send.send_data(data, end);
     }
@@ -348,7 +365,10 @@ mod tests {
         ] {
             let encoded = encode_grpc_timeout(t);
             let back = parse_grpc_timeout(&encoded).unwrap();
-            assert!(back <= t && t - back < Duration::from_secs(1), "{t:?} -> {encoded:?}");
+            assert!(
+                back <= t && t - back < Duration::from_secs(1),
+                "{t:?} -> {encoded:?}"
+            );
         }
     }
 

@@ -35,7 +35,11 @@ pub enum Target {
 }
 
 /// Answers one request: refuses what is not gRPC, finds the pool, forwards.
-pub(crate) async fn handle(runtime: &Runtime, target: Target, request: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(
+    runtime: &Runtime,
+    target: Target,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     if let Some(refusal) = refuse_non_grpc(&request) {
         runtime.metrics().rejected("not_grpc");
         return refusal;
@@ -47,16 +51,25 @@ pub(crate) async fn handle(runtime: &Runtime, target: Target, request: Request<I
                 .uri()
                 .authority()
                 .map(|a| a.as_str())
-                .or_else(|| request.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
                 .unwrap_or("");
-            table.routes.lookup(authority).map_err(Error::from).and_then(|key| {
-                // Routes and pools come from one configuration: always found.
-                table.pools.get(key).ok_or_else(|| {
-                    Error::Route(RouteError::Unknown {
-                        authority: authority.to_owned(),
+            table
+                .routes
+                .lookup(authority)
+                .map_err(Error::from)
+                .and_then(|key| {
+                    // Routes and pools come from one configuration: always found.
+                    table.pools.get(key).ok_or_else(|| {
+                        Error::Route(RouteError::Unknown {
+                            authority: authority.to_owned(),
+                        })
                     })
                 })
-            })
         }
         Target::Dedicated(port) => table
             .ports
@@ -73,7 +86,10 @@ pub(crate) async fn handle(runtime: &Runtime, target: Target, request: Request<I
 }
 
 fn refusal(runtime: &Runtime, error: Error) -> Response<ProxyBody> {
-    if matches!(error, Error::Route(RouteError::Unknown { .. } | RouteError::Ambiguous { .. })) {
+    if matches!(
+        error,
+        Error::Route(RouteError::Unknown { .. } | RouteError::Ambiguous { .. })
+    ) {
         runtime.metrics().rejected("unknown_authority");
     }
     tracing::debug!(%error, "stream refused before reaching a pool");
@@ -86,7 +102,10 @@ fn refuse_non_grpc(request: &Request<Incoming>) -> Option<Response<ProxyBody>> {
     if request.method() != Method::POST {
         return Some(status::http_error(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("tidepool-agent proxies gRPC: method {} is not POST\n", request.method()),
+            format!(
+                "tidepool-agent proxies gRPC: method {} is not POST\n",
+                request.method()
+            ),
         ));
     }
     let content_type = request

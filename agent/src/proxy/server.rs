@@ -26,7 +26,12 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Serves `listener` until `stop` is cancelled; each connection is a task on
 /// the runtime's drain tracker and, once `stop` fires, sends GOAWAY and
 /// finishes its open streams.
-pub async fn serve(listener: TcpListener, target: Target, runtime: Runtime, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    target: Target,
+    runtime: Runtime,
+    stop: CancellationToken,
+) {
     let label = match target {
         Target::Shared => "shared".to_owned(),
         Target::Dedicated(port) => port.to_string(),
@@ -174,7 +179,11 @@ struct Replayed {
 }
 
 impl AsyncRead for Replayed {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.replay < PREFACE.len() {
             let rest = &PREFACE[self.replay..];
             let n = rest.len().min(buf.remaining());
@@ -187,7 +196,11 @@ impl AsyncRead for Replayed {
 }
 
 impl AsyncWrite for Replayed {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.tcp).poll_write(cx, buf)
     }
 

@@ -149,9 +149,10 @@ pub fn grpc_error(code: Code, message: &str) -> Response<ProxyBody> {
 pub fn http_error(status: StatusCode, message: String) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(message)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -165,13 +166,22 @@ mod tests {
             assert_eq!(*code as usize, n);
             assert_eq!(Code::from_header(&HeaderValue::from(n)), *code);
         }
-        assert_eq!(Code::from_header(&HeaderValue::from_static("17")), Code::Unknown);
-        assert_eq!(Code::from_header(&HeaderValue::from_static("x")), Code::Unknown);
+        assert_eq!(
+            Code::from_header(&HeaderValue::from_static("17")),
+            Code::Unknown
+        );
+        assert_eq!(
+            Code::from_header(&HeaderValue::from_static("x")),
+            Code::Unknown
+        );
     }
 
     #[test]
     fn messages_are_percent_encoded() {
-        assert_eq!(percent_encode("dial 10.0.0.1:5 failed"), "dial 10.0.0.1:5 failed");
+        assert_eq!(
+            percent_encode("dial 10.0.0.1:5 failed"),
+            "dial 10.0.0.1:5 failed"
+        );
         assert_eq!(percent_encode("100% \"é\"\n"), "100%25 \"%C3%A9\"%0A");
     }
 }

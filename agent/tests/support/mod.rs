@@ -27,7 +27,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::Service;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::server::{ClientStreamingService, Grpc, ServerStreamingService, StreamingService, UnaryService};
+use tonic::server::{
+    ClientStreamingService, Grpc, ServerStreamingService, StreamingService, UnaryService,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -175,7 +177,9 @@ impl Backend {
                 }
             })
         };
-        let service = EchoService { state: state.clone() };
+        let service = EchoService {
+            state: state.clone(),
+        };
         let server = tonic::transport::Server::builder().serve_with_incoming(service, incoming);
         tokio::spawn(server);
         Backend { addr, state, kill }
@@ -215,7 +219,11 @@ fn broken() -> io::Error {
 }
 
 impl AsyncRead for Killable {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.killed(cx) {
             return Poll::Ready(Err(broken()));
         }
@@ -224,7 +232,11 @@ impl AsyncRead for Killable {
 }
 
 impl AsyncWrite for Killable {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.killed(cx) {
             return Poll::Ready(Err(broken()));
         }
@@ -297,7 +309,10 @@ fn response_headers(state: &BackendState, request: &MetadataMap) -> MetadataMap 
 }
 
 fn number(request: &MetadataMap, key: &str) -> Option<u64> {
-    request.get(key).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    request
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 fn failure(state: &BackendState, request: &MetadataMap) -> Option<Status> {
@@ -360,7 +375,8 @@ impl ServerStreamingService<Bytes> for ServerStream {
         let state = self.0.clone();
         Box::pin(async move {
             let count = number(request.metadata(), "x-count").unwrap_or(3);
-            let interval = Duration::from_millis(number(request.metadata(), "x-interval-ms").unwrap_or(0));
+            let interval =
+                Duration::from_millis(number(request.metadata(), "x-interval-ms").unwrap_or(0));
             let headers = response_headers(&state, request.metadata());
             let message = request.into_inner();
             let finish = Finish {
@@ -392,7 +408,10 @@ fn async_stream(
                 let mut trailers = MetadataMap::new();
                 trailers.insert("x-trailer", "done".parse().unwrap());
                 trailers.insert_bin("x-trailer-bin", MetadataValue::from_bytes(&[0, 1, 2, 255]));
-                return Some((Err(Status::with_metadata(Code::Ok, "", trailers)), (sent, None)));
+                return Some((
+                    Err(Status::with_metadata(Code::Ok, "", trailers)),
+                    (sent, None),
+                ));
             }
             if sent > 0 && !interval.is_zero() {
                 tokio::time::sleep(interval).await;
@@ -441,17 +460,20 @@ impl StreamingService<Bytes> for Bidi {
                 state: state.clone(),
                 done: false,
             };
-            let stream = futures::stream::unfold((request.into_inner(), Some(finish)), |(mut input, finish)| async move {
-                let mut finish = finish?;
-                match input.message().await {
-                    Ok(Some(message)) => Some((Ok(message), (input, Some(finish)))),
-                    Ok(None) => {
-                        finish.done = true;
-                        None
+            let stream = futures::stream::unfold(
+                (request.into_inner(), Some(finish)),
+                |(mut input, finish)| async move {
+                    let mut finish = finish?;
+                    match input.message().await {
+                        Ok(Some(message)) => Some((Ok(message), (input, Some(finish)))),
+                        Ok(None) => {
+                            finish.done = true;
+                            None
+                        }
+                        Err(status) => Some((Err(status), (input, None))),
                     }
-                    Err(status) => Some((Err(status), (input, None))),
-                }
-            });
+                },
+            );
             let mut response = Response::new(Box::pin(stream) as BoxStream);
             *response.metadata_mut() = headers;
             Ok(response)
@@ -571,20 +593,39 @@ impl Client {
 
     /// Calls `Unary`.
     pub async fn unary(&mut self, request: Request<Bytes>) -> Result<Response<Bytes>, Status> {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         self.grpc.unary(request, path("Unary"), BytesCodec).await
     }
 
     /// Calls `ServerStream`.
-    pub async fn server_stream(&mut self, request: Request<Bytes>) -> Result<Response<Streaming<Bytes>>, Status> {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc.server_streaming(request, path("ServerStream"), BytesCodec).await
+    pub async fn server_stream(
+        &mut self,
+        request: Request<Bytes>,
+    ) -> Result<Response<Streaming<Bytes>>, Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .server_streaming(request, path("ServerStream"), BytesCodec)
+            .await
     }
 
     /// Calls `Hold`.
-    pub async fn hold(&mut self, request: Request<Bytes>) -> Result<Response<Streaming<Bytes>>, Status> {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc.server_streaming(request, path("Hold"), BytesCodec).await
+    pub async fn hold(
+        &mut self,
+        request: Request<Bytes>,
+    ) -> Result<Response<Streaming<Bytes>>, Status> {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .server_streaming(request, path("Hold"), BytesCodec)
+            .await
     }
 
     /// Calls `ClientStream`.
@@ -592,16 +633,27 @@ impl Client {
     where
         S: Stream<Item = Bytes> + Send + 'static,
     {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc.client_streaming(request, path("ClientStream"), BytesCodec).await
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .client_streaming(request, path("ClientStream"), BytesCodec)
+            .await
     }
 
     /// Calls `Bidi`.
-    pub async fn bidi<S>(&mut self, request: Request<S>) -> Result<Response<Streaming<Bytes>>, Status>
+    pub async fn bidi<S>(
+        &mut self,
+        request: Request<S>,
+    ) -> Result<Response<Streaming<Bytes>>, Status>
     where
         S: Stream<Item = Bytes> + Send + 'static,
     {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         self.grpc.streaming(request, path("Bidi"), BytesCodec).await
     }
 }
@@ -634,7 +686,8 @@ pub struct PoolBuilder {
 
 /// A static pool named `name` in namespace `default`.
 pub fn pool(name: &str, addresses: &[String]) -> PoolBuilder {
-    let spec: ConnectionPoolSpec = serde_yaml::from_str("target: {addresses: ['127.0.0.1:1']}").unwrap();
+    let spec: ConnectionPoolSpec =
+        serde_yaml::from_str("target: {addresses: ['127.0.0.1:1']}").unwrap();
     let mut builder = PoolBuilder {
         config: PoolConfig {
             namespace: "default".into(),
@@ -739,7 +792,9 @@ pub fn occupancy(app: &App, addr: &str) -> (usize, usize) {
         .iter()
         .flat_map(|p| p.addresses.iter())
         .filter(|a| a.address == addr)
-        .fold((0, 0), |(s, c), a| (s + a.streams, c + a.connections + a.draining + a.overflow))
+        .fold((0, 0), |(s, c), a| {
+            (s + a.streams, c + a.connections + a.draining + a.overflow)
+        })
 }
 
 /// A TCP load balancer on loopback: each new connection goes to the next
