@@ -23,14 +23,18 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+/// One agent session as the test sees it: what the agent sends, and a
+/// sender for what the operator answers.
+type Session = (
+    Streaming<pb::AgentMessage>,
+    mpsc::Sender<Result<pb::OperatorMessage, Status>>,
+);
+
 /// A fake operator: hands each session's inbound messages to the test and
 /// lets it send snapshots.
 #[derive(Clone)]
 struct FakeOperator {
-    sessions: mpsc::Sender<(
-        Streaming<pb::AgentMessage>,
-        mpsc::Sender<Result<pb::OperatorMessage, Status>>,
-    )>,
+    sessions: mpsc::Sender<Session>,
 }
 
 #[tonic::async_trait]
@@ -50,10 +54,7 @@ impl Control for FakeOperator {
     }
 }
 
-type Sessions = mpsc::Receiver<(
-    Streaming<pb::AgentMessage>,
-    mpsc::Sender<Result<pb::OperatorMessage, Status>>,
-)>;
+type Sessions = mpsc::Receiver<Session>;
 
 async fn start_operator(addr: SocketAddr) -> (Sessions, CancellationToken, SocketAddr) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
