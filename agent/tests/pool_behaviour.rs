@@ -8,8 +8,8 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tidepool_agent::pool::memory::{MemoryConn, MemoryConnector};
 use tidepool_agent::pool::{
-    CloseReason, ConnEvent, Connected, ConnectionState, Connector, Error, EvictionReason, Outcome, Pool, PoolMetrics,
-    Settings, WhenFull,
+    CloseReason, ConnEvent, Connected, ConnectionState, Connector, Error, EvictionReason, Outcome,
+    Pool, PoolMetrics, Settings, WhenFull,
 };
 use tokio::time::{Instant, advance};
 
@@ -18,12 +18,21 @@ const B: &str = "10.0.0.2:50051";
 
 fn pool(settings: Settings) -> (Pool<MemoryConnector>, MemoryConnector) {
     let connector = MemoryConnector::new();
-    let pool = Pool::new("shop/payments", settings, connector.clone(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "shop/payments",
+        settings,
+        connector.clone(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     (pool, connector)
 }
 
 fn occupancy(pool: &Pool<MemoryConnector>, addr: &str) -> tidepool_agent::pool::AddressOccupancy {
-    pool.snapshot().into_iter().find(|o| o.address == addr).expect("address in snapshot")
+    pool.snapshot()
+        .into_iter()
+        .find(|o| o.address == addr)
+        .expect("address in snapshot")
 }
 
 /// Lets spawned pool tasks (dials, watchers) run.
@@ -51,7 +60,13 @@ impl Connector for Stuck {
 
 #[tokio::test(start_paused = true)]
 async fn a_dial_in_flight_blocks_neither_other_addresses_nor_the_same_one() {
-    let pool = Pool::new("p", Settings::default(), Stuck::default(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "p",
+        Settings::default(),
+        Stuck::default(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     let stuck = tokio::spawn({
         let pool = pool.clone();
         async move { pool.acquire("slow:1").await.map(|_| ()) }
@@ -59,9 +74,16 @@ async fn a_dial_in_flight_blocks_neither_other_addresses_nor_the_same_one() {
     settle().await;
     // The dial to slow:1 is in flight; another address is served, and the
     // slow address's own state is readable (its lock is free).
-    let lease = tokio::time::timeout(Duration::from_secs(1), pool.acquire("fast:1")).await.unwrap().unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(1), pool.acquire("fast:1"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lease.address(), "fast:1");
-    let slow = pool.snapshot().into_iter().find(|o| o.address == "slow:1").unwrap();
+    let slow = pool
+        .snapshot()
+        .into_iter()
+        .find(|o| o.address == "slow:1")
+        .unwrap();
     assert_eq!((slow.waiters, slow.connections), (1, 0));
     assert_eq!(pool.active_streams("slow:1"), 0);
     stuck.abort();
@@ -123,12 +145,24 @@ async fn connections_are_closed_with_no_lock_held() {
         closed_under_lock: Arc::default(),
         closed: Arc::default(),
     };
-    let pool = Pool::new("p", Settings::default().max_idle(0), connector.clone(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "p",
+        Settings::default().max_idle(0),
+        connector.clone(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     connector.pool.set(pool.clone()).ok().unwrap();
     // maxIdle 0: the release closes the connection.
     pool.acquire(A).await.unwrap().finish(Outcome::Ok);
-    assert!(connector.closed.load(Ordering::SeqCst), "the idle connection was not closed");
-    assert!(!connector.closed_under_lock.load(Ordering::SeqCst), "closed while holding the address lock");
+    assert!(
+        connector.closed.load(Ordering::SeqCst),
+        "the idle connection was not closed"
+    );
+    assert!(
+        !connector.closed_under_lock.load(Ordering::SeqCst),
+        "closed while holding the address lock"
+    );
 }
 
 // 2. One dial in flight per address.
@@ -148,7 +182,11 @@ async fn concurrent_misses_share_one_dial() {
         leases.push(t.await.unwrap());
     }
     assert_eq!(connector.attempts(A), 1, "each miss dialed");
-    assert!(leases.iter().all(|l| l.connection_id() == leases[0].connection_id()));
+    assert!(
+        leases
+            .iter()
+            .all(|l| l.connection_id() == leases[0].connection_id())
+    );
     assert_eq!(occupancy(&pool, A).streams, 20);
     assert_eq!(occupancy(&pool, A).dials, 1);
 }
@@ -164,7 +202,10 @@ async fn ttl_retires_a_busy_connection_which_closes_at_its_last_stream() {
     advance(ttl.mul_f64(1.11)).await;
     settle().await;
     let info = pool.connections(A);
-    assert_eq!(info[0].state, ConnectionState::Draining(EvictionReason::Ttl));
+    assert_eq!(
+        info[0].state,
+        ConnectionState::Draining(EvictionReason::Ttl)
+    );
     // No new stream on it: the next acquire dials.
     let new = pool.acquire(A).await.unwrap();
     assert_ne!(new.conn().id(), old_id);
@@ -196,7 +237,13 @@ async fn an_idle_connection_past_its_ttl_is_closed_by_its_timer() {
 #[tokio::test(start_paused = true)]
 async fn ttl_is_jittered_within_ten_percent() {
     let ttl = Duration::from_secs(100);
-    let (pool, _connector) = pool(Settings::default().ttl(ttl).max_streams(1).size(50).max_idle(50));
+    let (pool, _connector) = pool(
+        Settings::default()
+            .ttl(ttl)
+            .max_streams(1)
+            .size(50)
+            .max_idle(50),
+    );
     let mut leases = Vec::new();
     for _ in 0..50 {
         leases.push(pool.acquire(A).await.unwrap());
@@ -204,10 +251,17 @@ async fn ttl_is_jittered_within_ten_percent() {
     let info = pool.connections(A);
     assert_eq!(info.len(), 50);
     let lifetimes: Vec<Duration> = info.iter().map(|c| c.expires - c.born).collect();
-    assert!(lifetimes.iter().all(|l| *l >= ttl.mul_f64(0.9) && *l <= ttl.mul_f64(1.1)));
+    assert!(
+        lifetimes
+            .iter()
+            .all(|l| *l >= ttl.mul_f64(0.9) && *l <= ttl.mul_f64(1.1))
+    );
     let min = lifetimes.iter().min().unwrap();
     let max = lifetimes.iter().max().unwrap();
-    assert!(*max - *min > Duration::from_secs(5), "lifetimes barely spread: {min:?}..{max:?}");
+    assert!(
+        *max - *min > Duration::from_secs(5),
+        "lifetimes barely spread: {min:?}..{max:?}"
+    );
 }
 
 // 4. Only transport failures evict.
@@ -219,7 +273,11 @@ async fn an_application_error_keeps_the_connection_and_a_transport_error_evicts_
     let id = lease.conn().id();
     lease.finish(Outcome::ApplicationError);
     let lease = pool.acquire(A).await.unwrap();
-    assert_eq!(lease.conn().id(), id, "an application error replaced the connection");
+    assert_eq!(
+        lease.conn().id(),
+        id,
+        "an application error replaced the connection"
+    );
     assert_eq!(occupancy(&pool, A).evictions.total(), 0);
     lease.finish(Outcome::TransportError);
     assert!(!connector.is_open(id));
@@ -253,7 +311,11 @@ async fn a_cancelled_caller_releases_its_stream_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiter_cancelled_in_the_queue_leaves_it_and_loses_no_stream() {
-    let settings = Settings::default().size(1).max_idle(1).max_streams(1).when_full(WhenFull::Wait);
+    let settings = Settings::default()
+        .size(1)
+        .max_idle(1)
+        .max_streams(1)
+        .when_full(WhenFull::Wait);
     let (pool, _connector) = pool(settings.acquire_timeout(Duration::from_secs(10)));
     let first = pool.acquire(A).await.unwrap();
     let waiter = tokio::spawn({
@@ -281,7 +343,10 @@ async fn the_servers_stream_limit_caps_the_setting() {
     let leases: Vec<_> = futures::future::join_all((0..4).map(|_| pool.acquire(A))).await;
     let leases: Vec<_> = leases.into_iter().map(Result::unwrap).collect();
     let first = leases[0].connection_id();
-    assert_eq!(leases.iter().filter(|l| l.connection_id() == first).count(), 3);
+    assert_eq!(
+        leases.iter().filter(|l| l.connection_id() == first).count(),
+        3
+    );
     assert_eq!(pool.connections(A).len(), 2);
     assert_eq!(pool.connections(A)[0].max_streams, 3);
     // The server lowers it to 2 later: the connection takes no more streams
@@ -290,7 +355,11 @@ async fn the_servers_stream_limit_caps_the_setting() {
     let conn_id = leases[3].conn().id();
     assert!(connector.send(conn_id, ConnEvent::MaxConcurrentStreams(1)));
     settle().await;
-    let info = pool.connections(A).into_iter().find(|c| c.id == second).unwrap();
+    let info = pool
+        .connections(A)
+        .into_iter()
+        .find(|c| c.id == second)
+        .unwrap();
     assert_eq!((info.max_streams, info.state), (1, ConnectionState::Busy));
 }
 
@@ -308,7 +377,10 @@ async fn goaway_drains_a_busy_connection_and_closes_an_idle_one() {
     assert!(!connector.is_open(idle_id));
     assert_eq!(occupancy(&pool, B).evictions.keepalive, 1);
     assert!(connector.is_open(busy_id), "goaway cut a running stream");
-    assert_eq!(pool.connections(A)[0].state, ConnectionState::Draining(EvictionReason::GoAway));
+    assert_eq!(
+        pool.connections(A)[0].state,
+        ConnectionState::Draining(EvictionReason::GoAway)
+    );
     assert_ne!(pool.acquire(A).await.unwrap().conn().id(), busy_id);
     drop(busy);
     assert!(!connector.is_open(busy_id));
@@ -324,10 +396,16 @@ async fn overflow_dials_an_unpooled_connection_and_counts_it() {
     let extra = pool.acquire(A).await.unwrap();
     assert_ne!(extra.conn().id(), pooled.conn().id());
     let o = occupancy(&pool, A);
-    assert_eq!((o.connections, o.overflow, o.overflow_total, o.streams), (1, 1, 1, 2));
+    assert_eq!(
+        (o.connections, o.overflow, o.overflow_total, o.streams),
+        (1, 1, 1, 2)
+    );
     let extra_id = extra.conn().id();
     drop(extra);
-    assert!(!connector.is_open(extra_id), "an overflow connection outlived its stream in a full pool");
+    assert!(
+        !connector.is_open(extra_id),
+        "an overflow connection outlived its stream in a full pool"
+    );
     assert_eq!(occupancy(&pool, A).overflow, 0);
 }
 
@@ -383,11 +461,16 @@ async fn a_smaller_size_drains_the_surplus_without_cutting_a_stream() {
     let mut leases: Vec<_> = leases.into_iter().map(Result::unwrap).collect();
     drop(leases.pop()); // one idle connection
     assert_eq!(occupancy(&pool, A).connections, 4);
-    pool.reconfigure(Settings::default().size(1).max_idle(1).max_streams(1)).unwrap();
+    pool.reconfigure(Settings::default().size(1).max_idle(1).max_streams(1))
+        .unwrap();
     assert_eq!(pool.settings().size, 1);
     let o = occupancy(&pool, A);
     assert_eq!((o.connections, o.draining, o.streams), (1, 2, 3));
-    assert_eq!(connector.open_connections(), 3, "the idle one closes, the busy ones stay");
+    assert_eq!(
+        connector.open_connections(),
+        3,
+        "the idle one closes, the busy ones stay"
+    );
     for lease in leases.drain(..) {
         lease.finish(Outcome::Ok);
     }
@@ -400,12 +483,19 @@ async fn a_smaller_size_drains_the_surplus_without_cutting_a_stream() {
 #[tokio::test(start_paused = true)]
 async fn reconfigure_refuses_bad_settings_and_keeps_the_old_ones() {
     let (pool, _connector) = pool(Settings::default());
-    let err = pool.reconfigure(Settings::default().size(2).max_idle(3)).unwrap_err();
+    let err = pool
+        .reconfigure(Settings::default().size(2).max_idle(3))
+        .unwrap_err();
     assert!(err.to_string().contains("maxIdle"), "{err}");
     assert_eq!(pool.settings(), Settings::default());
-    let err = Pool::new("p", Settings::default().max_streams(0), MemoryConnector::new(), PoolMetrics::unregistered())
-        .err()
-        .unwrap();
+    let err = Pool::new(
+        "p",
+        Settings::default().max_streams(0),
+        MemoryConnector::new(),
+        PoolMetrics::unregistered(),
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("maxStreams"), "{err}");
 }
 
@@ -413,8 +503,14 @@ async fn reconfigure_refuses_bad_settings_and_keeps_the_old_ones() {
 async fn switching_to_wait_queues_the_next_caller_instead_of_overflowing() {
     let (pool, _connector) = pool(Settings::default().size(1).max_idle(1).max_streams(1));
     let _held = pool.acquire(A).await.unwrap();
-    pool.reconfigure(Settings::default().size(1).max_idle(1).max_streams(1).when_full(WhenFull::Wait))
-        .unwrap();
+    pool.reconfigure(
+        Settings::default()
+            .size(1)
+            .max_idle(1)
+            .max_streams(1)
+            .when_full(WhenFull::Wait),
+    )
+    .unwrap();
     let err = pool.acquire(A).await.unwrap_err();
     assert!(matches!(err, Error::Full { .. }), "{err}");
     assert_eq!(occupancy(&pool, A).overflow_total, 0);
@@ -427,13 +523,22 @@ async fn occupancy_and_metrics_report_the_state() {
     let mut registry = Registry::with_prefix("tidepool");
     let metrics = PoolMetrics::new(&mut registry);
     let connector = MemoryConnector::new();
-    let pool = Pool::new("shop/payments", Settings::default().max_streams(2), connector, metrics).unwrap();
+    let pool = Pool::new(
+        "shop/payments",
+        Settings::default().max_streams(2),
+        connector,
+        metrics,
+    )
+    .unwrap();
     let a = pool.acquire(A).await.unwrap();
     let b = pool.acquire(A).await.unwrap();
     let c = pool.acquire(A).await.unwrap();
     drop(c);
     let o = occupancy(&pool, A);
-    assert_eq!((o.connections, o.busy, o.idle, o.streams, o.dials), (2, 1, 1, 2, 2));
+    assert_eq!(
+        (o.connections, o.busy, o.idle, o.streams, o.dials),
+        (2, 1, 1, 2, 2)
+    );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     for line in [
@@ -450,7 +555,10 @@ async fn occupancy_and_metrics_report_the_state() {
     pool.retain_addresses(&[]);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(!text.contains(A), "series of a removed address stayed:\n{text}");
+    assert!(
+        !text.contains(A),
+        "series of a removed address stayed:\n{text}"
+    );
 }
 
 // Bad input and failures.
@@ -463,7 +571,10 @@ async fn a_dial_failure_names_the_address_and_leaves_the_pool_consistent() {
     assert!(matches!(err, Error::Dial { .. }));
     assert!(err.to_string().contains(A), "{err}");
     let o = occupancy(&pool, A);
-    assert_eq!((o.connections, o.streams, o.waiters, o.dial_failures), (0, 0, 0, 1));
+    assert_eq!(
+        (o.connections, o.streams, o.waiters, o.dial_failures),
+        (0, 0, 0, 1)
+    );
     assert!(pool.in_backoff(A));
     assert!(!pool.in_backoff(B));
     advance(Duration::from_secs(1)).await;

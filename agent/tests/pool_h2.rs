@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tidepool_agent::pool::h2::{H2Conn, H2Connector};
-use tidepool_agent::pool::{ConnectionState, Error, EvictionReason, Lease, Outcome, Pool, PoolMetrics, Settings};
+use tidepool_agent::pool::{
+    ConnectionState, Error, EvictionReason, Lease, Outcome, Pool, PoolMetrics, Settings,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
@@ -68,14 +70,18 @@ const EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
 async fn call(lease: &Lease<H2Conn>, method: &str) -> h2::RecvStream {
     let request = http::Request::builder()
         .method("POST")
-        .uri(format!("http://{}/grpc.health.v1.Health/{method}", lease.address()))
+        .uri(format!(
+            "http://{}/grpc.health.v1.Health/{method}",
+            lease.address()
+        ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .unwrap();
     let mut sender = lease.conn().sender().ready().await.unwrap();
     let (response, mut body) = sender.send_request(request, false).unwrap();
-    body.send_data(Bytes::from_static(EMPTY_MESSAGE), true).unwrap();
+    body.send_data(Bytes::from_static(EMPTY_MESSAGE), true)
+        .unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 200);
     response.into_body()
@@ -101,7 +107,13 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test]
 async fn calls_reuse_one_connection() {
     let server = server(None).await;
-    let pool = Pool::new("h2", Settings::default(), connector(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "h2",
+        Settings::default(),
+        connector(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     let mut ids = Vec::new();
     for _ in 0..5 {
         let lease = pool.acquire(&server.addr).await.unwrap();
@@ -124,7 +136,13 @@ async fn calls_reuse_one_connection() {
 #[tokio::test]
 async fn the_servers_stream_limit_is_honoured() {
     let server = server(Some(2)).await;
-    let pool = Pool::new("h2", Settings::default().max_streams(20), connector(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "h2",
+        Settings::default().max_streams(20),
+        connector(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     let a = pool.acquire(&server.addr).await.unwrap();
     let b = pool.acquire(&server.addr).await.unwrap();
     assert_eq!(pool.connections(&server.addr)[0].max_streams, 2);
@@ -148,7 +166,13 @@ async fn the_servers_stream_limit_is_honoured() {
 async fn goaway_from_the_server_drains_the_connection() {
     let mut server = server(None).await;
     let addr = server.addr.clone();
-    let pool = Pool::new("h2", Settings::default(), connector(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "h2",
+        Settings::default(),
+        connector(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     let lease = pool.acquire(&addr).await.unwrap();
     let mut watch = call(&lease, "Watch").await;
     first_message(&mut watch).await;
@@ -165,9 +189,15 @@ async fn goaway_from_the_server_drains_the_connection() {
     assert!(!watch.is_end_stream());
     drop(watch);
     lease.finish(Outcome::Ok);
-    eventually("the drained connection to close", || pool.connections(&addr).is_empty()).await;
+    eventually("the drained connection to close", || {
+        pool.connections(&addr).is_empty()
+    })
+    .await;
     // With the stream gone the server finishes its graceful shutdown.
-    tokio::time::timeout(Duration::from_secs(5), server.done).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server.done)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(pool.snapshot()[0].evictions.goaway, 1);
     // Nothing listens any more: a dial error naming the address.
     let err = pool.acquire(&addr).await.unwrap_err();
@@ -198,7 +228,13 @@ async fn an_unanswered_ping_evicts_the_connection() {
         keepalive_timeout: Duration::from_millis(100),
         ..connector()
     };
-    let pool = Pool::new("h2", Settings::default(), connector, PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "h2",
+        Settings::default(),
+        connector,
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
     drop(pool.acquire(&addr).await.unwrap());
     assert_eq!(pool.snapshot()[0].connections, 1);
     freeze.send(()).unwrap();

@@ -11,8 +11,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tidepool_agent::pool::memory::{MemoryConn, MemoryConnector};
 use tidepool_agent::pool::{
-    CloseReason, ConnEvent, ConnectionInfo, ConnectionState, Error, Lease, Outcome, Pool, PoolMetrics, Settings,
-    WhenFull,
+    CloseReason, ConnEvent, ConnectionInfo, ConnectionState, Error, Lease, Outcome, Pool,
+    PoolMetrics, Settings, WhenFull,
 };
 use tokio::time::Instant;
 
@@ -32,16 +32,20 @@ enum Op {
 }
 
 fn settings() -> impl Strategy<Value = Settings> {
-    (1usize..=4, 0usize..=4, 1u32..=4, 5u64..=60, any::<bool>()).prop_map(|(size, idle, streams, ttl, wait)| {
-        Settings {
+    (1usize..=4, 0usize..=4, 1u32..=4, 5u64..=60, any::<bool>()).prop_map(
+        |(size, idle, streams, ttl, wait)| Settings {
             size,
             max_idle: idle.min(size),
             max_streams: streams,
             ttl: Duration::from_secs(ttl),
-            when_full: if wait { WhenFull::Wait } else { WhenFull::Overflow },
+            when_full: if wait {
+                WhenFull::Wait
+            } else {
+                WhenFull::Overflow
+            },
             acquire_timeout: Duration::from_secs(1),
-        }
-    })
+        },
+    )
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -88,7 +92,10 @@ impl Model {
 }
 
 fn listed(info: &ConnectionInfo) -> bool {
-    matches!(info.state, ConnectionState::Available | ConnectionState::Busy)
+    matches!(
+        info.state,
+        ConnectionState::Available | ConnectionState::Busy
+    )
 }
 
 /// Lets watcher and dial tasks run.
@@ -110,38 +117,84 @@ fn check(pool: &Pool<MemoryConnector>, connector: &MemoryConnector, model: &Mode
             continue;
         };
         for info in &infos {
-            assert_eq!(info.streams, model.leases_on(a, info.id), "stream count of {info:?}");
+            assert_eq!(
+                info.streams,
+                model.leases_on(a, info.id),
+                "stream count of {info:?}"
+            );
             let lifetime = (info.expires - info.born).as_secs_f64() / s.ttl.as_secs_f64();
-            assert!((0.899..=1.101).contains(&lifetime), "ttl jitter out of ±10%: {lifetime}");
+            assert!(
+                (0.899..=1.101).contains(&lifetime),
+                "ttl jitter out of ±10%: {lifetime}"
+            );
             match info.state {
                 ConnectionState::Available => {
-                    assert!(info.streams < info.max_streams, "full connection on the available list: {info:?}");
-                    assert!(!model.settled || now < info.expires, "expired connection still pooled: {info:?}");
+                    assert!(
+                        info.streams < info.max_streams,
+                        "full connection on the available list: {info:?}"
+                    );
+                    assert!(
+                        !model.settled || now < info.expires,
+                        "expired connection still pooled: {info:?}"
+                    );
                 }
                 ConnectionState::Busy => {
-                    assert!(info.streams >= info.max_streams, "free connection on the busy list: {info:?}");
-                    assert!(!model.settled || now < info.expires, "expired connection still pooled: {info:?}");
+                    assert!(
+                        info.streams >= info.max_streams,
+                        "free connection on the busy list: {info:?}"
+                    );
+                    assert!(
+                        !model.settled || now < info.expires,
+                        "expired connection still pooled: {info:?}"
+                    );
                 }
-                ConnectionState::Draining(_) => assert!(info.streams > 0, "drained connection not closed: {info:?}"),
-                ConnectionState::Overflow => assert_eq!(info.streams, 1, "overflow connection: {info:?}"),
+                ConnectionState::Draining(_) => {
+                    assert!(info.streams > 0, "drained connection not closed: {info:?}")
+                }
+                ConnectionState::Overflow => {
+                    assert_eq!(info.streams, 1, "overflow connection: {info:?}")
+                }
             }
         }
         let count = |f: &dyn Fn(&ConnectionInfo) -> bool| infos.iter().filter(|i| f(i)).count();
         assert_eq!(occ.connections, count(&listed));
-        assert!(occ.connections <= s.size, "{} pooled > size {}", occ.connections, s.size);
+        assert!(
+            occ.connections <= s.size,
+            "{} pooled > size {}",
+            occ.connections,
+            s.size
+        );
         assert_eq!(occ.idle, count(&|i| listed(i) && i.streams == 0));
-        assert!(occ.idle <= s.max_idle, "{} idle > maxIdle {}", occ.idle, s.max_idle);
+        assert!(
+            occ.idle <= s.max_idle,
+            "{} idle > maxIdle {}",
+            occ.idle,
+            s.max_idle
+        );
         assert_eq!(occ.busy, count(&|i| i.state == ConnectionState::Busy));
-        assert_eq!(occ.draining, count(&|i| matches!(i.state, ConnectionState::Draining(_))));
-        assert_eq!(occ.overflow, count(&|i| i.state == ConnectionState::Overflow));
+        assert_eq!(
+            occ.draining,
+            count(&|i| matches!(i.state, ConnectionState::Draining(_)))
+        );
+        assert_eq!(
+            occ.overflow,
+            count(&|i| i.state == ConnectionState::Overflow)
+        );
         assert_eq!(occ.streams, held, "streams in the snapshot != leases held");
         assert_eq!(pool.active_streams(addr), held);
         assert_eq!(occ.waiters, 0);
-        assert_eq!(infos.len(), connector.open_to(addr), "pool and connector disagree on open connections");
+        assert_eq!(
+            infos.len(),
+            connector.open_to(addr),
+            "pool and connector disagree on open connections"
+        );
         assert_eq!(occ.dials + occ.dial_failures, connector.attempts(addr));
     }
     for (_, lease) in &model.held {
-        assert!(connector.is_open(lease.conn().id()), "a connection closed under a held stream");
+        assert!(
+            connector.is_open(lease.conn().id()),
+            "a connection closed under a held stream"
+        );
     }
 }
 
@@ -157,20 +210,31 @@ async fn acquire(pool: &Pool<MemoryConnector>, model: &mut Model, a: usize) {
             let id = lease.connection_id();
             model.held.push((a, lease));
             let after = pool.connections(addr);
-            let info = after.iter().find(|i| i.id == id).expect("granted connection is known");
+            let info = after
+                .iter()
+                .find(|i| i.id == id)
+                .expect("granted connection is known");
             assert!(
                 model.leases_on(a, id) <= info.max_streams,
                 "stream granted over max-streams: {info:?}"
             );
             if !waited {
-                assert!(t0 < info.expires, "stream granted on an expired connection: {info:?}");
+                assert!(
+                    t0 < info.expires,
+                    "stream granted on an expired connection: {info:?}"
+                );
             }
             let new = !before.iter().any(|i| i.id == id);
             if new {
-                let free = before
-                    .iter()
-                    .find(|i| i.state == ConnectionState::Available && i.streams < i.max_streams && t0 < i.expires);
-                assert!(free.is_none() || waited, "dialed although {free:?} was free");
+                let free = before.iter().find(|i| {
+                    i.state == ConnectionState::Available
+                        && i.streams < i.max_streams
+                        && t0 < i.expires
+                });
+                assert!(
+                    free.is_none() || waited,
+                    "dialed although {free:?} was free"
+                );
             }
             if info.state == ConnectionState::Overflow {
                 assert_eq!(s.when_full, WhenFull::Overflow, "overflow in Wait mode");
@@ -184,7 +248,11 @@ async fn acquire(pool: &Pool<MemoryConnector>, model: &mut Model, a: usize) {
             assert_eq!(named, addr);
             assert!(model.refusing[a], "dial failed without a refusal");
         }
-        Err(Error::Full { addr: named, waited: w, .. }) => {
+        Err(Error::Full {
+            addr: named,
+            waited: w,
+            ..
+        }) => {
             assert_eq!(named, addr);
             assert_eq!(s.when_full, WhenFull::Wait);
             assert!(w >= s.acquire_timeout);
@@ -201,7 +269,13 @@ fn run(initial: Settings, ops: Vec<Op>) {
         .unwrap();
     rt.block_on(async move {
         let connector = MemoryConnector::new();
-        let pool = Pool::new("model", initial, connector.clone(), PoolMetrics::unregistered()).unwrap();
+        let pool = Pool::new(
+            "model",
+            initial,
+            connector.clone(),
+            PoolMetrics::unregistered(),
+        )
+        .unwrap();
         let mut model = Model {
             settings: initial,
             held: Vec::new(),
@@ -224,7 +298,10 @@ fn run(initial: Settings, ops: Vec<Op>) {
                     lease.finish(outcome);
                     if outcome == Outcome::TransportError {
                         let info = pool.connections(ADDRS[a]).into_iter().find(|c| c.id == id);
-                        assert!(info.as_ref().is_none_or(|c| !listed(c)), "transport error kept {info:?} pooled");
+                        assert!(
+                            info.as_ref().is_none_or(|c| !listed(c)),
+                            "transport error kept {info:?} pooled"
+                        );
                     }
                 }
                 Op::Fail(i, reason) => {
@@ -235,11 +312,18 @@ fn run(initial: Settings, ops: Vec<Op>) {
                     let mem = open[i % open.len()];
                     connector.send(mem, ConnEvent::Closed(reason));
                     settle().await;
-                    let holders: Vec<_> = model.held.iter().filter(|(_, l)| l.conn().id() == mem).collect();
+                    let holders: Vec<_> = model
+                        .held
+                        .iter()
+                        .filter(|(_, l)| l.conn().id() == mem)
+                        .collect();
                     match holders.first() {
                         None => assert!(!connector.is_open(mem), "failed idle connection kept"),
                         Some((a, lease)) => {
-                            let info = pool.connections(ADDRS[*a]).into_iter().find(|c| c.id == lease.connection_id());
+                            let info = pool
+                                .connections(ADDRS[*a])
+                                .into_iter()
+                                .find(|c| c.id == lease.connection_id());
                             assert!(
                                 matches!(info.map(|c| c.state), Some(ConnectionState::Draining(_))),
                                 "failed connection still pooled"

@@ -27,7 +27,13 @@ async fn hammer(when_full: WhenFull) {
         .ttl(Duration::from_millis(40))
         .when_full(when_full)
         .acquire_timeout(Duration::from_millis(5));
-    let pool = Pool::new("stress", settings, connector.clone(), PoolMetrics::unregistered()).unwrap();
+    let pool = Pool::new(
+        "stress",
+        settings,
+        connector.clone(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
 
     // GOAWAY on random connections while the tasks run.
     let chaos = tokio::spawn({
@@ -54,7 +60,8 @@ async fn hammer(when_full: WhenFull) {
                     let a = addr(rng.random_range(0..ADDRESSES));
                     // Sometimes give up on the acquire itself.
                     let patience = Duration::from_micros(rng.random_range(50..3000));
-                    let Ok(Ok(lease)) = tokio::time::timeout(patience, pool.acquire(&a)).await else {
+                    let Ok(Ok(lease)) = tokio::time::timeout(patience, pool.acquire(&a)).await
+                    else {
                         continue;
                     };
                     granted += 1;
@@ -91,7 +98,10 @@ async fn hammer(when_full: WhenFull) {
         granted += task.await.unwrap();
     }
     chaos.abort();
-    assert!(granted > TASKS * ROUNDS / 10, "too few streams granted: {granted}");
+    assert!(
+        granted > TASKS * ROUNDS / 10,
+        "too few streams granted: {granted}"
+    );
 
     // Let connection watchers finish the GOAWAYs still queued.
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -105,11 +115,18 @@ async fn hammer(when_full: WhenFull) {
         assert!(o.connections <= 3 && o.idle <= 2, "{o:?}");
         held_open += o.connections;
     }
-    assert_eq!(connector.open_connections(), held_open, "open connections the pool does not hold");
+    assert_eq!(
+        connector.open_connections(),
+        held_open,
+        "open connections the pool does not hold"
+    );
     pool.retain_addresses(&[]);
     assert_eq!(connector.open_connections(), 0, "connections leaked");
     if when_full == WhenFull::Overflow {
-        assert!(snapshot.iter().map(|o| o.overflow_total).sum::<u64>() > 0, "never overflowed");
+        assert!(
+            snapshot.iter().map(|o| o.overflow_total).sum::<u64>() > 0,
+            "never overflowed"
+        );
     }
     assert!(snapshot.iter().map(|o| o.evictions.total()).sum::<u64>() > 0);
 }

@@ -13,7 +13,9 @@ use super::error::Error;
 use super::lease::Outcome;
 use super::list::{Linked, Links, List};
 use super::metrics::{AddressCounts, AddressMetrics};
-use super::occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
+use super::occupancy::{
+    AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions,
+};
 use super::settings::{Settings, WhenFull};
 
 /// TTL jitter: each connection lives `ttl × U(1 − JITTER, 1 + JITTER)`, so
@@ -281,7 +283,9 @@ impl<Conn: Clone> State<Conn> {
     }
 
     fn cap(&self, entry: &Entry<Conn>) -> u32 {
-        self.settings.max_streams.min(entry.server_max.unwrap_or(u32::MAX))
+        self.settings
+            .max_streams
+            .min(entry.server_max.unwrap_or(u32::MAX))
     }
 
     fn expires(&self, entry: &Entry<Conn>) -> Instant {
@@ -298,7 +302,12 @@ impl<Conn: Clone> State<Conn> {
     /// good (draining, or closed if it has no stream), and one found at its
     /// cap moves to the busy list; each costs one step, once. This is where
     /// go-micro rescans expired busy connections on every call.
-    pub(crate) fn take(&mut self, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) -> Option<Grant<Conn>> {
+    pub(crate) fn take(
+        &mut self,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) -> Option<Grant<Conn>> {
         while let Some(key) = self.available.front() {
             let entry = &self.conns[key];
             if now >= self.expires(entry) {
@@ -366,7 +375,12 @@ impl<Conn: Clone> State<Conn> {
     /// Hands free streams to queued callers, oldest first; reserves a dial if
     /// they need one and there is room; in Overflow mode sends them to dial
     /// their own connection when the address is full.
-    pub(crate) fn serve_waiters(&mut self, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+    pub(crate) fn serve_waiters(
+        &mut self,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
         while let Some(key) = self.queue.front() {
             if self.retired {
                 // Unreachable in practice (retiring empties the queue and a
@@ -408,7 +422,11 @@ impl<Conn: Clone> State<Conn> {
     /// filled in by the waiter, which knows them).
     fn fail_waiters(&mut self, error: &Error) {
         while let Some(key) = self.queue.pop_front(&mut self.waiters) {
-            let _ = self.waiters.remove(key).tx.send(WaiterMsg::Failed(error.clone()));
+            let _ = self
+                .waiters
+                .remove(key)
+                .tx
+                .send(WaiterMsg::Failed(error.clone()));
         }
     }
 
@@ -523,7 +541,13 @@ impl<Conn: Clone> State<Conn> {
     /// Reads the clock only on the rare paths that need it: a listed
     /// connection past its TTL is retired by `take` (which checks the head
     /// it is about to use) and by its own timer, not here.
-    pub(crate) fn release(&mut self, key: usize, outcome: Outcome, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+    pub(crate) fn release(
+        &mut self,
+        key: usize,
+        outcome: Outcome,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
         let entry = &mut self.conns[key];
         debug_assert!(entry.streams > 0, "released a stream that was not taken");
         entry.streams -= 1;
@@ -547,7 +571,8 @@ impl<Conn: Clone> State<Conn> {
                 Place::Overflow => {
                     if streams == 0 {
                         self.overflow -= 1;
-                        let adopt = self.can_dial() && Instant::now() < self.expires(&self.conns[key]);
+                        let adopt =
+                            self.can_dial() && Instant::now() < self.expires(&self.conns[key]);
                         if adopt {
                             // go-micro: an unpooled connection joins the
                             // pool on release when there is room.
@@ -571,7 +596,9 @@ impl<Conn: Clone> State<Conn> {
     /// Closes listed connection `key` if it is idle and more than `maxIdle`
     /// connections are (go-micro closes on release when idle ≥ maxIdle).
     fn settle_idle(&mut self, key: usize, m: &AddressMetrics, fx: &mut Effects<Conn>) {
-        let Some(entry) = self.conns.get(key) else { return };
+        let Some(entry) = self.conns.get(key) else {
+            return;
+        };
         let listed = matches!(entry.place, Place::Available | Place::Busy);
         if listed && entry.streams == 0 && self.idle > self.settings.max_idle {
             self.retire(key, EvictionReason::Idle, m, fx);
@@ -607,7 +634,13 @@ impl<Conn: Clone> State<Conn> {
 
     /// Takes connection `key` out of service: it takes no new stream, and
     /// closes now if it has none, or at its last one.
-    fn retire(&mut self, key: usize, reason: EvictionReason, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+    fn retire(
+        &mut self,
+        key: usize,
+        reason: EvictionReason,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
         let entry = &self.conns[key];
         let streams = entry.streams;
         match entry.place {
@@ -647,8 +680,17 @@ impl<Conn: Clone> State<Conn> {
 
     /// The watcher's timer fired: retire connection `key` if it is past its
     /// TTL, and let queued callers use the freed slot.
-    pub(crate) fn expire(&mut self, key: usize, id: u64, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
-        let Some(entry) = self.entry(key, id) else { return };
+    pub(crate) fn expire(
+        &mut self,
+        key: usize,
+        id: u64,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
+        let Some(entry) = self.entry(key, id) else {
+            return;
+        };
         let listed = matches!(entry.place, Place::Available | Place::Busy);
         if listed && now >= self.expires(entry) {
             self.retire(key, EvictionReason::Ttl, m, fx);
@@ -690,7 +732,13 @@ impl<Conn: Clone> State<Conn> {
     /// size drains the surplus (idle connections first), a lower maxIdle
     /// closes idle ones. No stream is cut. O(connections): reconfiguration
     /// is rare.
-    pub(crate) fn reconfigure(&mut self, settings: Settings, now: Instant, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+    pub(crate) fn reconfigure(
+        &mut self,
+        settings: Settings,
+        now: Instant,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
         if settings.ttl != self.settings.ttl {
             for (_, entry) in self.conns.iter_mut() {
                 entry.expires = entry.born + settings.ttl.mul_f64(entry.jitter);
@@ -710,7 +758,12 @@ impl<Conn: Clone> State<Conn> {
         let mut surplus = self.pooled().saturating_sub(self.settings.size);
         let mut victims: Vec<usize> = Vec::new();
         let mut rest: Vec<usize> = Vec::new();
-        for key in self.available.keys(&self.conns).into_iter().chain(self.busy.keys(&self.conns)) {
+        for key in self
+            .available
+            .keys(&self.conns)
+            .into_iter()
+            .chain(self.busy.keys(&self.conns))
+        {
             if self.conns[key].streams == 0 {
                 victims.push(key);
             } else {
@@ -750,7 +803,13 @@ impl<Conn: Clone> State<Conn> {
     /// The address is no longer declared: every listed connection retires
     /// (idle ones close now, the others at their last stream) and queued
     /// callers fail.
-    pub(crate) fn retire_address(&mut self, pool: &str, addr: &str, m: &AddressMetrics, fx: &mut Effects<Conn>) {
+    pub(crate) fn retire_address(
+        &mut self,
+        pool: &str,
+        addr: &str,
+        m: &AddressMetrics,
+        fx: &mut Effects<Conn>,
+    ) {
         self.retired = true;
         let mut listed = self.available.keys(&self.conns);
         listed.extend(self.busy.keys(&self.conns));
@@ -835,7 +894,9 @@ pub(crate) async fn watch<Conn: Clone>(
     } = watch;
     loop {
         let deadline = {
-            let Some(address) = address.upgrade() else { return };
+            let Some(address) = address.upgrade() else {
+                return;
+            };
             let state = address.lock();
             match state.deadline(key, id, Instant::now()) {
                 Some(deadline) => deadline,

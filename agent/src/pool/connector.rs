@@ -22,7 +22,8 @@ pub trait Connector: Send + Sync + 'static {
     /// no lock held, at most once at a time per address for pooled
     /// connections, and from a task of its own, so a caller that gives up
     /// does not cancel a dial that other callers wait for.
-    fn connect(&self, addr: &str) -> impl Future<Output = io::Result<Connected<Self::Conn>>> + Send;
+    fn connect(&self, addr: &str)
+    -> impl Future<Output = io::Result<Connected<Self::Conn>>> + Send;
 }
 
 /// A new connection, with what the pool should know about it.

@@ -151,7 +151,12 @@ async fn drive(
         if config.keepalive_interval.is_zero() {
             std::future::pending::<()>().await;
         }
-        keepalive(&mut pings, config.keepalive_interval, config.keepalive_timeout).await;
+        keepalive(
+            &mut pings,
+            config.keepalive_interval,
+            config.keepalive_timeout,
+        )
+        .await;
     };
     tokio::select! {
         () = &mut watched => {}

@@ -73,7 +73,9 @@ impl<Conn: Clone> Lease<Conn> {
         let mut fx = Effects::default();
         {
             let address = &self.address;
-            address.lock().release(self.key, outcome, &address.metrics, &mut fx);
+            address
+                .lock()
+                .release(self.key, outcome, &address.metrics, &mut fx);
         }
         fx.run(&self.address);
     }

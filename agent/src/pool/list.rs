@@ -43,7 +43,10 @@ impl List {
     pub(crate) fn push_front<T: Linked>(&mut self, slab: &mut Slab<T>, key: usize) {
         debug_assert_eq!(*slab[key].links(), Links::default());
         let old = self.head;
-        *slab[key].links_mut() = Links { prev: None, next: old };
+        *slab[key].links_mut() = Links {
+            prev: None,
+            next: old,
+        };
         match old {
             Some(old) => slab[old].links_mut().prev = Some(key),
             None => self.tail = Some(key),
@@ -56,7 +59,10 @@ impl List {
     pub(crate) fn push_back<T: Linked>(&mut self, slab: &mut Slab<T>, key: usize) {
         debug_assert_eq!(*slab[key].links(), Links::default());
         let old = self.tail;
-        *slab[key].links_mut() = Links { prev: old, next: None };
+        *slab[key].links_mut() = Links {
+            prev: old,
+            next: None,
+        };
         match old {
             Some(old) => slab[old].links_mut().next = Some(key),
             None => self.head = Some(key),

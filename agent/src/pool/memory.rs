@@ -114,7 +114,10 @@ impl MemoryConnector {
     /// not open (or its pool stopped listening).
     pub fn send(&self, id: u64, event: ConnEvent) -> bool {
         let state = self.shared.lock();
-        state.open.get(&id).is_some_and(|(_, tx)| tx.send(event).is_ok())
+        state
+            .open
+            .get(&id)
+            .is_some_and(|(_, tx)| tx.send(event).is_ok())
     }
 
     /// The server sent GOAWAY on connection `id`.
@@ -141,7 +144,12 @@ impl MemoryConnector {
 
     /// How many connections to `addr` are open.
     pub fn open_to(&self, addr: &str) -> usize {
-        self.shared.lock().open.values().filter(|(a, _)| a == addr).count()
+        self.shared
+            .lock()
+            .open
+            .values()
+            .filter(|(a, _)| a == addr)
+            .count()
     }
 
     /// How many connections have closed.

@@ -154,9 +154,17 @@ type Read = fn(&AddressCounts) -> usize;
 
 /// The gauges the collector reports: name, help, and how to read the value.
 const GAUGES: [(&str, &str, Read); 7] = [
-    ("cx_active", "Open connections: pooled, draining and overflow", |c| c.cx_active),
-    ("cx_busy", "Pooled connections at max-streams", |c| c.cx_busy),
-    ("cx_idle", "Pooled connections with no stream", |c| c.cx_idle),
+    (
+        "cx_active",
+        "Open connections: pooled, draining and overflow",
+        |c| c.cx_active,
+    ),
+    ("cx_busy", "Pooled connections at max-streams", |c| {
+        c.cx_busy
+    }),
+    ("cx_idle", "Pooled connections with no stream", |c| {
+        c.cx_idle
+    }),
     (
         "cx_draining",
         "Connections out of the pool that close at their last stream",
@@ -168,7 +176,9 @@ const GAUGES: [(&str, &str, Read); 7] = [
         |c| c.cx_overflow_active,
     ),
     ("rq_active", "Open streams", |c| c.rq_active),
-    ("rq_pending_active", "Callers waiting for a stream", |c| c.rq_pending_active),
+    ("rq_pending_active", "Callers waiting for a stream", |c| {
+        c.rq_pending_active
+    }),
 ];
 
 impl Collector for OccupancyCollector {
@@ -181,7 +191,8 @@ impl Collector for OccupancyCollector {
                 ConstGauge::new(value).encode(family.encode_family(labels)?)?;
             }
         }
-        let mut family = encoder.encode_descriptor("rq", "Streams handed out", None, MetricType::Counter)?;
+        let mut family =
+            encoder.encode_descriptor("rq", "Streams handed out", None, MetricType::Counter)?;
         for (labels, counts) in &rows {
             ConstCounter::new(counts.rq_total).encode(family.encode_family(labels)?)?;
         }
@@ -195,7 +206,11 @@ impl PoolMetrics {
         let metrics = Self::default();
         let r = registry.sub_registry_with_prefix("pool");
         r.register("cx", "Connections dialed", metrics.cx.clone());
-        r.register("cx_connect_fail", "Failed dials", metrics.cx_connect_fail.clone());
+        r.register(
+            "cx_connect_fail",
+            "Failed dials",
+            metrics.cx_connect_fail.clone(),
+        );
         r.register(
             "cx_overflow",
             "Overflow connections dialed because the address was full",
@@ -206,7 +221,11 @@ impl PoolMetrics {
             "Connections taken out of service, by reason",
             metrics.cx_destroy.clone(),
         );
-        r.register("rq_error", "Streams that ended with a transport error", metrics.rq_error.clone());
+        r.register(
+            "rq_error",
+            "Streams that ended with a transport error",
+            metrics.rq_error.clone(),
+        );
         r.register(
             "rq_pending_overflow",
             "Callers refused because the pool was full",
@@ -314,7 +333,10 @@ mod tests {
                     rq_total: 7,
                     ..AddressCounts::default()
                 };
-                ("shop/payments".to_owned(), vec![("10.0.0.1:50051".to_owned(), counts)])
+                (
+                    "shop/payments".to_owned(),
+                    vec![("10.0.0.1:50051".to_owned(), counts)],
+                )
             }
         }
         let fixed: Arc<dyn Source> = Arc::new(Fixed);
@@ -325,14 +347,21 @@ mod tests {
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         assert!(
-            text.contains(r#"tidepool_pool_cx_active{pool="shop/payments",address="10.0.0.1:50051"} 3"#),
+            text.contains(
+                r#"tidepool_pool_cx_active{pool="shop/payments",address="10.0.0.1:50051"} 3"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"tidepool_pool_rq_total{pool="shop/payments",address="10.0.0.1:50051"} 7"#),
+            text.contains(
+                r#"tidepool_pool_rq_total{pool="shop/payments",address="10.0.0.1:50051"} 7"#
+            ),
             "{text}"
         );
-        assert!(text.contains("tidepool_pool_cx_connect_fail_total{"), "{text}");
+        assert!(
+            text.contains("tidepool_pool_cx_connect_fail_total{"),
+            "{text}"
+        );
         assert!(text.contains(r#"reason="goaway"} 1"#), "{text}");
         metrics.remove_address("shop/payments", "10.0.0.1:50051");
         // The pool lists the address no more (here: the pool is gone).

@@ -174,16 +174,16 @@ impl<C: Connector> Pool<C> {
             let _ = runtime.set(handle);
         }
         let inner = Arc::new(Inner {
-                name: name.into(),
-                connector,
-                settings: Mutex::new(settings),
-                shards: (0..SHARDS)
-                    .map(|_| CachePadded(RwLock::new(HashMap::default())))
-                    .collect(),
-                metrics,
-                settings_changed,
-                runtime,
-            });
+            name: name.into(),
+            connector,
+            settings: Mutex::new(settings),
+            shards: (0..SHARDS)
+                .map(|_| CachePadded(RwLock::new(HashMap::default())))
+                .collect(),
+            metrics,
+            settings_changed,
+            runtime,
+        });
         let source: Weak<dyn Source> = Arc::downgrade(&inner) as Weak<dyn Source>;
         inner.metrics.add_pool(source);
         Ok(Self { inner })
@@ -265,7 +265,9 @@ impl<C: Connector> Pool<C> {
                         (&mut waiter.rx).await
                     };
                     match msg {
-                        Ok(WaiterMsg::Grant(grant)) => return Ok(Lease::new(Arc::clone(&address), grant)),
+                        Ok(WaiterMsg::Grant(grant)) => {
+                            return Ok(Lease::new(Arc::clone(&address), grant));
+                        }
                         Ok(WaiterMsg::Retry) => continue,
                         Ok(WaiterMsg::Failed(error)) => return Err(error),
                         // The sender went with the address's state; start over.
@@ -288,7 +290,11 @@ impl<C: Connector> Pool<C> {
 
     /// Dials an unpooled connection for one stream (go-micro's behaviour when
     /// full). Cancelled mid-dial, the connection is simply dropped.
-    async fn overflow(&self, address: Arc<Address<C::Conn>>, _started: Instant) -> Result<Lease<C::Conn>, Error> {
+    async fn overflow(
+        &self,
+        address: Arc<Address<C::Conn>>,
+        _started: Instant,
+    ) -> Result<Lease<C::Conn>, Error> {
         let result = self.inner.connector.connect(&address.name).await;
         let mut fx = Effects::default();
         let outcome = {
@@ -306,10 +312,12 @@ impl<C: Connector> Pool<C> {
                     pool: self.inner.name.clone(),
                     addr: address.name.clone(),
                 }),
-                Ok(connected) => match state.insert(connected, true, now, &address.metrics, &mut fx) {
-                    (Some(grant), watch) => Ok((grant, watch)),
-                    (None, _) => unreachable!("an overflow insert always grants its stream"),
-                },
+                Ok(connected) => {
+                    match state.insert(connected, true, now, &address.metrics, &mut fx) {
+                        (Some(grant), watch) => Ok((grant, watch)),
+                        (None, _) => unreachable!("an overflow insert always grants its stream"),
+                    }
+                }
             }
         };
         fx.run(&address);
@@ -325,7 +333,11 @@ impl<C: Connector> Pool<C> {
     /// changes nothing.
     pub fn reconfigure(&self, settings: Settings) -> Result<(), SettingsError> {
         settings.validate()?;
-        *self.inner.settings.lock().unwrap_or_else(PoisonError::into_inner) = settings;
+        *self
+            .inner
+            .settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = settings;
         for address in self.inner.addresses() {
             let mut fx = Effects::default();
             address
@@ -339,7 +351,11 @@ impl<C: Connector> Pool<C> {
 
     /// The settings in force.
     pub fn settings(&self) -> Settings {
-        *self.inner.settings.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .inner
+            .settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps only the addresses in `keep`. The others leave the pool: idle
@@ -359,11 +375,16 @@ impl<C: Connector> Pool<C> {
         }
         for address in gone {
             let mut fx = Effects::default();
-            address
-                .lock()
-                .retire_address(&self.inner.name, &address.name, &address.metrics, &mut fx);
+            address.lock().retire_address(
+                &self.inner.name,
+                &address.name,
+                &address.metrics,
+                &mut fx,
+            );
             fx.run(&address);
-            self.inner.metrics.remove_address(&self.inner.name, &address.name);
+            self.inner
+                .metrics
+                .remove_address(&self.inner.name, &address.name);
         }
     }
 
@@ -377,7 +398,9 @@ impl<C: Connector> Pool<C> {
     /// 250 ms to 10 s with failures in a row, and ends at the next
     /// successful dial).
     pub fn in_backoff(&self, addr: &str) -> bool {
-        self.inner.find(addr).is_some_and(|a| a.lock().in_backoff(Instant::now()))
+        self.inner
+            .find(addr)
+            .is_some_and(|a| a.lock().in_backoff(Instant::now()))
     }
 
     /// Occupancy of every address, sorted by address. Each address is read
@@ -396,7 +419,9 @@ impl<C: Connector> Pool<C> {
     /// Every connection of `addr`, ordered by id (empty for an unknown
     /// address): for tests and debugging pages.
     pub fn connections(&self, addr: &str) -> Vec<ConnectionInfo> {
-        self.inner.find(addr).map_or_else(Vec::new, |a| a.lock().connections())
+        self.inner
+            .find(addr)
+            .map_or_else(Vec::new, |a| a.lock().connections())
     }
 }
 
@@ -408,7 +433,10 @@ impl<C: Connector> Inner<C> {
     }
 
     fn find(&self, addr: &str) -> Option<Arc<Address<C::Conn>>> {
-        let shard = self.shard(addr).read().unwrap_or_else(PoisonError::into_inner);
+        let shard = self
+            .shard(addr)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         shard.get(addr).cloned()
     }
 
@@ -417,7 +445,10 @@ impl<C: Connector> Inner<C> {
         if let Some(address) = self.find(addr) {
             return address;
         }
-        let mut shard = self.shard(addr).write().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self
+            .shard(addr)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         let address = shard.entry(addr.to_owned()).or_insert_with(|| {
             let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
             let hooks: Weak<dyn Hooks<C::Conn>> = Arc::downgrade(self) as Weak<dyn Hooks<C::Conn>>;
@@ -451,7 +482,8 @@ impl<C: Connector> Inner<C> {
     fn spawn_watch(&self, address: &Arc<Address<C::Conn>>, watch: address::Watch) {
         let weak = Arc::downgrade(address);
         let settings_changed = self.settings_changed.subscribe();
-        self.runtime().spawn(address::watch(weak, watch, settings_changed));
+        self.runtime()
+            .spawn(address::watch(weak, watch, settings_changed));
     }
 }
 

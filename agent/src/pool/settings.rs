@@ -150,7 +150,10 @@ mod tests {
     #[test]
     fn defaults_are_go_micros_and_valid() {
         let s = Settings::default();
-        assert_eq!((s.size, s.ttl.as_secs(), s.max_idle, s.max_streams), (100, 60, 50, 20));
+        assert_eq!(
+            (s.size, s.ttl.as_secs(), s.max_idle, s.max_streams),
+            (100, 60, 50, 20)
+        );
         assert_eq!(s.when_full, WhenFull::Overflow);
         assert_eq!(s.validate(), Ok(()));
     }
@@ -175,6 +178,12 @@ mod tests {
             assert!(err.to_string().contains(name), "{err}");
         }
         // Zero idle is in range, and a zero timeout is fine in Overflow mode.
-        assert!(Settings::default().max_idle(0).acquire_timeout(Duration::ZERO).validate().is_ok());
+        assert!(
+            Settings::default()
+                .max_idle(0)
+                .acquire_timeout(Duration::ZERO)
+                .validate()
+                .is_ok()
+        );
     }
 }
