@@ -361,14 +361,18 @@ impl Agents {
     pub fn report(&self, node: &str, session: u64, report: pb::Report) {
         // Converted before the registry is locked: sessions' answers and the
         // status writer do not wait for it.
-        let reports = self.interner.lock().unwrap_or_else(PoisonError::into_inner).store(report);
+        let reports = self
+            .interner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .store(report);
         let mut inner = self.lock();
         let inner = &mut *inner;
-        if let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session) {
-            if reports != agent.reports {
-                agent.reports = reports;
-                inner.changes += 1;
-            }
+        if let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session)
+            && reports != agent.reports
+        {
+            agent.reports = reports;
+            inner.changes += 1;
         }
     }
 

@@ -55,6 +55,9 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a duration such as 60s"))
 }
 
+/// What a simulated agent runs of a pool: uid, generation, addresses.
+type Running = (String, i64, Vec<String>);
+
 /// An applied change: agent, pool key, generation, when.
 type Applied = (usize, String, i64, Instant);
 
@@ -63,7 +66,7 @@ type Applied = (usize, String, i64, Instant);
 struct SimAgent {
     index: usize,
     started: Instant,
-    pools: Mutex<HashMap<String, (String, i64, Vec<String>)>>,
+    pools: Mutex<HashMap<String, Running>>,
     applied: mpsc::UnboundedSender<Applied>,
 }
 
