@@ -8,7 +8,7 @@
 
 pub mod control;
 pub mod crd;
-pub mod validate;
 pub mod v1alpha1;
+pub mod validate;
 
 pub use v1alpha1::{ConnectionPool, ConnectionPoolSpec, ConnectionPoolStatus};
