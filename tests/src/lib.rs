@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod grpc;
+pub mod helm;
 pub mod kubectl;
 pub mod namespace;
 pub mod objects;

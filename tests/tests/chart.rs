@@ -3,58 +3,10 @@
 //! real API server. (Its own test binary, so its cluster has no CRD that
 //! helm did not install.)
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use anyhow::{Context, Result, bail};
 use serde_yaml::Value;
-use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin, repo_root};
-use tokio::process::Command;
-
-/// The helm binary: `TIDEPOOL_HELM`, else `helm` from `PATH`.
-fn helm_path() -> String {
-    std::env::var("TIDEPOOL_HELM").unwrap_or_else(|_| "helm".into())
-}
-
-struct Run {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs helm with a bounded time; `kubeconfig` when it talks to a cluster.
-async fn helm(args: &[&str], kubeconfig: bool) -> Result<Run> {
-    let mut cmd = Command::new(helm_path());
-    if kubeconfig {
-        cmd.arg("--kubeconfig").arg(cluster()?.kubeconfig());
-    }
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = cmd.spawn().with_context(|| {
-        format!(
-            "running {} failed; is helm installed? (make tools)",
-            helm_path()
-        )
-    })?;
-    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .with_context(|| format!("helm {} did not finish within 120s", args.join(" ")))??;
-    Ok(Run {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
-
-fn chart() -> String {
-    repo_root()
-        .join("charts/tidepool")
-        .to_string_lossy()
-        .into_owned()
-}
+use tidepool_e2e::helm::{chart_dir as chart, helm};
+use tidepool_e2e::{TestNamespace, kubectl, kubectl_stdin};
 
 /// `helm template` with `extra` arguments, parsed into documents.
 async fn render(extra: &[&str]) -> Result<Vec<Value>> {

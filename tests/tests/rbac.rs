@@ -8,13 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use kube::api::Api;
 use tidepool_crds::ConnectionPool;
 use tidepool_e2e::grpc;
+use tidepool_e2e::helm::{chart_dir, helm};
 use tidepool_e2e::objects::{apply_node, apply_service, apply_slice};
 use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
-use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin, repo_root};
+use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin};
 
 const SA: &str = "tp-tidepool-operator";
 
@@ -43,25 +44,10 @@ async fn service_account_kubeconfig(dir: &Path, ns: &str, sa: &str) -> Result<Pa
 }
 
 async fn helm_install(ns: &str) -> Result<()> {
-    let helm = std::env::var("TIDEPOOL_HELM").unwrap_or_else(|_| "helm".into());
-    let chart = repo_root().join("charts/tidepool");
-    let out = tokio::process::Command::new(&helm)
-        .arg("--kubeconfig")
-        .arg(cluster()?.kubeconfig())
-        .args(["install", "tp"])
-        .arg(&chart)
-        .args(["--namespace", ns])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .context("helm install hung")??;
-    if !out.status.success() {
-        bail!(
-            "helm install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    helm(&["install", "tp", &chart_dir(), "--namespace", ns], true)
+        .await?
+        .ok()
+        .context("helm install failed")?;
     Ok(())
 }
 
