@@ -607,3 +607,24 @@ async fn a_removed_address_closes_idle_connections_and_drains_busy_ones() {
     // Declared again later, it starts fresh.
     assert!(pool.acquire(A).await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_pool_closes_idle_connections_and_busy_ones_at_their_last_stream() {
+    let (pool, connector) = pool(Settings::default());
+    let busy = pool.acquire(A).await.unwrap();
+    let idle_b = pool.acquire(B).await.unwrap().conn().id();
+    drop(pool);
+    settle().await;
+    assert!(
+        !connector.is_open(idle_b),
+        "an idle connection outlived its pool"
+    );
+    assert!(connector.is_open(busy.conn().id()), "a busy stream was cut");
+    drop(busy);
+    settle().await;
+    assert_eq!(
+        connector.open_connections(),
+        0,
+        "a connection outlived its pool and its last stream"
+    );
+}

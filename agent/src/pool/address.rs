@@ -1,6 +1,7 @@
 //! One address's share of the pool: go-micro's `streamsPool`, with its
 //! available and busy lists, behind a lock of its own.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -53,9 +54,15 @@ pub(crate) trait Hooks<Conn>: Send + Sync {
 ///   clone is what closes the connection once no lease holds one.
 /// - No lock is held across a dial, handshake or close; nothing in here
 ///   awaits.
+///
+/// Layout: the lock word and the fields every acquire and release writes
+/// (`State`'s first ones) share one cache line of their own, so two threads
+/// taking streams on the same address move one line between them, not
+/// several.
+#[repr(C, align(64))]
 pub(crate) struct Address<Conn> {
-    pub(crate) name: String,
     state: Mutex<State<Conn>>,
+    pub(crate) name: String,
     pub(crate) metrics: AddressMetrics,
     hooks: Weak<dyn Hooks<Conn>>,
 }
@@ -63,8 +70,9 @@ pub(crate) struct Address<Conn> {
 /// A connection in the slab.
 pub(crate) struct Entry<Conn> {
     id: u64,
-    conn: Conn,
-    streams: u32,
+    /// What leases hold: one reference count per stream, and the connection
+    /// closes when the last holder (this entry or a lease) lets go.
+    cell: Arc<Cell<Conn>>,
     server_max: Option<u32>,
     born: Instant,
     /// This connection's TTL factor, in `[1 − JITTER, 1 + JITTER]`.
@@ -94,12 +102,41 @@ enum Place {
     Overflow,
 }
 
-/// A stream taken on a connection, not yet wrapped in a lease.
-pub(crate) struct Grant<Conn> {
+/// A pooled connection as a lease sees it: the connection, and where to
+/// give the stream back.
+///
+/// The cell holds its address strongly so a lease needs one reference count
+/// (the cell's) instead of two (address and connection): taking a stream
+/// writes one shared counter, not two. That makes a cycle while the entry
+/// is in its address's slab (address → slab → cell → address); it ends when
+/// the entry leaves the slab, which happens for every connection once its
+/// address is retired and its last stream ends — the pool retires every
+/// address when it is dropped.
+pub(crate) struct Cell<Conn> {
+    pub(crate) conn: Conn,
+    pub(crate) address: Arc<Address<Conn>>,
     pub(crate) key: usize,
     pub(crate) id: u64,
-    pub(crate) conn: Conn,
+    /// The connection's open streams. Read and written only under the
+    /// address lock (`Relaxed` is enough); kept here rather than in the slab
+    /// entry because taking a stream writes this cache line anyway (the
+    /// lease's reference count), so the entry's line stays read-only on the
+    /// fast path.
+    streams: AtomicU32,
 }
+
+impl<Conn> Entry<Conn> {
+    fn streams(&self) -> u32 {
+        self.cell.streams.load(Ordering::Relaxed)
+    }
+
+    fn set_streams(&self, streams: u32) {
+        self.cell.streams.store(streams, Ordering::Relaxed);
+    }
+}
+
+/// A stream taken on a connection, not yet wrapped in a lease.
+pub(crate) struct Grant<Conn>(pub(crate) Arc<Cell<Conn>>);
 
 /// What a queued caller is told.
 pub(crate) enum WaiterMsg<Conn> {
@@ -159,18 +196,23 @@ impl<Conn> Effects<Conn> {
     }
 }
 
-/// The fields an [`Address`]'s lock guards.
+/// The fields an [`Address`]'s lock guards. The first five are the ones the
+/// fast path writes or checks; they sit next to the lock word (see
+/// [`Address`]), everything after them is read-mostly.
+#[repr(C)]
 pub(crate) struct State<Conn> {
+    streams: usize,
+    idle: usize,
+    /// Streams handed out since the address was first used (`rq_total`).
+    requests: u64,
+    dialing: bool,
+    retired: bool,
     settings: Settings,
     conns: Slab<Entry<Conn>>,
     available: List,
     busy: List,
-    idle: usize,
-    streams: usize,
     overflow: usize,
     draining: usize,
-    dialing: bool,
-    retired: bool,
     waiters: Slab<Waiter<Conn>>,
     queue: List,
     next_id: u64,
@@ -180,8 +222,6 @@ pub(crate) struct State<Conn> {
     dial_failures: u64,
     overflow_total: u64,
     evictions: Evictions,
-    /// Streams handed out since the address was first used (`rq_total`).
-    requests: u64,
 }
 
 /// What a caller that found no free stream should do.
@@ -315,22 +355,18 @@ impl<Conn: Clone> State<Conn> {
                 continue;
             }
             let cap = self.cap(entry);
-            if entry.streams >= cap {
+            let streams = entry.streams();
+            if streams >= cap {
                 self.move_to(key, Place::Busy);
                 continue;
             }
-            let entry = &mut self.conns[key];
-            if entry.streams == 0 {
+            if streams == 0 {
                 self.idle -= 1;
             }
-            entry.streams += 1;
+            entry.set_streams(streams + 1);
             self.streams += 1;
-            let grant = Grant {
-                key,
-                id: entry.id,
-                conn: entry.conn.clone(),
-            };
-            if entry.streams >= cap {
+            let grant = Grant(Arc::clone(&entry.cell));
+            if streams + 1 >= cap {
                 self.move_to(key, Place::Busy);
             }
             self.requests += 1;
@@ -413,7 +449,7 @@ impl<Conn: Clone> State<Conn> {
                 // Cannot happen while the waiter's guard is alive (it leaves
                 // the queue under this lock before dropping its receiver),
                 // but if it did, the stream goes straight back.
-                self.release(grant.key, Outcome::Ok, m, fx);
+                self.release(grant.0.key, Outcome::Ok, m, fx);
             }
         }
     }
@@ -436,12 +472,13 @@ impl<Conn: Clone> State<Conn> {
     /// it, whose grant is returned.
     pub(crate) fn insert(
         &mut self,
+        address: &Arc<Address<Conn>>,
         connected: Connected<Conn>,
         overflow: bool,
         now: Instant,
-        m: &AddressMetrics,
         fx: &mut Effects<Conn>,
     ) -> (Option<Grant<Conn>>, Option<Watch>) {
+        let m = &address.metrics;
         self.dials += 1;
         m.cx.inc();
         self.failures_in_row = 0;
@@ -450,10 +487,16 @@ impl<Conn: Clone> State<Conn> {
         let jitter = rand::random_range((1.0 - JITTER)..=(1.0 + JITTER));
         let id = self.next_id;
         self.next_id += 1;
+        let key = self.conns.vacant_key();
         let entry = Entry {
             id,
-            conn: connected.conn,
-            streams: 0,
+            cell: Arc::new(Cell {
+                conn: connected.conn,
+                address: Arc::clone(address),
+                key,
+                id,
+                streams: AtomicU32::new(0),
+            }),
             server_max: connected.max_concurrent_streams,
             born: now,
             jitter,
@@ -462,7 +505,7 @@ impl<Conn: Clone> State<Conn> {
             links: Links::default(),
             _stop: Some(stop_tx),
         };
-        let key = self.conns.insert(entry);
+        self.conns.insert(entry);
         let watch = Watch {
             key,
             id,
@@ -473,15 +516,11 @@ impl<Conn: Clone> State<Conn> {
             self.overflow += 1;
             self.overflow_total += 1;
             m.cx_overflow.inc();
-            let entry = &mut self.conns[key];
-            entry.streams = 1;
+            let entry = &self.conns[key];
+            entry.set_streams(1);
             self.streams += 1;
             self.requests += 1;
-            let grant = Grant {
-                key,
-                id,
-                conn: entry.conn.clone(),
-            };
+            let grant = Grant(Arc::clone(&entry.cell));
             return (Some(grant), Some(watch));
         }
         if self.pooled() >= self.settings.size || self.retired {
@@ -509,16 +548,16 @@ impl<Conn: Clone> State<Conn> {
     /// failure here, failing every queued caller with the dial's error.
     pub(crate) fn dial_done(
         &mut self,
+        address: &Arc<Address<Conn>>,
         result: Result<Connected<Conn>, Error>,
         now: Instant,
-        m: &AddressMetrics,
         fx: &mut Effects<Conn>,
     ) -> Option<Watch> {
         self.dialing = false;
         match result {
-            Ok(connected) => self.insert(connected, false, now, m, fx).1,
+            Ok(connected) => self.insert(address, connected, false, now, fx).1,
             Err(error) => {
-                self.dial_failed(now, m);
+                self.dial_failed(now, &address.metrics);
                 self.fail_waiters(&error);
                 None
             }
@@ -548,11 +587,11 @@ impl<Conn: Clone> State<Conn> {
         m: &AddressMetrics,
         fx: &mut Effects<Conn>,
     ) {
-        let entry = &mut self.conns[key];
-        debug_assert!(entry.streams > 0, "released a stream that was not taken");
-        entry.streams -= 1;
+        let entry = &self.conns[key];
+        debug_assert!(entry.streams() > 0, "released a stream that was not taken");
+        let streams = entry.streams() - 1;
+        entry.set_streams(streams);
         self.streams -= 1;
-        let streams = entry.streams;
         if streams == 0 && matches!(entry.place, Place::Available | Place::Busy) {
             self.idle += 1;
         }
@@ -600,7 +639,7 @@ impl<Conn: Clone> State<Conn> {
             return;
         };
         let listed = matches!(entry.place, Place::Available | Place::Busy);
-        if listed && entry.streams == 0 && self.idle > self.settings.max_idle {
+        if listed && entry.streams() == 0 && self.idle > self.settings.max_idle {
             self.retire(key, EvictionReason::Idle, m, fx);
         }
     }
@@ -608,7 +647,7 @@ impl<Conn: Clone> State<Conn> {
     /// Moves a listed connection to the list its stream count calls for.
     fn fix_place(&mut self, key: usize) {
         let entry = &self.conns[key];
-        let full = entry.streams >= self.cap(entry);
+        let full = entry.streams() >= self.cap(entry);
         match entry.place {
             Place::Available if full => self.move_to(key, Place::Busy),
             Place::Busy if !full => self.move_to(key, Place::Available),
@@ -642,7 +681,7 @@ impl<Conn: Clone> State<Conn> {
         fx: &mut Effects<Conn>,
     ) {
         let entry = &self.conns[key];
-        let streams = entry.streams;
+        let streams = entry.streams();
         match entry.place {
             Place::Draining(_) => return,
             Place::Available => self.available.unlink(&mut self.conns, key),
@@ -764,7 +803,7 @@ impl<Conn: Clone> State<Conn> {
             .into_iter()
             .chain(self.busy.keys(&self.conns))
         {
-            if self.conns[key].streams == 0 {
+            if self.conns[key].streams() == 0 {
                 victims.push(key);
             } else {
                 rest.push(key);
@@ -783,7 +822,7 @@ impl<Conn: Clone> State<Conn> {
                 if self.idle <= self.settings.max_idle {
                     break;
                 }
-                if self.conns[key].streams == 0 {
+                if self.conns[key].streams() == 0 {
                     self.retire(key, EvictionReason::Idle, m, fx);
                 }
             }
@@ -865,7 +904,7 @@ impl<Conn: Clone> State<Conn> {
                     Place::Draining(reason) => ConnectionState::Draining(reason),
                     Place::Overflow => ConnectionState::Overflow,
                 },
-                streams: e.streams,
+                streams: e.streams(),
                 max_streams: self.cap(e),
                 born: e.born,
                 expires: self.expires(e),

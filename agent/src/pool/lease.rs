@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::address::{Address, Effects, Grant};
+use super::address::{Cell, Effects, Grant};
 
 /// How a stream ended, as the caller saw it. Only a transport failure
 /// evicts the connection: a gRPC error status from the application
@@ -27,38 +27,32 @@ pub enum Outcome {
 /// under- or over-count (go-micro's release could run while a cancelled
 /// call was still in flight).
 pub struct Lease<Conn: Clone> {
-    address: Arc<Address<Conn>>,
-    key: usize,
-    id: u64,
-    conn: Conn,
+    cell: Arc<Cell<Conn>>,
     released: bool,
 }
 
 impl<Conn: Clone> Lease<Conn> {
-    pub(crate) fn new(address: Arc<Address<Conn>>, grant: Grant<Conn>) -> Self {
+    pub(crate) fn new(grant: Grant<Conn>) -> Self {
         Self {
-            address,
-            key: grant.key,
-            id: grant.id,
-            conn: grant.conn,
+            cell: grant.0,
             released: false,
         }
     }
 
     /// The connection to open the stream on.
     pub fn conn(&self) -> &Conn {
-        &self.conn
+        &self.cell.conn
     }
 
     /// The address (`host:port`) of the connection.
     pub fn address(&self) -> &str {
-        &self.address.name
+        &self.cell.address.name
     }
 
     /// The pool's id for the connection (unique per address), as
     /// [`ConnectionInfo::id`](super::ConnectionInfo::id) reports it.
     pub fn connection_id(&self) -> u64 {
-        self.id
+        self.cell.id
     }
 
     /// Releases the stream with the caller's verdict.
@@ -71,13 +65,11 @@ impl<Conn: Clone> Lease<Conn> {
             return;
         }
         let mut fx = Effects::default();
-        {
-            let address = &self.address;
-            address
-                .lock()
-                .release(self.key, outcome, &address.metrics, &mut fx);
-        }
-        fx.run(&self.address);
+        let address = &self.cell.address;
+        address
+            .lock()
+            .release(self.cell.key, outcome, &address.metrics, &mut fx);
+        fx.run(address);
     }
 }
 
@@ -90,8 +82,8 @@ impl<Conn: Clone> Drop for Lease<Conn> {
 impl<Conn: Clone> fmt::Debug for Lease<Conn> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
-            .field("address", &self.address.name)
-            .field("connection", &self.id)
+            .field("address", &self.cell.address.name)
+            .field("connection", &self.cell.id)
             .finish_non_exhaustive()
     }
 }

@@ -50,9 +50,9 @@ mod occupancy;
 mod settings;
 
 use std::collections::HashMap;
-use std::hash::Hasher;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
+use arc_swap::ArcSwap;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -68,52 +68,11 @@ use metrics::{AddressCounts, Source};
 pub use occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
 pub use settings::{MAX_WAITERS, Settings, SettingsError, WhenFull};
 
-/// How many shards the address map has. Lookups take a shard's read lock;
-/// with this many, two threads rarely share one.
-const SHARDS: usize = 32;
-
-type Shard<Conn> = CachePadded<RwLock<HashMap<String, Arc<Address<Conn>>, BuildFnv>>>;
-
-/// Keeps a value on cache lines of its own. Taking a shard's read lock
-/// writes the lock word; without padding, neighbouring shards share a line
-/// and threads using different shards still contend for it. 128 bytes:
-/// adjacent-line prefetching pairs 64-byte lines on x86.
-#[repr(align(128))]
-struct CachePadded<T>(T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-/// FNV-1a: addresses are short, trusted strings (from the operator's
-/// snapshot), so a fast non-keyed hash is enough, and it is computed once
-/// per lookup for both the shard and the map.
-#[derive(Debug, Clone, Copy, Default)]
-struct BuildFnv;
-
-#[derive(Debug)]
-struct Fnv(u64);
-
-impl std::hash::BuildHasher for BuildFnv {
-    type Hasher = Fnv;
-    fn build_hasher(&self) -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
+/// The addresses of a pool, by name. Replaced whole (copy on write) when an
+/// address is added or removed, which is rare; read on every acquire.
+/// foldhash: addresses are trusted strings from the operator's snapshot, so
+/// a fast unkeyed hash is enough.
+type AddressMap<Conn> = HashMap<String, Arc<Address<Conn>>, foldhash::fast::FixedState>;
 
 /// A pool of connections to every address of one ConnectionPool.
 ///
@@ -136,19 +95,22 @@ impl<C: Connector> Clone for Pool<C> {
 /// - References: [`Pool`] clones hold `Arc<Inner>`; dial tasks hold one for
 ///   the length of a dial; addresses hold only a `Weak` (as `dyn Hooks`), so
 ///   leases outliving the pool do not keep it alive.
-/// - Locks: `shards[i]` guards which addresses exist (read to look one up,
-///   write to add or remove one); `settings` guards the pool-wide copy of
-///   the settings that new addresses start from. Each address's own state is
-///   under its own lock ([`Address`]). A shard lock may be held while taking
-///   an address lock (reconfigure, snapshot), never the other way round.
-/// - `settings` changes first, then every address is updated under its lock,
-///   shard by shard; an address created meanwhile reads `settings` under its
-///   shard's write lock, so it cannot miss the change.
+/// - The address map is read lock-free (`ArcSwap`: a lookup writes only the
+///   reading thread's own slot, so threads acquiring on the same addresses
+///   share no lock word for it) and replaced whole under `writer` when an
+///   address is added or removed. Each address's own state is under its own
+///   lock ([`Address`]). `writer` may be held while taking `settings` or an
+///   address lock, never the other way round.
+/// - `settings` guards the pool-wide copy of the settings that new addresses
+///   start from. It changes under `writer`, and the list of addresses to
+///   update is read under it too; an address created meanwhile reads
+///   `settings` under `writer`, so it cannot miss the change.
 struct Inner<C: Connector> {
     name: String,
     connector: C,
     settings: Mutex<Settings>,
-    shards: Box<[Shard<C::Conn>]>,
+    addresses: ArcSwap<AddressMap<C::Conn>>,
+    writer: Mutex<()>,
     metrics: PoolMetrics,
     /// Bumped on every reconfigure: connection watchers recompute their TTL
     /// deadline.
@@ -177,9 +139,8 @@ impl<C: Connector> Pool<C> {
             name: name.into(),
             connector,
             settings: Mutex::new(settings),
-            shards: (0..SHARDS)
-                .map(|_| CachePadded(RwLock::new(HashMap::default())))
-                .collect(),
+            addresses: ArcSwap::from_pointee(AddressMap::default()),
+            writer: Mutex::new(()),
             metrics,
             settings_changed,
             runtime,
@@ -208,12 +169,21 @@ impl<C: Connector> Pool<C> {
     /// every caller waiting for it as [`Error::Dial`] naming the address.
     /// Cancelling the returned future at any point leaks nothing.
     pub async fn acquire(&self, addr: &str) -> Result<Lease<C::Conn>, Error> {
-        // The clock is read once per try, before taking the lock; the first
-        // reading is when the caller started waiting.
-        let mut started = None;
         if self.inner.runtime.get().is_none() {
             let _ = self.inner.runtime.set(Handle::current());
         }
+        match self.inner.try_take(addr) {
+            Some(lease) => Ok(lease),
+            None => self.acquire_slow(addr).await,
+        }
+    }
+
+    /// [`Pool::acquire`] when the fast path found no free stream: creates
+    /// the address, dials, queues.
+    async fn acquire_slow(&self, addr: &str) -> Result<Lease<C::Conn>, Error> {
+        // The clock is read once per try, before taking the lock; the first
+        // reading is when the caller started waiting.
+        let mut started = None;
         let mut address = self.inner.address(addr);
         loop {
             let mut fx = Effects::default();
@@ -233,7 +203,7 @@ impl<C: Connector> Pool<C> {
                 {
                     drop(state);
                     fx.run(&address);
-                    return Ok(Lease::new(address, grant));
+                    return Ok(Lease::new(grant));
                 }
                 let settings = *state.settings();
                 let miss = state.miss(&mut fx);
@@ -265,9 +235,7 @@ impl<C: Connector> Pool<C> {
                         (&mut waiter.rx).await
                     };
                     match msg {
-                        Ok(WaiterMsg::Grant(grant)) => {
-                            return Ok(Lease::new(Arc::clone(&address), grant));
-                        }
+                        Ok(WaiterMsg::Grant(grant)) => return Ok(Lease::new(grant)),
                         Ok(WaiterMsg::Retry) => continue,
                         Ok(WaiterMsg::Failed(error)) => return Err(error),
                         // The sender went with the address's state; start over.
@@ -312,12 +280,10 @@ impl<C: Connector> Pool<C> {
                     pool: self.inner.name.clone(),
                     addr: address.name.clone(),
                 }),
-                Ok(connected) => {
-                    match state.insert(connected, true, now, &address.metrics, &mut fx) {
-                        (Some(grant), watch) => Ok((grant, watch)),
-                        (None, _) => unreachable!("an overflow insert always grants its stream"),
-                    }
-                }
+                Ok(connected) => match state.insert(&address, connected, true, now, &mut fx) {
+                    (Some(grant), watch) => Ok((grant, watch)),
+                    (None, _) => unreachable!("an overflow insert always grants its stream"),
+                },
             }
         };
         fx.run(&address);
@@ -325,7 +291,7 @@ impl<C: Connector> Pool<C> {
         if let Some(watch) = watch {
             self.inner.spawn_watch(&address, watch);
         }
-        Ok(Lease::new(address, grant))
+        Ok(Lease::new(grant))
     }
 
     /// Applies new settings to every address without cutting a stream; the
@@ -333,12 +299,16 @@ impl<C: Connector> Pool<C> {
     /// changes nothing.
     pub fn reconfigure(&self, settings: Settings) -> Result<(), SettingsError> {
         settings.validate()?;
-        *self
-            .inner
-            .settings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = settings;
-        for address in self.inner.addresses() {
+        let addresses = {
+            let _writer = self.inner.write_lock();
+            *self
+                .inner
+                .settings
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = settings;
+            self.inner.addresses()
+        };
+        for address in addresses {
             let mut fx = Effects::default();
             address
                 .lock()
@@ -362,18 +332,19 @@ impl<C: Connector> Pool<C> {
     /// connections close now, busy ones when their last stream ends, queued
     /// callers get [`Error::Removed`], and their metric series go away.
     pub fn retain_addresses(&self, keep: &[String]) {
-        let mut gone = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let mut map = shard.write().unwrap_or_else(PoisonError::into_inner);
-            map.retain(|name, address| {
-                let kept = keep.iter().any(|k| k == name);
-                if !kept {
-                    gone.push(Arc::clone(address));
-                }
-                kept
-            });
-        }
-        for address in gone {
+        let gone = {
+            let _writer = self.inner.write_lock();
+            let current = self.inner.addresses.load_full();
+            let (kept, gone): (AddressMap<C::Conn>, AddressMap<C::Conn>) = current
+                .iter()
+                .map(|(name, address)| (name.clone(), Arc::clone(address)))
+                .partition(|(name, _)| keep.iter().any(|k| k == name));
+            if !gone.is_empty() {
+                self.inner.addresses.store(Arc::new(kept));
+            }
+            gone
+        };
+        for address in gone.into_values() {
             let mut fx = Effects::default();
             address.lock().retire_address(
                 &self.inner.name,
@@ -426,18 +397,30 @@ impl<C: Connector> Pool<C> {
 }
 
 impl<C: Connector> Inner<C> {
-    fn shard(&self, addr: &str) -> &Shard<C::Conn> {
-        let hash = std::hash::BuildHasher::hash_one(&BuildFnv, addr);
-        // The map uses the low bits; pick the shard from the high ones.
-        &self.shards[(hash >> 59) as usize % SHARDS]
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn find(&self, addr: &str) -> Option<Arc<Address<C::Conn>>> {
-        let shard = self
-            .shard(addr)
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        shard.get(addr).cloned()
+        self.addresses.load().get(addr).cloned()
+    }
+
+    /// The fast path of [`Pool::acquire`]: a free stream on a known address
+    /// nobody queues for, taken without an await. Clones no `Arc` but the
+    /// connection's own (the lease's).
+    fn try_take(&self, addr: &str) -> Option<Lease<C::Conn>> {
+        let map = self.addresses.load();
+        let address = map.get(addr)?;
+        let mut fx = Effects::default();
+        let grant = {
+            let mut state = address.lock();
+            if state.retired() || state.has_waiters() {
+                return None;
+            }
+            state.take(Instant::now(), &address.metrics, &mut fx)
+        };
+        fx.run(address);
+        grant.map(Lease::new)
     }
 
     /// The address `addr`, created on first use.
@@ -445,31 +428,27 @@ impl<C: Connector> Inner<C> {
         if let Some(address) = self.find(addr) {
             return address;
         }
-        let mut shard = self
-            .shard(addr)
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let address = shard.entry(addr.to_owned()).or_insert_with(|| {
-            let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
-            let hooks: Weak<dyn Hooks<C::Conn>> = Arc::downgrade(self) as Weak<dyn Hooks<C::Conn>>;
-            Arc::new(Address::new(
-                addr.to_owned(),
-                settings,
-                self.metrics.address(&self.name, addr),
-                hooks,
-            ))
-        });
-        Arc::clone(address)
+        let _writer = self.write_lock();
+        let current = self.addresses.load_full();
+        if let Some(address) = current.get(addr) {
+            return Arc::clone(address);
+        }
+        let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
+        let hooks: Weak<dyn Hooks<C::Conn>> = Arc::downgrade(self) as Weak<dyn Hooks<C::Conn>>;
+        let address = Arc::new(Address::new(
+            addr.to_owned(),
+            settings,
+            self.metrics.address(&self.name, addr),
+            hooks,
+        ));
+        let mut next = AddressMap::clone(&current);
+        next.insert(addr.to_owned(), Arc::clone(&address));
+        self.addresses.store(Arc::new(next));
+        address
     }
 
     fn addresses(&self) -> Vec<Arc<Address<C::Conn>>> {
-        self.shards
-            .iter()
-            .flat_map(|shard| {
-                let map = shard.read().unwrap_or_else(PoisonError::into_inner);
-                map.values().cloned().collect::<Vec<_>>()
-            })
-            .collect()
+        self.addresses.load().values().cloned().collect()
     }
 
     fn runtime(&self) -> Handle {
@@ -484,6 +463,21 @@ impl<C: Connector> Inner<C> {
         let settings_changed = self.settings_changed.subscribe();
         self.runtime()
             .spawn(address::watch(weak, watch, settings_changed));
+    }
+}
+
+/// A dropped pool retires every address: idle connections close now, busy
+/// ones at their last stream. This also ends the reference cycle between an
+/// address and its connections' cells (see `address::Cell`).
+impl<C: Connector> Drop for Inner<C> {
+    fn drop(&mut self) {
+        for address in self.addresses.load().values() {
+            let mut fx = Effects::default();
+            address
+                .lock()
+                .retire_address(&self.name, &address.name, &address.metrics, &mut fx);
+            fx.run(address);
+        }
     }
 }
 
@@ -516,7 +510,7 @@ impl<C: Connector> Hooks<C::Conn> for Inner<C> {
             let mut fx = Effects::default();
             let watch = address
                 .lock()
-                .dial_done(result, Instant::now(), &address.metrics, &mut fx);
+                .dial_done(&address, result, Instant::now(), &mut fx);
             if let Some(watch) = watch {
                 self.spawn_watch(&address, watch);
             }
@@ -540,7 +534,7 @@ impl<Conn: Clone> Drop for Waiter<Conn> {
         self.address.lock().leave_queue(self.key, self.id);
         // Granted just before the caller gave up: give the stream back.
         if let Ok(WaiterMsg::Grant(grant)) = self.rx.try_recv() {
-            drop(Lease::new(Arc::clone(&self.address), grant));
+            drop(Lease::new(grant));
         }
     }
 }
