@@ -12,6 +12,14 @@
 //! `make bench` or `cargo bench -p tidepool-agent --bench proxy`;
 //! `BENCH_SECONDS` sets each phase's length (default 3),
 //! `BENCH_AGENT_THREADS` the agent's worker threads (default 1).
+//!
+//! By default the load generator, the backend and the agent share every
+//! core, so the agent's CPU is taken from the other two: the throughput
+//! ratio is then bounded by CPU sharing, not by the agent. With
+//! `BENCH_LOAD_CPUS` and `BENCH_AGENT_CPUS` (taskset CPU lists, e.g. `0`
+//! and `1`) the load generator and backend run on one set of cores and the
+//! agent on another, in both phases — the agent on cores of its own, as on
+//! a node whose clients and backends run elsewhere.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -68,7 +76,16 @@ impl Agent {
         )
         .unwrap();
         let port = support::free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_tidepool-agent"))
+        let agent = env!("CARGO_BIN_EXE_tidepool-agent");
+        let mut command = match std::env::var("BENCH_AGENT_CPUS") {
+            Ok(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", &cpus, agent]);
+                taskset
+            }
+            Err(_) => Command::new(agent),
+        };
+        let child = command
             .arg("--standalone")
             .arg(&file)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -285,6 +302,15 @@ fn main() {
     if !args.is_empty() && !args.iter().any(|a| "proxy".contains(a.as_str())) {
         return;
     }
+    if let Ok(cpus) = std::env::var("BENCH_LOAD_CPUS") {
+        // Before the runtime starts: its threads inherit the affinity.
+        let pinned = Command::new("taskset")
+            .args(["-p", "-c", &cpus, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run taskset");
+        assert!(pinned.success(), "taskset -c {cpus} failed");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -299,8 +325,10 @@ async fn bench() {
     let direct = backend.addr;
     println!(
         "agent data-path benchmark: {MESSAGE}-byte messages, {CONCURRENCY} concurrent streams, {length:?} per phase, \
-         agent with {} worker thread(s)",
-        agent_threads()
+         agent with {} worker thread(s); CPUs: load generator and backend {}, agent {}",
+        agent_threads(),
+        std::env::var("BENCH_LOAD_CPUS").unwrap_or_else(|_| "all".into()),
+        std::env::var("BENCH_AGENT_CPUS").unwrap_or_else(|_| "all".into()),
     );
 
     let mut rows = Vec::new();
