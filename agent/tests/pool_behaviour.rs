@@ -410,6 +410,22 @@ async fn overflow_dials_an_unpooled_connection_and_counts_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn overflow_never_refuses_a_burst_larger_than_the_queue_on_a_cold_address() {
+    let (pool, connector) = pool(Settings::default());
+    connector.set_dial_delay(Duration::from_millis(10));
+    let burst = tidepool_agent::pool::MAX_WAITERS + 50;
+    let results = futures::future::join_all((0..burst).map(|_| pool.acquire(A))).await;
+    let refused = results.iter().filter(|r| r.is_err()).count();
+    assert_eq!(refused, 0, "Overflow refused {refused} of {burst} callers");
+    let o = occupancy(&pool, A);
+    assert_eq!(o.streams, burst);
+    assert!(
+        o.overflow_total >= 50,
+        "callers past the queue dial their own connection: {o:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn wait_queues_in_order_and_then_reports_the_pool_full() {
     let settings = Settings::default()
         .size(1)

@@ -386,7 +386,12 @@ impl<Conn: Clone> State<Conn> {
             return Ok(Miss::Overflow);
         }
         if self.queue.len() >= super::settings::MAX_WAITERS {
-            return Err(());
+            // Overflow never refuses: past the queue's bound a caller dials
+            // a connection of its own, as go-micro does for every miss.
+            return match self.settings.when_full {
+                WhenFull::Overflow => Ok(Miss::Overflow),
+                WhenFull::Wait => Err(()),
+            };
         }
         let (tx, rx) = oneshot::channel();
         let id = self.next_id;

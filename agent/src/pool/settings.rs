@@ -17,9 +17,11 @@ pub enum WhenFull {
     Wait,
 }
 
-/// Most callers that may queue on one address in [`WhenFull::Wait`] mode;
-/// one more is refused at once with [`Error::Full`](super::Error::Full).
-/// Envoy's default `max_pending_requests` is the same number.
+/// Most callers that may queue on one address. In [`WhenFull::Wait`] mode
+/// one more is refused at once with [`Error::Full`](super::Error::Full)
+/// (Envoy's default `max_pending_requests` is the same number); in
+/// [`WhenFull::Overflow`] mode, where callers queue only for a dial in
+/// flight, one more dials an overflow connection instead.
 pub const MAX_WAITERS: usize = 1024;
 
 /// How connections to every address of one pool are kept.
