@@ -329,10 +329,11 @@ impl Agents {
     /// decides its wire form: returns the snapshot to send it as a delta
     /// from, or `None` to send it whole.
     ///
-    /// A delta only when it is safe: the agent understands deltas, has
-    /// acknowledged a snapshot on this session (so we know what it runs)
-    /// that differs from this one, nothing sent is unanswered (else it may
-    /// run either), and it has not just refused a delta.
+    /// A delta only when it is safe: the agent understands deltas, we know
+    /// what it runs (`applied`: acknowledged on this session, or the
+    /// current snapshot its Hello named) and that differs from this one,
+    /// nothing sent is unanswered (else it may run either), and it has not
+    /// just refused a delta.
     pub fn sent(
         &self,
         node: &str,
