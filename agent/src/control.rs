@@ -1,10 +1,13 @@
 //! The control client: the agent's side of the control stream to the
 //! operator (`tidepool.control.v1.Control/Session`).
 //!
-//! The agent dials the operator, says Hello (its node, pod and the version
-//! it runs), then applies every Snapshot whole and answers it: Ack when
-//! [`Apply::apply`] took it, Nack with the error when it refused it (the
-//! last good configuration keeps running: nothing is half-applied). It
+//! The agent dials the operator, says Hello (its node, pod, the version it
+//! runs, and that it understands deltas), then applies every Snapshot whole
+//! and answers it: Ack when [`Apply::apply`] took it, Nack with the error
+//! when it refused it (the last good configuration keeps running: nothing
+//! is half-applied). A delta snapshot is merged into the pools of the
+//! version it names as its base first, and refused when the agent runs
+//! another; the merged set is then validated and applied like a full one. It
 //! reports occupancy every second when it changed, and every
 //! `report_interval` regardless. When the stream breaks or the operator is
 //! unreachable, the agent keeps serving what it has and redials with
@@ -14,6 +17,7 @@
 //! [`Runtime`]; tests and the operator benchmark drive it with simpler
 //! appliers.
 
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use tidepool_crds::control::pb;
@@ -176,16 +180,111 @@ pub enum ControlError {
     Closed,
 }
 
-/// What the client keeps across sessions.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What the client keeps across sessions: the configuration in force, the
+/// base of the next delta.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ClientState {
     /// The version of the snapshot in force ("" before the first).
     pub version: String,
+    /// Its pools, by `namespace/name`.
+    pub pools: BTreeMap<String, PoolConfig>,
 }
 
-/// Applies one snapshot and says how to answer it. The spec of every pool
-/// is converted first; a pool the agent cannot read is refused like an
-/// invalid one, and nothing is applied.
+/// A pool of a snapshot, converted; a pool the agent cannot read is refused.
+fn config_from_pb(p: pb::Pool) -> Result<PoolConfig, ProtocolError> {
+    let key = p.key();
+    let spec = p
+        .spec
+        .ok_or_else(|| ProtocolError::MissingSpec { pool: key.clone() })?;
+    Ok(PoolConfig {
+        spec: spec_from_pb(&key, spec)?,
+        namespace: p.namespace,
+        name: p.name,
+        uid: p.uid,
+        generation: p.generation,
+        addresses: p.addresses,
+    })
+}
+
+/// What a snapshot asks for once read.
+struct Merged {
+    /// The whole set of pools to apply, sorted by namespace and name.
+    all: Vec<PoolConfig>,
+    /// What [`ClientState::pools`] gains once `all` is applied: every pool
+    /// of a full snapshot, a delta's added or changed ones.
+    new: Vec<PoolConfig>,
+}
+
+/// The whole set of pools a snapshot describes: a full snapshot's own
+/// pools, or a delta merged into `state` (its pools replace or join the
+/// running ones, `removed` ones go). Checks the delta's base and shape
+/// only; the result is validated by the applier like any full snapshot
+/// (duplicates in a delta stay in, for it to refuse).
+fn merge(
+    state: &ClientState,
+    version: &str,
+    base: &str,
+    pools: Vec<pb::Pool>,
+    removed: &[String],
+) -> Result<Merged, ProtocolError> {
+    let changed = pools
+        .into_iter()
+        .map(config_from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
+    if base.is_empty() {
+        if let Some(pool) = removed.first() {
+            return Err(ProtocolError::RemovedInFull {
+                pool: pool.clone(),
+                version: version.into(),
+            });
+        }
+        // Kept twice: applied, and remembered as the next delta's base.
+        return Ok(Merged {
+            all: changed.clone(),
+            new: changed,
+        });
+    }
+    if base != state.version {
+        return Err(ProtocolError::BaseMismatch {
+            version: version.into(),
+            base: base.into(),
+            running: state.version.clone(),
+        });
+    }
+    let mut dropped: HashSet<&str> = HashSet::with_capacity(removed.len() + changed.len());
+    for pool in removed {
+        if !state.pools.contains_key(pool) {
+            return Err(ProtocolError::RemovedUnknown {
+                pool: pool.clone(),
+                version: version.into(),
+                base: base.into(),
+            });
+        }
+        dropped.insert(pool);
+    }
+    let changed_keys: Vec<String> = changed.iter().map(PoolConfig::key).collect();
+    if let Some(pool) = changed_keys.iter().find(|k| dropped.contains(k.as_str())) {
+        return Err(ProtocolError::ChangedAndRemoved {
+            pool: pool.clone(),
+            version: version.into(),
+        });
+    }
+    dropped.extend(changed_keys.iter().map(String::as_str));
+    let mut all: Vec<PoolConfig> = state
+        .pools
+        .iter()
+        .filter(|(k, _)| !dropped.contains(k.as_str()))
+        .map(|(_, p)| p.clone())
+        .chain(changed.iter().cloned())
+        .collect();
+    all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(Merged { all, new: changed })
+}
+
+/// Applies one snapshot, full or delta, and says how to answer it. Every
+/// pool it carries is converted first, and a delta merged into the running
+/// pools; a pool the agent cannot read, or a delta for another base, is
+/// refused like an invalid pool, and nothing is applied.
 pub fn handle_snapshot<A: Apply>(
     applier: &A,
     state: &mut ClientState,
@@ -196,34 +295,30 @@ pub fn handle_snapshot<A: Apply>(
         version,
         nonce,
         pools,
+        base_version,
+        removed,
     } = snapshot;
-    let configs: Result<Vec<PoolConfig>, ProtocolError> = pools
-        .into_iter()
-        .map(|p| {
-            let key = p.key();
-            let spec = p
-                .spec
-                .ok_or_else(|| ProtocolError::MissingSpec { pool: key.clone() })?;
-            Ok(PoolConfig {
-                spec: spec_from_pb(&key, spec)?,
-                namespace: p.namespace,
-                name: p.name,
-                uid: p.uid,
-                generation: p.generation,
-                addresses: p.addresses,
-            })
-        })
-        .collect();
-    let result = match configs {
-        Ok(configs) => applier.apply(configs),
+    let delta = !base_version.is_empty();
+    let (carried, removing) = (pools.len(), removed.len());
+    let result = match merge(state, &version, &base_version, pools, &removed) {
+        Ok(Merged { all, new }) => applier.apply(all).map(|()| new),
         Err(e) => Err(Rejection {
             error: e.to_string(),
-            pools: vec![protocol_error_pool(&e)],
+            pools: e.pools(),
         }),
     };
     let kind = match result {
-        Ok(()) => {
-            tracing::info!(%version, "snapshot applied");
+        Ok(new) => {
+            if delta {
+                tracing::info!(%version, base = %base_version, changed = carried, removed = removing, "delta snapshot applied");
+                for key in &removed {
+                    state.pools.remove(key);
+                }
+            } else {
+                tracing::info!(%version, "snapshot applied");
+                state.pools.clear();
+            }
+            state.pools.extend(new.into_iter().map(|p| (p.key(), p)));
             state.version = version.clone();
             Kind::Ack(pb::Ack { version, nonce })
         }
@@ -238,15 +333,6 @@ pub fn handle_snapshot<A: Apply>(
         }
     };
     pb::AgentMessage { kind: Some(kind) }
-}
-
-fn protocol_error_pool(e: &ProtocolError) -> String {
-    match e {
-        ProtocolError::MissingSpec { pool }
-        | ProtocolError::MissingTarget { pool }
-        | ProtocolError::MissingPort { pool }
-        | ProtocolError::UnknownWhenFull { pool, .. } => pool.clone(),
-    }
 }
 
 /// The delay before redial number `failures` (1-based): `min` doubling up
@@ -327,6 +413,7 @@ pub async fn session<A: Apply>(
             pod: options.pod.clone(),
             version: state.version.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            deltas: true,
         })),
     };
     // The channel has room: this cannot wait.
@@ -394,6 +481,19 @@ mod tests {
         refuse: Option<Rejection>,
     }
 
+    impl Fake {
+        /// Refuses everything, blaming `pool`'s size.
+        fn refusing(pool: &str) -> Self {
+            Self {
+                refuse: Some(Rejection {
+                    error: format!("pool {pool}: spec.size: 0 must be at least 1"),
+                    pools: vec![pool.into()],
+                }),
+                ..Self::default()
+            }
+        }
+    }
+
     impl Apply for Fake {
         fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection> {
             if let Some(r) = &self.refuse {
@@ -421,7 +521,166 @@ mod tests {
                 spec: Some(spec_to_pb(&spec)),
                 addresses: vec!["127.0.0.2:9000".into()],
             }],
+            ..pb::Snapshot::default()
         }
+    }
+
+    /// Pool `ns/<name>` of this size.
+    fn pool(name: &str, size: i32) -> pb::Pool {
+        let spec: tidepool_crds::ConnectionPoolSpec = serde_yaml::from_str(&format!(
+            "target: {{addresses: ['127.0.0.2:1']}}\nsize: {size}"
+        ))
+        .unwrap();
+        pb::Pool {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            generation: 1,
+            spec: Some(spec_to_pb(&spec)),
+            addresses: vec!["127.0.0.2:1".into()],
+        }
+    }
+
+    fn delta(version: &str, base: &str, pools: Vec<pb::Pool>, removed: &[&str]) -> pb::Snapshot {
+        pb::Snapshot {
+            version: version.into(),
+            nonce: format!("nonce-{version}"),
+            pools,
+            base_version: base.into(),
+            removed: removed.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    /// The (name, size) of every pool of the last apply.
+    fn last_applied(fake: &Fake) -> Vec<(String, i32)> {
+        let applied = fake.applied.lock().unwrap();
+        applied
+            .last()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.clone(), p.spec.size))
+            .collect()
+    }
+
+    fn acked(answer: &pb::AgentMessage, version: &str) -> bool {
+        matches!(&answer.kind, Some(pb::agent_message::Kind::Ack(a)) if a.version == version)
+    }
+
+    fn nack(answer: pb::AgentMessage) -> pb::Nack {
+        match answer.kind {
+            Some(pb::agent_message::Kind::Nack(n)) => n,
+            other => panic!("expected a Nack, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_delta_is_merged_into_the_running_pools_and_applied_whole() {
+        let fake = Fake::default();
+        let mut state = ClientState::default();
+        let full = delta(
+            "v1",
+            "",
+            vec![pool("a", 1), pool("b", 1), pool("c", 1)],
+            &[],
+        );
+        assert!(acked(&handle_snapshot(&fake, &mut state, full), "v1"));
+
+        // b changes, d comes, c goes; a stays as it was.
+        let answer = handle_snapshot(
+            &fake,
+            &mut state,
+            delta("v2", "v1", vec![pool("b", 2), pool("d", 1)], &["ns/c"]),
+        );
+        assert!(acked(&answer, "v2"), "{answer:?}");
+        assert_eq!(
+            last_applied(&fake),
+            [("a".into(), 1), ("b".into(), 2), ("d".into(), 1)]
+        );
+        assert_eq!(state.version, "v2");
+        assert_eq!(
+            state.pools.keys().collect::<Vec<_>>(),
+            ["ns/a", "ns/b", "ns/d"]
+        );
+
+        // A removal alone.
+        let answer = handle_snapshot(&fake, &mut state, delta("v3", "v2", vec![], &["ns/a"]));
+        assert!(acked(&answer, "v3"), "{answer:?}");
+        assert_eq!(last_applied(&fake), [("b".into(), 2), ("d".into(), 1)]);
+
+        // A full snapshot replaces everything, as before.
+        let answer = handle_snapshot(&fake, &mut state, delta("v4", "", vec![pool("z", 5)], &[]));
+        assert!(acked(&answer, "v4"));
+        assert_eq!(last_applied(&fake), [("z".into(), 5)]);
+        assert_eq!(state.pools.keys().collect::<Vec<_>>(), ["ns/z"]);
+    }
+
+    #[test]
+    fn a_delta_for_another_base_is_nacked_naming_both_and_nothing_is_applied() {
+        let fake = Fake::default();
+        let mut state = ClientState::default();
+        handle_snapshot(&fake, &mut state, delta("v1", "", vec![pool("a", 1)], &[]));
+        let before = state.clone();
+
+        let n = nack(handle_snapshot(
+            &fake,
+            &mut state,
+            delta("v3", "v2", vec![pool("a", 2)], &[]),
+        ));
+        assert_eq!((n.version.as_str(), n.nonce.as_str()), ("v3", "nonce-v3"));
+        assert!(
+            n.error.contains("applies to version v2") && n.error.contains("this agent runs v1"),
+            "{}",
+            n.error
+        );
+        assert_eq!(fake.applied.lock().unwrap().len(), 1, "nothing applied");
+        assert_eq!(state, before);
+
+        // An agent that runs nothing says so.
+        let n = nack(handle_snapshot(
+            &fake,
+            &mut ClientState::default(),
+            delta("v3", "v2", vec![], &[]),
+        ));
+        assert!(n.error.contains("this agent runs none"), "{}", n.error);
+
+        // Removing a pool the base does not run, or changing and removing
+        // one at once: refused whole too.
+        let n = nack(handle_snapshot(
+            &fake,
+            &mut state,
+            delta("v3", "v1", vec![], &["ns/x"]),
+        ));
+        assert!(n.error.contains("removes pool ns/x"), "{}", n.error);
+        assert_eq!(n.pools, ["ns/x"]);
+        let n = nack(handle_snapshot(
+            &fake,
+            &mut state,
+            delta("v3", "v1", vec![pool("a", 2)], &["ns/a"]),
+        ));
+        assert!(
+            n.error.contains("both changes and removes pool ns/a"),
+            "{}",
+            n.error
+        );
+        assert_eq!(fake.applied.lock().unwrap().len(), 1);
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_refused_delta_leaves_the_base_in_force() {
+        let fake = Fake::refusing("ns/b");
+        let mut state = ClientState {
+            version: "v1".into(),
+            pools: [("ns/a".to_string(), config_from_pb(pool("a", 1)).unwrap())].into(),
+        };
+        let before = state.clone();
+        let n = nack(handle_snapshot(
+            &fake,
+            &mut state,
+            delta("v2", "v1", vec![pool("b", 0)], &["ns/a"]),
+        ));
+        assert_eq!(n.pools, ["ns/b"]);
+        assert_eq!(state, before, "the next delta's base is still v1");
     }
 
     #[test]
@@ -445,15 +704,10 @@ mod tests {
 
     #[test]
     fn a_refused_snapshot_is_nacked_and_the_running_version_stays() {
-        let fake = Fake {
-            refuse: Some(Rejection {
-                error: "pool ns/p: spec.size: 0 must be at least 1".into(),
-                pools: vec!["ns/p".into()],
-            }),
-            ..Fake::default()
-        };
+        let fake = Fake::refusing("ns/p");
         let mut state = ClientState {
             version: "v0".into(),
+            ..ClientState::default()
         };
         let answer = handle_snapshot(&fake, &mut state, snapshot("v1"));
         let Some(pb::agent_message::Kind::Nack(nack)) = answer.kind else {

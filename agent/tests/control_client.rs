@@ -1,8 +1,9 @@
 //! The agent's control client against an in-process fake operator (a real
 //! tonic server speaking the control protocol) and a real agent runtime:
 //! Hello, atomic apply with Ack, an invalid snapshot Nacked with the last
-//! good configuration kept, reports, and a redial that says which version
-//! the agent runs.
+//! good configuration kept, reports, deltas merged (or Nacked when their
+//! base is not what runs), and a redial that says which version the agent
+//! runs.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -92,23 +93,35 @@ async fn next_answer(inbound: &mut Streaming<pb::AgentMessage>) -> Kind {
     }
 }
 
-fn snapshot(version: &str, size: i32, backend: &str) -> pb::OperatorMessage {
+/// Pool `shop/<name>` of this size (its generation) on one backend.
+fn pool(name: &str, size: i32, backend: &str) -> pb::Pool {
     let spec: tidepool_crds::ConnectionPoolSpec = serde_yaml::from_str(&format!(
-        "target: {{service: {{name: api, port: 50051}}}}\nsize: {size}"
+        "target: {{service: {{name: {name}, port: 50051}}}}\nsize: {size}"
     ))
     .unwrap();
+    pb::Pool {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        generation: i64::from(size),
+        spec: Some(spec_to_pb(&spec)),
+        addresses: vec![backend.into()],
+    }
+}
+
+fn snapshot(version: &str, size: i32, backend: &str) -> pb::OperatorMessage {
+    delta(version, "", vec![pool("api", size, backend)], &[])
+}
+
+/// A snapshot message; with `base` empty, a full one.
+fn delta(version: &str, base: &str, pools: Vec<pb::Pool>, removed: &[&str]) -> pb::OperatorMessage {
     pb::OperatorMessage {
         kind: Some(pb::operator_message::Kind::Snapshot(pb::Snapshot {
             version: version.into(),
             nonce: format!("nonce-{version}"),
-            pools: vec![pb::Pool {
-                namespace: "shop".into(),
-                name: "api".into(),
-                uid: "uid-1".into(),
-                generation: i64::from(size),
-                spec: Some(spec_to_pb(&spec)),
-                addresses: vec![backend.into()],
-            }],
+            pools,
+            base_version: base.into(),
+            removed: removed.iter().map(|r| r.to_string()).collect(),
         })),
     }
 }
@@ -149,6 +162,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         ),
         ("node-a", "agent-a", "")
     );
+    assert!(hello.deltas, "the agent says it understands deltas");
 
     // A good snapshot: applied and acked.
     tx.send(Ok(snapshot("v1", 3, "127.0.0.2:50051")))
@@ -173,7 +187,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
     };
     assert_eq!(
         (report.pools[0].uid.as_str(), report.pools[0].generation),
-        ("uid-1", 3)
+        ("uid-api", 3)
     );
     assert_eq!(report.pools[0].addresses[0].address, "127.0.0.2:50051");
 
@@ -194,12 +208,48 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         ["127.0.0.2:50051"]
     );
 
+    // A delta for a version the agent does not run: nacked naming both
+    // versions, nothing applied.
+    let add_web = |base| delta("v3", base, vec![pool("web", 2, "127.0.0.4:50051")], &[]);
+    tx.send(Ok(add_web("v2"))).await.unwrap();
+    let Kind::Nack(nack) = next_answer(&mut inbound).await else {
+        panic!("a delta on another base must be nacked")
+    };
+    assert!(
+        nack.error.contains("v2") && nack.error.contains("runs v1"),
+        "{}",
+        nack.error
+    );
+    assert!(!runtime.table().pools.contains_key("shop/web"));
+
+    // A delta on v1 adding a pool: merged, applied, acked; api is kept.
+    tx.send(Ok(add_web("v1"))).await.unwrap();
+    assert_eq!(
+        next_answer(&mut inbound).await,
+        Kind::Ack(pb::Ack {
+            version: "v3".into(),
+            nonce: "nonce-v3".into()
+        })
+    );
+    let table = runtime.table();
+    assert_eq!(table.pools["shop/api"].settings.size, 3);
+    assert_eq!(table.pools["shop/web"].settings.size, 2);
+
+    // And one removing api: web stays.
+    tx.send(Ok(delta("v4", "v3", vec![], &["shop/api"])))
+        .await
+        .unwrap();
+    assert!(matches!(next_answer(&mut inbound).await, Kind::Ack(_)));
+    let table = runtime.table();
+    assert!(!table.pools.contains_key("shop/api"));
+    assert!(table.pools.contains_key("shop/web"));
+
     // The operator goes away: the agent keeps its pool and redials; when
-    // the operator is back, the Hello says it runs v1.
+    // the operator is back, the Hello says it runs v4.
     operator_stop.cancel();
     drop((inbound, tx, sessions));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(runtime.table().pools.contains_key("shop/api"));
+    assert!(runtime.table().pools.contains_key("shop/web"));
     let (mut sessions, operator_stop, _) = start_operator(addr).await;
     let (mut inbound, _tx) = tokio::time::timeout(Duration::from_secs(5), sessions.recv())
         .await
@@ -208,7 +258,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
     let Kind::Hello(hello) = next(&mut inbound).await else {
         panic!("the first message must be a Hello")
     };
-    assert_eq!(hello.version, "v1");
+    assert_eq!(hello.version, "v4");
 
     stop.cancel();
     operator_stop.cancel();

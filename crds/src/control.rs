@@ -49,6 +49,63 @@ pub enum ProtocolError {
         /// The raw enum value.
         value: i32,
     },
+    /// A delta for a base the agent does not run.
+    #[error(
+        "delta snapshot {version} applies to version {base} but this agent runs {}; send version {version} whole",
+        if .running.is_empty() { "none" } else { .running.as_str() }
+    )]
+    BaseMismatch {
+        /// The delta's version.
+        version: String,
+        /// The version it applies to (`base_version`).
+        base: String,
+        /// The version the agent runs ("" for none).
+        running: String,
+    },
+    /// A delta removes a pool its base does not run.
+    #[error("delta snapshot {version} removes pool {pool}, which version {base} does not run")]
+    RemovedUnknown {
+        /// `namespace/name`.
+        pool: String,
+        /// The delta's version.
+        version: String,
+        /// Its base.
+        base: String,
+    },
+    /// A delta both changes and removes a pool.
+    #[error("delta snapshot {version} both changes and removes pool {pool}")]
+    ChangedAndRemoved {
+        /// `namespace/name`.
+        pool: String,
+        /// The delta's version.
+        version: String,
+    },
+    /// A full snapshot that lists removed pools.
+    #[error(
+        "snapshot {version} is whole (base_version is empty) but lists removed pools ({pool}, …); removed is for deltas only"
+    )]
+    RemovedInFull {
+        /// The first pool listed in `removed`.
+        pool: String,
+        /// The snapshot's version.
+        version: String,
+    },
+}
+
+impl ProtocolError {
+    /// The pools (`namespace/name`) the error is about, as a Nack names
+    /// them; empty when it is about the whole snapshot.
+    pub fn pools(&self) -> Vec<String> {
+        match self {
+            Self::MissingSpec { pool }
+            | Self::MissingTarget { pool }
+            | Self::MissingPort { pool }
+            | Self::UnknownWhenFull { pool, .. }
+            | Self::RemovedUnknown { pool, .. }
+            | Self::ChangedAndRemoved { pool, .. } => vec![pool.clone()],
+            Self::BaseMismatch { .. } | Self::RemovedInFull { .. } => vec![],
+        }
+    }
 }
 
 /// The wire form of a spec.

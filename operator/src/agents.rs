@@ -4,6 +4,11 @@
 //! Keyed by node: one agent per node. A second session for a node (an agent
 //! that restarted before its old stream was noticed dead) replaces the
 //! first, whose writer then ends.
+//!
+//! The registry also decides how each snapshot goes on the wire
+//! ([`Agents::sent`]): as a delta from the snapshot the agent acknowledged
+//! when that is safe, whole otherwise. Whatever the wire form, `sent`,
+//! `applied` and `rejected` hold whole snapshots: what the agent would run.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -24,6 +29,8 @@ pub struct Sent {
     pub nonce: String,
     /// When.
     pub at: Instant,
+    /// The version it was a delta from; `None` when it was sent whole.
+    pub base: Option<String>,
 }
 
 /// A snapshot an agent refused.
@@ -54,6 +61,10 @@ pub struct Agent {
     pub pod: String,
     /// The version the agent said it runs when it connected.
     running: String,
+    /// Whether the agent understands deltas (its Hello said so).
+    deltas: bool,
+    /// Whether the next send must be whole: the agent refused a delta.
+    full_next: bool,
     /// The session's writer sends what is put here.
     outbox: watch::Sender<Option<Arc<Snapshot>>>,
     /// The version last put in the outbox.
@@ -177,6 +188,13 @@ pub struct Registration {
 /// An answer to a snapshot, as the registry understood it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
+    /// A delta refused: not recorded as a rejection; the next send is
+    /// whole, and when the refused version is still the one queued it is
+    /// queued again (`resent`).
+    DeltaNacked {
+        /// Whether the same version was queued again, to go whole.
+        resent: bool,
+    },
     /// Acknowledged: how long after the send, and after the change.
     Acked {
         /// Send to ack.
@@ -216,11 +234,13 @@ impl Agents {
     /// acknowledged `current` and nothing is sent; otherwise `current` is
     /// queued for it. `current` is `None` until the operator knows every
     /// pool (nothing is sent before: a partial snapshot would remove pools).
+    /// `deltas`: the agent understands delta snapshots.
     pub fn register(
         &self,
         node: &str,
         pod: &str,
         running: &str,
+        deltas: bool,
         current: Option<Arc<Snapshot>>,
     ) -> Registration {
         let mut inner = self.lock();
@@ -231,6 +251,8 @@ impl Agents {
             session,
             pod: pod.into(),
             running: running.into(),
+            deltas,
+            full_next: false,
             outbox,
             queued: None,
             applied: None,
@@ -303,20 +325,45 @@ impl Agents {
         n
     }
 
-    /// Records that a session's writer sent `snapshot` with `nonce`.
-    pub fn sent(&self, node: &str, session: u64, snapshot: Arc<Snapshot>, nonce: String) {
-        if let Some(agent) = self
-            .lock()
+    /// Records that a session's writer sends `snapshot` with `nonce`, and
+    /// decides its wire form: returns the snapshot to send it as a delta
+    /// from, or `None` to send it whole.
+    ///
+    /// A delta only when it is safe: the agent understands deltas, we know
+    /// what it runs (`applied`: acknowledged on this session, or the
+    /// current snapshot its Hello named) and that differs from this one,
+    /// nothing sent is unanswered (else it may run either), and it has not
+    /// just refused a delta.
+    pub fn sent(
+        &self,
+        node: &str,
+        session: u64,
+        snapshot: Arc<Snapshot>,
+        nonce: String,
+    ) -> Option<Arc<Snapshot>> {
+        let mut inner = self.lock();
+        let agent = inner
             .by_node
             .get_mut(node)
-            .filter(|a| a.session == session)
-        {
-            agent.sent = Some(Sent {
-                snapshot,
-                nonce,
-                at: Instant::now(),
-            });
-        }
+            .filter(|a| a.session == session)?;
+        let base = agent
+            .applied
+            .as_ref()
+            .filter(|a| {
+                agent.deltas
+                    && !agent.full_next
+                    && agent.sent.is_none()
+                    && a.version != snapshot.version
+            })
+            .cloned();
+        agent.full_next = false;
+        agent.sent = Some(Sent {
+            snapshot,
+            nonce,
+            at: Instant::now(),
+            base: base.as_ref().map(|b| b.version.clone()),
+        });
+        base
     }
 
     /// Records an Ack or a Nack (`error` set) for `nonce`.
@@ -345,6 +392,17 @@ impl Agents {
                 agent.applied = Some(sent.snapshot);
                 agent.rejected = None;
                 answer
+            }
+            Some(_) if sent.base.is_some() => {
+                // The agent may run something else than we think (or the
+                // delta exposed a bug): the same version goes again whole,
+                // and only a refusal of that is recorded.
+                agent.full_next = true;
+                let resent = agent.queued.as_ref() == Some(&sent.snapshot.version);
+                if resent {
+                    agent.outbox.send_replace(Some(sent.snapshot));
+                }
+                Answer::DeltaNacked { resent }
             }
             Some((error, pools)) => {
                 agent.rejected = Some(Rejected {
@@ -409,14 +467,134 @@ mod tests {
             pools: vec![],
             generations: [("ns/p".to_string(), ("u".to_string(), generation))].into(),
             changed_at: Instant::now(),
+            deltas: Mutex::default(),
         })
+    }
+
+    /// A snapshot with real pools `ns/<name>` at these generations.
+    fn pools(of: &[(&str, i64)]) -> Arc<Snapshot> {
+        let pools = of
+            .iter()
+            .map(|(name, generation)| pb::Pool {
+                namespace: "ns".into(),
+                name: (*name).into(),
+                generation: *generation,
+                ..Default::default()
+            })
+            .collect();
+        Arc::new(Snapshot::new(pools, Instant::now()))
+    }
+
+    /// Takes what the outbox holds and records it sent with `nonce`;
+    /// returns the base it goes as a delta from, if any.
+    fn send(
+        agents: &Agents,
+        reg: &mut Registration,
+        nonce: &str,
+    ) -> (Arc<Snapshot>, Option<Arc<Snapshot>>) {
+        let s = reg
+            .outbox
+            .borrow_and_update()
+            .clone()
+            .expect("something queued");
+        let base = agents.sent("n1", reg.session, Arc::clone(&s), nonce.into());
+        (s, base)
+    }
+
+    #[test]
+    fn deltas_go_only_on_an_acknowledged_base_with_nothing_unanswered() {
+        let agents = Agents::default();
+        let v1 = pools(&[("a", 1), ("b", 1)]);
+        let mut reg = agents.register("n1", "pod", "", true, Some(Arc::clone(&v1)));
+        // Nothing acknowledged yet: whole.
+        let (_, base) = send(&agents, &mut reg, "1");
+        assert!(base.is_none());
+        assert!(matches!(
+            agents.answer("n1", reg.session, "1", None),
+            Answer::Acked { .. }
+        ));
+
+        // v1 acknowledged: v2 goes as a delta from it.
+        let v2 = pools(&[("a", 2), ("b", 1)]);
+        assert_eq!(agents.offer(&v2), 1);
+        let (sent, base) = send(&agents, &mut reg, "2");
+        assert_eq!(sent.version, v2.version);
+        assert_eq!(base.unwrap().version, v1.version);
+        // v3 before v2 is answered: the agent may run v1 or v2, so whole.
+        let v3 = pools(&[("a", 3), ("b", 1)]);
+        assert_eq!(agents.offer(&v3), 1);
+        let (_, base) = send(&agents, &mut reg, "3");
+        assert!(base.is_none(), "an unanswered send forces a whole one");
+        // The registry still knows the whole snapshot the agent runs.
+        assert!(matches!(
+            agents.answer("n1", reg.session, "3", None),
+            Answer::Acked { .. }
+        ));
+        agents.with(|a| assert_eq!(a["n1"].applied.as_ref().unwrap().version, v3.version));
+
+        // An agent that did not say it understands deltas gets whole ones.
+        let mut old = agents.register("n2", "pod", &v3.version, false, Some(Arc::clone(&v3)));
+        assert!(old.outbox.borrow_and_update().is_none(), "runs v3 already");
+        let v4 = pools(&[("a", 4)]);
+        assert_eq!(agents.offer(&v4), 2);
+        let s = old.outbox.borrow_and_update().clone().unwrap();
+        assert!(agents.sent("n2", old.session, s, "x".into()).is_none());
+    }
+
+    #[test]
+    fn a_refused_delta_is_resent_whole_once_then_recorded() {
+        let agents = Agents::default();
+        let v1 = pools(&[("a", 1)]);
+        let mut reg = agents.register("n1", "pod", &v1.version, true, Some(Arc::clone(&v1)));
+        let v2 = pools(&[("a", 2)]);
+        agents.offer(&v2);
+        let (_, base) = send(&agents, &mut reg, "d");
+        assert!(base.is_some(), "the agent said it runs v1: a delta");
+        assert_eq!(
+            agents.answer("n1", reg.session, "d", Some(("base".into(), vec![]))),
+            Answer::DeltaNacked { resent: true }
+        );
+        // Not a rejection (yet); the same version is queued again, whole.
+        agents.with(|a| assert!(a["n1"].rejected.is_none()));
+        assert!(reg.outbox.has_changed().unwrap());
+        let (again, base) = send(&agents, &mut reg, "f");
+        assert_eq!(again.version, v2.version);
+        assert!(base.is_none(), "the resend is whole");
+        assert_eq!(
+            agents.answer("n1", reg.session, "f", Some(("bad".into(), vec![]))),
+            Answer::Nacked
+        );
+        agents.with(|a| {
+            assert_eq!(
+                a["n1"].rejected.as_ref().unwrap().snapshot.version,
+                v2.version
+            );
+            assert_eq!(a["n1"].applied.as_ref().unwrap().version, v1.version);
+        });
+        // Not sent a third time; a later version goes as a delta again.
+        assert_eq!(agents.offer(&v2), 0);
+        assert!(!reg.outbox.has_changed().unwrap());
+        let v3 = pools(&[("a", 3)]);
+        assert_eq!(agents.offer(&v3), 1);
+        let (_, base) = send(&agents, &mut reg, "g");
+        assert_eq!(base.unwrap().version, v1.version);
+        // A refused delta with something newer queued: that goes (whole).
+        let v4 = pools(&[("a", 4)]);
+        assert_eq!(agents.offer(&v4), 1);
+        assert_eq!(
+            agents.answer("n1", reg.session, "g", Some(("base".into(), vec![]))),
+            Answer::DeltaNacked { resent: false }
+        );
+        let (next, base) = send(&agents, &mut reg, "h");
+        assert_eq!(next.version, v4.version);
+        assert!(base.is_none());
     }
 
     #[tokio::test]
     async fn a_snapshot_is_sent_once_and_a_refused_one_not_again() {
         let agents = Agents::default();
         let v1 = snapshot("v1", 1);
-        let mut reg = agents.register("n1", "pod", "", Some(Arc::clone(&v1)));
+        let mut reg = agents.register("n1", "pod", "", false, Some(Arc::clone(&v1)));
         assert_eq!(
             reg.outbox.borrow_and_update().as_ref().unwrap().version,
             "v1"
@@ -454,11 +632,11 @@ mod tests {
     fn an_agent_that_runs_the_current_version_is_synced_without_a_send() {
         let agents = Agents::default();
         let v1 = snapshot("v1", 1);
-        let mut reg = agents.register("n1", "pod", "v1", Some(Arc::clone(&v1)));
+        let mut reg = agents.register("n1", "pod", "v1", false, Some(Arc::clone(&v1)));
         assert!(reg.outbox.borrow_and_update().is_none());
         assert_eq!(agents.offer(&v1), 0);
         // Also when it connected before the first snapshot was built.
-        let mut reg = agents.register("n2", "pod", "v1", None);
+        let mut reg = agents.register("n2", "pod", "v1", false, None);
         assert_eq!(agents.offer(&v1), 0);
         assert!(reg.outbox.borrow_and_update().is_none());
         assert!(agents.with(|a| a["n2"].applied.is_some()));
@@ -467,8 +645,8 @@ mod tests {
     #[test]
     fn a_new_session_replaces_the_old_one() {
         let agents = Agents::default();
-        let old = agents.register("n1", "pod-a", "", None);
-        let new = agents.register("n1", "pod-b", "", None);
+        let old = agents.register("n1", "pod-a", "", false, None);
+        let new = agents.register("n1", "pod-b", "", false, None);
         assert!(new.replaced);
         assert!(!agents.is_current("n1", old.session));
         // The old session ending does not remove the new one.

@@ -140,15 +140,20 @@ impl pb::control_server::Control for ControlService {
             }
         };
         let current = self.initialized.borrow().then(|| self.desired.snapshot());
-        let reg = self
-            .agents
-            .register(&hello.node, &hello.pod, &hello.version, current);
+        let reg = self.agents.register(
+            &hello.node,
+            &hello.pod,
+            &hello.version,
+            hello.deltas,
+            current,
+        );
         self.metrics.connected_agents.set(self.agents.len() as i64);
         tracing::info!(
             node = %hello.node,
             pod = %hello.pod,
             running = %hello.version,
             agent = %hello.agent_version,
+            deltas = hello.deltas,
             replaced = reg.replaced,
             "agent connected"
         );
@@ -215,22 +220,50 @@ impl Session {
                 return "the operator is stopping";
             };
             let nonce = format!("{:016x}", rand::random::<u64>());
-            let message = pb::OperatorMessage {
-                kind: Some(pb::operator_message::Kind::Snapshot(pb::Snapshot {
-                    version: snapshot.version.clone(),
-                    nonce: nonce.clone(),
-                    pools: snapshot.pools.clone(),
-                })),
-            };
             // Recorded first: a fast agent may answer before `send` returns.
-            self.service
-                .agents
-                .sent(&self.node, self.id, Arc::clone(&snapshot), nonce);
+            // The registry says whether it can go as a delta.
+            let base =
+                self.service
+                    .agents
+                    .sent(&self.node, self.id, Arc::clone(&snapshot), nonce.clone());
+            let wire = match &base {
+                Some(base) => {
+                    let delta = snapshot.delta_from(base);
+                    pb::Snapshot {
+                        version: snapshot.version.clone(),
+                        nonce,
+                        pools: delta.pools.clone(),
+                        base_version: base.version.clone(),
+                        removed: delta.removed.clone(),
+                    }
+                }
+                None => pb::Snapshot {
+                    version: snapshot.version.clone(),
+                    nonce,
+                    pools: snapshot.pools.clone(),
+                    base_version: String::new(),
+                    removed: Vec::new(),
+                },
+            };
+            let (pools, removed) = (wire.pools.len(), wire.removed.len());
+            let message = pb::OperatorMessage {
+                kind: Some(pb::operator_message::Kind::Snapshot(wire)),
+            };
             if tx.send(Ok(message)).await.is_err() {
                 return "the stream closed";
             }
             self.service.metrics.snapshots_sent.inc();
-            tracing::debug!(node = %self.node, version = %snapshot.version, pools = snapshot.pools.len(), "snapshot sent");
+            if base.is_some() {
+                self.service.metrics.deltas_sent.inc();
+            }
+            tracing::debug!(
+                node = %self.node,
+                version = %snapshot.version,
+                base = base.as_ref().map_or("", |b| b.version.as_str()),
+                pools,
+                removed,
+                "snapshot sent"
+            );
         }
     }
 
@@ -281,9 +314,16 @@ impl Session {
                         &nack.nonce,
                         Some((nack.error.clone(), nack.pools)),
                     );
-                    if answer == Answer::Nacked {
-                        metrics.nacks.inc();
-                        tracing::warn!(node = %self.node, version = %nack.version, error = %nack.error, "agent rejected a snapshot; it keeps its last good one");
+                    match answer {
+                        Answer::Nacked => {
+                            metrics.nacks.inc();
+                            tracing::warn!(node = %self.node, version = %nack.version, error = %nack.error, "agent rejected a snapshot; it keeps its last good one");
+                        }
+                        Answer::DeltaNacked { resent } => {
+                            metrics.delta_nacks.inc();
+                            tracing::info!(node = %self.node, version = %nack.version, error = %nack.error, resent, "agent refused a delta; sending whole");
+                        }
+                        Answer::Acked { .. } | Answer::Stale => {}
                     }
                 }
                 Some(Kind::Report(report)) => {

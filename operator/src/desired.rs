@@ -24,6 +24,9 @@ pub struct Entry {
 }
 
 /// A complete configuration for a node, as sent.
+///
+/// Sent whole or as a [`Delta`] from a snapshot the agent acknowledged;
+/// either way this is what the agent runs once it acknowledges.
 #[derive(Debug)]
 pub struct Snapshot {
     /// A hash of the content ([`snapshot_version`]).
@@ -35,14 +38,84 @@ pub struct Snapshot {
     /// When the first change this snapshot carries was made, for the
     /// change-to-ack convergence histogram.
     pub changed_at: Instant,
+    /// Deltas to this snapshot already computed, by base version, newest
+    /// last (at most [`DELTA_CACHE`]): agents mostly run the same base, so
+    /// one computation serves every session.
+    pub deltas: Mutex<Vec<(String, Arc<Delta>)>>,
+}
+
+/// How many bases a snapshot keeps computed deltas for.
+const DELTA_CACHE: usize = 4;
+
+/// What changed from one snapshot to another: the wire form of an
+/// incremental snapshot (`Snapshot.base_version` set).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    /// Pools added, or whose content (uid, generation, spec, addresses)
+    /// changed, sorted by `namespace/name`.
+    pub pools: Vec<pb::Pool>,
+    /// `namespace/name` of the pools the base has and the new one has not,
+    /// sorted.
+    pub removed: Vec<String>,
+}
+
+impl Delta {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty() && self.removed.is_empty()
+    }
 }
 
 impl Snapshot {
+    /// The snapshot of `pools` (sorted by `namespace/name`).
+    pub fn new(pools: Vec<pb::Pool>, changed_at: Instant) -> Self {
+        let generations = pools
+            .iter()
+            .map(|p| (p.key(), (p.uid.clone(), p.generation)))
+            .collect();
+        Self {
+            version: snapshot_version(&pools),
+            pools,
+            generations,
+            changed_at,
+            deltas: Mutex::default(),
+        }
+    }
+
     /// Whether this snapshot runs `key` with this uid at this generation.
     pub fn runs(&self, key: &str, uid: &str, generation: i64) -> bool {
         self.generations
             .get(key)
             .is_some_and(|(u, g)| u == uid && *g == generation)
+    }
+
+    /// What an agent that runs `base` needs to run this snapshot: the
+    /// pools that differ (compared whole, so any change in uid,
+    /// generation, spec or addresses counts) and the pools gone.
+    /// Computed once per base and shared.
+    pub fn delta_from(&self, base: &Snapshot) -> Arc<Delta> {
+        let mut cache = self.deltas.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, d)) = cache.iter().find(|(v, _)| *v == base.version) {
+            return Arc::clone(d);
+        }
+        let old: HashMap<String, &pb::Pool> = base.pools.iter().map(|p| (p.key(), p)).collect();
+        let pools = self
+            .pools
+            .iter()
+            .filter(|p| old.get(&p.key()).is_none_or(|o| *o != *p))
+            .cloned()
+            .collect();
+        let mut removed: Vec<String> = old
+            .into_keys()
+            .filter(|k| !self.generations.contains_key(k))
+            .collect();
+        removed.sort_unstable();
+        let delta = Arc::new(Delta { pools, removed });
+        if cache.len() == DELTA_CACHE {
+            cache.remove(0);
+        }
+        cache.push((base.version.clone(), Arc::clone(&delta)));
+        delta
     }
 }
 
@@ -162,16 +235,8 @@ impl Desired {
             return Arc::clone(s);
         }
         let pools: Vec<pb::Pool> = inner.pools.values().map(|e| e.pool.clone()).collect();
-        let generations = pools
-            .iter()
-            .map(|p| (p.key(), (p.uid.clone(), p.generation)))
-            .collect();
-        let snapshot = Arc::new(Snapshot {
-            version: snapshot_version(&pools),
-            pools,
-            generations,
-            changed_at: inner.pending_since.take().unwrap_or_else(Instant::now),
-        });
+        let changed_at = inner.pending_since.take().unwrap_or_else(Instant::now);
+        let snapshot = Arc::new(Snapshot::new(pools, changed_at));
         inner.snapshot = Some(Arc::clone(&snapshot));
         snapshot
     }
@@ -223,6 +288,51 @@ mod tests {
         assert!(d.remove("ns/a"));
         assert!(!d.remove("ns/a"));
         assert!(d.snapshot().pools.is_empty());
+    }
+
+    fn snapshot_of(entries: &[Entry]) -> Snapshot {
+        Snapshot::new(
+            entries.iter().map(|e| e.pool.clone()).collect(),
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn a_delta_carries_changed_and_added_pools_and_names_removed_ones() {
+        let a1 = entry("a", 1, &["127.0.0.2:1"]);
+        let b1 = entry("b", 1, &["127.0.0.2:1"]);
+        let c1 = entry("c", 1, &["127.0.0.2:1"]);
+        let base = snapshot_of(&[a1.clone(), b1.clone(), c1.clone()]);
+
+        // Unchanged content: nothing to send.
+        let same = snapshot_of(&[a1.clone(), b1.clone(), c1.clone()]);
+        assert_eq!(same.version, base.version);
+        assert!(same.delta_from(&base).is_empty());
+
+        // b's addresses change (same generation), c goes, d comes; a stays.
+        let b2 = entry("b", 1, &["127.0.0.3:1"]);
+        let d1 = entry("d", 1, &[]);
+        let next = snapshot_of(&[a1.clone(), b2.clone(), d1.clone()]);
+        let delta = next.delta_from(&base);
+        assert_eq!(delta.pools, [b2.pool.clone(), d1.pool.clone()]);
+        assert_eq!(delta.removed, ["ns/c"]);
+        // Computed once per base and shared.
+        assert!(Arc::ptr_eq(&delta, &next.delta_from(&base)));
+
+        // A new generation or uid is a change even with the same addresses.
+        let mut a_recreated = a1.clone();
+        a_recreated.pool.uid = "uid-a2".into();
+        let next = snapshot_of(&[a_recreated.clone(), entry("b", 2, &["127.0.0.2:1"]), c1]);
+        let delta = next.delta_from(&base);
+        let changed: Vec<_> = delta.pools.iter().map(|p| p.key()).collect();
+        assert_eq!(changed, ["ns/a", "ns/b"]);
+        assert!(delta.removed.is_empty());
+
+        // Everything gone.
+        let empty = snapshot_of(&[]);
+        let delta = empty.delta_from(&base);
+        assert!(delta.pools.is_empty());
+        assert_eq!(delta.removed, ["ns/a", "ns/b", "ns/c"]);
     }
 
     #[test]

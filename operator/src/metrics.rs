@@ -30,6 +30,10 @@ pub struct Metrics {
     pub refused_streams: Counter,
     /// Snapshots sent to agents.
     pub snapshots_sent: Counter,
+    /// Of those, the ones sent as deltas.
+    pub deltas_sent: Counter,
+    /// Deltas agents refused (each answered by a whole resend).
+    pub delta_nacks: Counter,
     /// Time from sending a snapshot to its ACK.
     pub push_to_ack: Histogram,
     /// Time from the desired-state change a snapshot carries to its ACK
@@ -58,6 +62,8 @@ impl Metrics {
             connected_agents: Gauge::default(),
             refused_streams: Counter::default(),
             snapshots_sent: Counter::default(),
+            deltas_sent: Counter::default(),
+            delta_nacks: Counter::default(),
             push_to_ack: latency(),
             change_to_ack: latency(),
             nacks: Counter::default(),
@@ -96,6 +102,16 @@ impl Metrics {
             "snapshots_sent",
             "Snapshots sent to agents",
             m.snapshots_sent.clone(),
+        );
+        r.register(
+            "deltas_sent",
+            "Snapshots sent as deltas from the agent's acknowledged one (also in snapshots_sent)",
+            m.deltas_sent.clone(),
+        );
+        r.register(
+            "delta_nacks",
+            "Deltas agents refused; each is resent whole",
+            m.delta_nacks.clone(),
         );
         r.register(
             "push_to_ack_seconds",

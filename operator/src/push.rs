@@ -80,7 +80,7 @@ mod tests {
         let agents = Arc::new(Agents::default());
         let (init_tx, init_rx) = watch::channel(false);
         let stop = CancellationToken::new();
-        let mut reg = agents.register("n1", "pod", "", None);
+        let mut reg = agents.register("n1", "pod", "", false, None);
         tokio::spawn(run(
             desired.clone(),
             agents.clone(),

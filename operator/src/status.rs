@@ -612,6 +612,7 @@ mod tests {
             pools: vec![],
             generations: [("ns/p".to_string(), ("u".to_string(), generation))].into(),
             changed_at: Instant::now(),
+            deltas: Default::default(),
         })
     }
 
@@ -639,7 +640,13 @@ mod tests {
 
     /// Connects an agent on `node` that acknowledged `snapshot` and reported.
     fn synced(agents: &Agents, node: &str, snapshot: &Arc<Snapshot>, r: pb::Report) {
-        let reg = agents.register(node, "pod", &snapshot.version, Some(Arc::clone(snapshot)));
+        let reg = agents.register(
+            node,
+            "pod",
+            &snapshot.version,
+            false,
+            Some(Arc::clone(snapshot)),
+        );
         agents.report(node, reg.session, r);
     }
 
@@ -789,7 +796,7 @@ mod tests {
         let agents = Agents::default();
         let v1 = snapshot("v1", 1);
         synced(&agents, "n1", &v1, report(&[]));
-        let reg = agents.register("n2", "pod", "", Some(Arc::clone(&v1)));
+        let reg = agents.register("n2", "pod", "", false, Some(Arc::clone(&v1)));
         agents.sent("n2", reg.session, Arc::clone(&v1), "x".into());
         agents.answer(
             "n2",

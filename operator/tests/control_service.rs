@@ -174,6 +174,117 @@ async fn next_snapshot(inbound: &mut tonic::Streaming<pb::OperatorMessage>) -> p
     }
 }
 
+/// Waits until the registry has `node`'s Ack of `version`.
+async fn acked(agents: &Agents, node: &str, version: &str) {
+    for _ in 0..500 {
+        if agents.with(|a| {
+            a.get(node)
+                .and_then(|a| a.applied.as_ref())
+                .is_some_and(|s| s.version == version)
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{node} never acknowledged {version}");
+}
+
+fn answer(snapshot: &pb::Snapshot, error: Option<&str>) -> pb::AgentMessage {
+    let (version, nonce) = (snapshot.version.clone(), snapshot.nonce.clone());
+    pb::AgentMessage {
+        kind: Some(match error {
+            None => Kind::Ack(pb::Ack { version, nonce }),
+            Some(e) => Kind::Nack(pb::Nack {
+                version,
+                nonce,
+                error: e.into(),
+                pools: vec![],
+            }),
+        }),
+    }
+}
+
+fn pool(name: &str, generation: i64) -> Entry {
+    Entry {
+        pool: pb::Pool {
+            namespace: "ns".into(),
+            name: name.into(),
+            generation,
+            ..Default::default()
+        },
+        resolution: Ok(()),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_understands_deltas_gets_only_what_changed() {
+    let s = server().await;
+    s.desired.set("ns/q".into(), pool("q", 1));
+    let mut h = hello("n1");
+    if let Some(Kind::Hello(h)) = &mut h.kind {
+        h.deltas = true;
+    }
+    let (tx, mut inbound) = open(&s.channel, h).await.unwrap();
+
+    // The first send is whole, whatever the agent says.
+    let first = next_snapshot(&mut inbound).await;
+    assert!(first.base_version.is_empty());
+    assert_eq!(first.pools.len(), 2);
+    tx.send(answer(&first, None)).await.unwrap();
+    acked(&s.agents, "n1", &first.version).await;
+
+    // One pool changes, one goes: a delta from what the agent acknowledged.
+    s.desired.set("ns/p".into(), pool("p", 2));
+    s.desired.remove("ns/q");
+    let current = s.desired.snapshot();
+    s.agents.offer(&current);
+    let delta = next_snapshot(&mut inbound).await;
+    assert_eq!(delta.version, current.version);
+    assert_eq!(delta.base_version, first.version);
+    assert_eq!(
+        delta.pools.iter().map(|p| p.key()).collect::<Vec<_>>(),
+        ["ns/p"]
+    );
+    assert_eq!(delta.pools[0].generation, 2);
+    assert_eq!(delta.removed, ["ns/q"]);
+
+    // The agent refuses the delta: the same version comes again, whole.
+    tx.send(answer(&delta, Some("delta snapshot for another base")))
+        .await
+        .unwrap();
+    let whole = next_snapshot(&mut inbound).await;
+    assert_eq!(whole.version, current.version);
+    assert!(whole.base_version.is_empty() && whole.removed.is_empty());
+    assert_eq!(whole.pools.len(), 1);
+    assert_ne!(whole.nonce, delta.nonce);
+    s.agents.with(|a| assert!(a["n1"].rejected.is_none()));
+
+    // Refused whole too: recorded, and not sent again.
+    tx.send(answer(&whole, Some("bad"))).await.unwrap();
+    for _ in 0..500 {
+        if s.agents.with(|a| a["n1"].rejected.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.agents.with(|a| {
+        let n1 = &a["n1"];
+        assert_eq!(
+            n1.rejected.as_ref().unwrap().snapshot.version,
+            current.version
+        );
+        assert_eq!(n1.applied.as_ref().unwrap().version, first.version);
+    });
+    assert_eq!(s.agents.offer(&current), 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), inbound.message())
+            .await
+            .is_err(),
+        "nothing more is sent"
+    );
+    s.stop.cancel();
+}
+
 #[tokio::test]
 async fn bad_clients_are_refused_clearly_and_a_good_agent_is_undisturbed() {
     let s = server().await;
@@ -277,10 +388,13 @@ async fn bad_clients_are_refused_clearly_and_a_good_agent_is_undisturbed() {
             resolution: Ok(()),
         },
     );
-    // Offer what the pusher would.
+    // Offer what the pusher would. This agent's Hello did not say it
+    // understands deltas: it gets every pool.
+    acked(&s.agents, "n1", &first.version).await;
     s.agents.offer(&s.desired.snapshot());
     let second = next_snapshot(&mut inbound).await;
     assert_eq!(second.pools.len(), 2);
+    assert!(second.base_version.is_empty());
     assert_eq!(s.agents.len(), 1);
 
     // A replica that is not the leader refuses new streams.

@@ -147,6 +147,29 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The first sample of metric `name` in a Prometheus text body.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The mean of histogram `name` over what was observed between two
+/// scrapes, in milliseconds.
+fn mean_ms(before: &str, after: &str, name: &str) -> f64 {
+    let delta = |suffix: &str| {
+        let n = format!("{name}_{suffix}");
+        metric(after, &n) - metric(before, &n)
+    };
+    let count = delta("count");
+    if count == 0.0 {
+        return 0.0;
+    }
+    delta("sum") / count * 1000.0
+}
+
 fn proc_status(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
@@ -283,6 +306,7 @@ async fn main() -> Result<()> {
     let rss_connected = proc_status(pid, "VmRSS:").unwrap_or(0);
 
     // Convergence: spec changes, one pool at a time.
+    let (_, metrics0) = http_get(admin, "/metrics").await?;
     let (op_cpu0, bench_cpu0, rounds_start) = (
         cpu_seconds(&pid.to_string()),
         cpu_seconds("self"),
@@ -324,11 +348,29 @@ async fn main() -> Result<()> {
             }
         }
         to_all.push(last);
+        // Agents' occupancy, and so their reports, change together every
+        // 5 s (see `SimAgent::report`): where the round fell in that cycle.
+        let phase = t0.duration_since(started).as_secs_f64() % 5.0;
         eprintln!(
-            "bench: round {round}: every agent applied {key} generation {generation} after {last:?}"
+            "bench: round {round}: every agent applied {key} generation {generation} after {last:?} (report cycle phase {phase:.1}s)"
         );
     }
     let rounds_wall = rounds_start.elapsed().as_secs_f64();
+    let (_, metrics1) = http_get(admin, "/metrics").await?;
+    let op_change_to_ack = mean_ms(
+        &metrics0,
+        &metrics1,
+        "tidepool_operator_change_to_ack_seconds",
+    );
+    let op_push_to_ack = mean_ms(
+        &metrics0,
+        &metrics1,
+        "tidepool_operator_push_to_ack_seconds",
+    );
+    let deltas = metric(&metrics1, "tidepool_operator_deltas_sent_total")
+        - metric(&metrics0, "tidepool_operator_deltas_sent_total");
+    let sends = metric(&metrics1, "tidepool_operator_snapshots_sent_total")
+        - metric(&metrics0, "tidepool_operator_snapshots_sent_total");
     let op_cpu = (cpu_seconds(&pid.to_string()) - op_cpu0) / rounds_wall;
     let bench_cpu = (cpu_seconds("self") - bench_cpu0) / rounds_wall;
     per_agent.sort();
@@ -336,13 +378,6 @@ async fn main() -> Result<()> {
 
     // Status writes while every agent reports changing occupancy.
     eprintln!("bench: counting status writes for {:?}", args.status_window);
-    let metric = |body: &str, name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
     let (_, before) = http_get(admin, "/metrics").await?;
     tokio::time::sleep(args.status_window).await;
     let (_, after) = http_get(admin, "/metrics").await?;
@@ -383,6 +418,10 @@ async fn main() -> Result<()> {
         ms(percentile(&to_all, 0.99)),
         ms(to_all.last().copied().unwrap_or_default())
     );
+    println!(
+        "| operator's view, mean: desired change → ACK / send → ACK | {op_change_to_ack:.0} ms / {op_push_to_ack:.0} ms |"
+    );
+    println!("| snapshots sent during the rounds (of which deltas) | {sends:.0} ({deltas:.0}) |");
     println!(
         "| CPU during the rounds: operator / simulated agents (cores) | {op_cpu:.2} / {bench_cpu:.2} |"
     );
