@@ -18,6 +18,7 @@
 //! appliers.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tidepool_crds::control::pb;
@@ -34,10 +35,27 @@ use crate::runtime::{ApplyError, PoolReport, Runtime};
 
 /// What the control client drives: the agent's running configuration.
 pub trait Apply: Send + Sync + 'static {
-    /// Replaces the configuration with `pools`, all or nothing.
-    fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection>;
+    /// Replaces the configuration with `pools`, all or nothing. The pools
+    /// are shared with the client's own record of them, so a delta's
+    /// unchanged pools are not copied to be applied.
+    fn apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), Rejection>;
     /// Every pool's occupancy.
     fn report(&self) -> Vec<pb::PoolReport>;
+    /// A number that changes whenever [`Apply::report`] would return
+    /// something different, for appliers that can tell without building
+    /// the report; `None` (the default) has the client build and compare
+    /// the report at every check.
+    fn report_version(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// The last report sent on a session.
+struct LastReport {
+    pools: Vec<pb::PoolReport>,
+    at: Instant,
+    /// [`Apply::report_version`] when it was built.
+    version: Option<u64>,
 }
 
 /// Why a snapshot was refused, as a Nack carries it.
@@ -67,7 +85,8 @@ impl From<&ApplyError> for Rejection {
 }
 
 impl Apply for Runtime {
-    fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection> {
+    fn apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), Rejection> {
+        let pools = pools.into_iter().map(Arc::unwrap_or_clone).collect();
         Runtime::apply(self, pools).map_err(|e| Rejection::from(&e))
     }
 
@@ -187,7 +206,7 @@ pub struct ClientState {
     /// The version of the snapshot in force ("" before the first).
     pub version: String,
     /// Its pools, by `namespace/name`.
-    pub pools: BTreeMap<String, PoolConfig>,
+    pub pools: BTreeMap<String, Arc<PoolConfig>>,
 }
 
 /// A pool of a snapshot, converted; a pool the agent cannot read is refused.
@@ -209,10 +228,10 @@ fn config_from_pb(p: pb::Pool) -> Result<PoolConfig, ProtocolError> {
 /// What a snapshot asks for once read.
 struct Merged {
     /// The whole set of pools to apply, sorted by namespace and name.
-    all: Vec<PoolConfig>,
+    all: Vec<Arc<PoolConfig>>,
     /// What [`ClientState::pools`] gains once `all` is applied: every pool
     /// of a full snapshot, a delta's added or changed ones.
-    new: Vec<PoolConfig>,
+    new: Vec<Arc<PoolConfig>>,
 }
 
 /// The whole set of pools a snapshot describes: a full snapshot's own
@@ -229,7 +248,7 @@ fn merge(
 ) -> Result<Merged, ProtocolError> {
     let changed = pools
         .into_iter()
-        .map(config_from_pb)
+        .map(|p| config_from_pb(p).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     if base.is_empty() {
         if let Some(pool) = removed.first() {
@@ -262,7 +281,7 @@ fn merge(
         }
         dropped.insert(pool);
     }
-    let changed_keys: Vec<String> = changed.iter().map(PoolConfig::key).collect();
+    let changed_keys: Vec<String> = changed.iter().map(|p| p.key()).collect();
     if let Some(pool) = changed_keys.iter().find(|k| dropped.contains(k.as_str())) {
         return Err(ProtocolError::ChangedAndRemoved {
             pool: pool.clone(),
@@ -270,11 +289,11 @@ fn merge(
         });
     }
     dropped.extend(changed_keys.iter().map(String::as_str));
-    let mut all: Vec<PoolConfig> = state
+    let mut all: Vec<Arc<PoolConfig>> = state
         .pools
         .iter()
         .filter(|(k, _)| !dropped.contains(k.as_str()))
-        .map(|(_, p)| p.clone())
+        .map(|(_, p)| Arc::clone(p))
         .chain(changed.iter().cloned())
         .collect();
     all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -426,7 +445,7 @@ pub async fn session<A: Apply>(
 
     let mut tick = tokio::time::interval(options.report_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report: Option<(Vec<pb::PoolReport>, Instant)> = None;
+    let mut last_report: Option<LastReport> = None;
     loop {
         let mut report_now = false;
         tokio::select! {
@@ -449,10 +468,19 @@ pub async fn session<A: Apply>(
             _ = tick.tick() => report_now = true,
         }
         if report_now {
+            let version = applier.report_version();
+            let unchanged = last_report.as_ref().is_some_and(|last| {
+                version.is_some()
+                    && last.version == version
+                    && last.at.elapsed() < options.report_interval
+            });
+            if unchanged {
+                continue;
+            }
             let report = applier.report();
             let due = match &last_report {
                 None => true,
-                Some((last, at)) => *last != report || at.elapsed() >= options.report_interval,
+                Some(last) => last.pools != report || last.at.elapsed() >= options.report_interval,
             };
             if due {
                 let message = pb::AgentMessage {
@@ -463,7 +491,11 @@ pub async fn session<A: Apply>(
                 if tx.send(message).await.is_err() {
                     return Err(ControlError::Closed);
                 }
-                last_report = Some((report, Instant::now()));
+                last_report = Some(LastReport {
+                    pools: report,
+                    at: Instant::now(),
+                    version,
+                });
             }
         }
     }
@@ -477,7 +509,7 @@ mod tests {
 
     #[derive(Default)]
     struct Fake {
-        applied: Mutex<Vec<Vec<PoolConfig>>>,
+        applied: Mutex<Vec<Vec<Arc<PoolConfig>>>>,
         refuse: Option<Rejection>,
     }
 
@@ -495,7 +527,7 @@ mod tests {
     }
 
     impl Apply for Fake {
-        fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), Rejection> {
+        fn apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), Rejection> {
             if let Some(r) = &self.refuse {
                 return Err(r.clone());
             }
@@ -671,7 +703,11 @@ mod tests {
         let fake = Fake::refusing("ns/b");
         let mut state = ClientState {
             version: "v1".into(),
-            pools: [("ns/a".to_string(), config_from_pb(pool("a", 1)).unwrap())].into(),
+            pools: [(
+                "ns/a".to_string(),
+                Arc::new(config_from_pb(pool("a", 1)).unwrap()),
+            )]
+            .into(),
         };
         let before = state.clone();
         let n = nack(handle_snapshot(
