@@ -188,13 +188,28 @@ fn write(path: &Path, text: &str) {
 
 #[tokio::test]
 async fn the_binary_serves_a_file_and_drains_on_sigterm() {
+    serves_a_file_and_drains_on_sigterm(None).await;
+}
+
+/// One worker thread runs on tokio's current-thread scheduler (see
+/// `main.rs`): the same behaviour, signal handling and drain included.
+#[tokio::test]
+async fn the_binary_on_one_worker_thread_serves_and_drains_on_sigterm() {
+    serves_a_file_and_drains_on_sigterm(Some("1")).await;
+}
+
+async fn serves_a_file_and_drains_on_sigterm(worker_threads: Option<&str>) {
     timeout(LIMIT, async {
         let backend = Backend::start("one").await;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pools.yaml");
         write(&file, &manifest("echo", &[backend.address()], ""));
         let (port, admin_port) = (free_port(), free_port());
-        let mut child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        if let Some(threads) = worker_threads {
+            command.env("TIDEPOOL_WORKER_THREADS", threads);
+        }
+        let mut child = command
             .arg("--standalone")
             .arg(&file)
             .env("TIDEPOOL_LISTEN", format!("127.0.0.1:{port}"))
