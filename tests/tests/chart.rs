@@ -124,11 +124,28 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
         "http://tp-tidepool-operator.tidepool-system.svc:15010"
     );
 
+    assert!(
+        env.iter().all(|e| e["name"] != "TIDEPOOL_WORKER_THREADS"),
+        "the default leaves the thread count to the agent (one per CPU)"
+    );
+
     // Tolerations are configurable.
     let docs = render(&["--set", "agent.tolerations=null"]).await?;
     assert!(
         find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["tolerations"].is_null()
     );
+
+    // So is the number of worker threads.
+    let docs = render(&["--set", "agent.workerThreads=1"]).await?;
+    let env =
+        &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]["env"];
+    let threads = env
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "TIDEPOOL_WORKER_THREADS")
+        .expect("TIDEPOOL_WORKER_THREADS");
+    assert_eq!(threads["value"], "1");
     Ok(())
 }
 
@@ -200,6 +217,10 @@ async fn bad_values_fail_naming_the_value() -> Result<()> {
     let cases = [
         (vec!["--set", "agent.proxyPort=70000"], "/agent/proxyPort"),
         (vec!["--set", "agent.proxyPort=grpc"], "/agent/proxyPort"),
+        (
+            vec!["--set", "agent.workerThreads=-1"],
+            "/agent/workerThreads",
+        ),
         (vec!["--set", "operator.replicas=0"], "/operator/replicas"),
         (
             vec!["--set", "operator.logLevel=loud"],
