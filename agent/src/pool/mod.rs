@@ -362,7 +362,9 @@ impl<C: Connector> Pool<C> {
     /// Open streams to `addr` (0 for an address the pool has not used), for
     /// power-of-two-choices load balancing.
     pub fn active_streams(&self, addr: &str) -> usize {
-        self.inner.find(addr).map_or(0, |a| a.lock().streams())
+        self.inner
+            .with_address(addr, |a| a.lock().streams())
+            .unwrap_or(0)
     }
 
     /// Whether the last dial to `addr` failed recently (backoff doubles from
@@ -370,8 +372,8 @@ impl<C: Connector> Pool<C> {
     /// successful dial).
     pub fn in_backoff(&self, addr: &str) -> bool {
         self.inner
-            .find(addr)
-            .is_some_and(|a| a.lock().in_backoff(Instant::now()))
+            .with_address(addr, |a| a.lock().in_backoff(Instant::now()))
+            .unwrap_or(false)
     }
 
     /// Occupancy of every address, sorted by address. Each address is read
@@ -391,8 +393,8 @@ impl<C: Connector> Pool<C> {
     /// address): for tests and debugging pages.
     pub fn connections(&self, addr: &str) -> Vec<ConnectionInfo> {
         self.inner
-            .find(addr)
-            .map_or_else(Vec::new, |a| a.lock().connections())
+            .with_address(addr, |a| a.lock().connections())
+            .unwrap_or_default()
     }
 }
 
@@ -401,8 +403,11 @@ impl<C: Connector> Inner<C> {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn find(&self, addr: &str) -> Option<Arc<Address<C::Conn>>> {
-        self.addresses.load().get(addr).cloned()
+    /// Runs `f` on address `addr` if the pool has it, without cloning its
+    /// `Arc`: the router asks for two addresses' streams on every request,
+    /// and a clone would write the address's shared reference count.
+    fn with_address<R>(&self, addr: &str, f: impl FnOnce(&Address<C::Conn>) -> R) -> Option<R> {
+        self.addresses.load().get(addr).map(|a| f(a))
     }
 
     /// The fast path of [`Pool::acquire`]: a free stream on a known address
@@ -425,8 +430,8 @@ impl<C: Connector> Inner<C> {
 
     /// The address `addr`, created on first use.
     fn address(self: &Arc<Self>, addr: &str) -> Arc<Address<C::Conn>> {
-        if let Some(address) = self.find(addr) {
-            return address;
+        if let Some(address) = self.addresses.load().get(addr) {
+            return Arc::clone(address);
         }
         let _writer = self.write_lock();
         let current = self.addresses.load_full();

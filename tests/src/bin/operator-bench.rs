@@ -76,6 +76,13 @@ struct SimAgent {
     applied: mpsc::UnboundedSender<Applied>,
 }
 
+impl SimAgent {
+    /// Which 5-second period of the run it is: its occupancy changes with it.
+    fn period(&self) -> u64 {
+        self.started.elapsed().as_secs() / 5
+    }
+}
+
 impl Apply for SimAgent {
     fn apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), Rejection> {
         let now = Instant::now();
@@ -105,13 +112,12 @@ impl Apply for SimAgent {
     }
 
     fn report_version(&self) -> Option<u64> {
-        let period = self.started.elapsed().as_secs() / 5;
         let changes = self.changes.load(std::sync::atomic::Ordering::Relaxed);
-        Some(period << 32 | changes)
+        Some(self.period() << 32 | changes)
     }
 
     fn report(&self) -> Vec<pb::PoolReport> {
-        let period = (self.started.elapsed().as_secs() / 5) as i64;
+        let period = self.period() as i64;
         let mine = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         mine.iter()
             .map(|(key, pool)| {
