@@ -104,16 +104,15 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A pool over the h2 connector, named "h2".
+fn h2_pool(settings: Settings) -> Pool<H2Connector> {
+    Pool::new("h2", settings, connector(), PoolMetrics::unregistered()).unwrap()
+}
+
 #[tokio::test]
 async fn calls_reuse_one_connection() {
     let server = server(None).await;
-    let pool = Pool::new(
-        "h2",
-        Settings::default(),
-        connector(),
-        PoolMetrics::unregistered(),
-    )
-    .unwrap();
+    let pool = h2_pool(Settings::default());
     let mut ids = Vec::new();
     for _ in 0..5 {
         let lease = pool.acquire(&server.addr).await.unwrap();
@@ -136,13 +135,7 @@ async fn calls_reuse_one_connection() {
 #[tokio::test]
 async fn the_servers_stream_limit_is_honoured() {
     let server = server(Some(2)).await;
-    let pool = Pool::new(
-        "h2",
-        Settings::default().max_streams(20),
-        connector(),
-        PoolMetrics::unregistered(),
-    )
-    .unwrap();
+    let pool = h2_pool(Settings::default().max_streams(20));
     let a = pool.acquire(&server.addr).await.unwrap();
     let b = pool.acquire(&server.addr).await.unwrap();
     assert_eq!(pool.connections(&server.addr)[0].max_streams, 2);
@@ -166,13 +159,7 @@ async fn the_servers_stream_limit_is_honoured() {
 async fn goaway_from_the_server_drains_the_connection() {
     let mut server = server(None).await;
     let addr = server.addr.clone();
-    let pool = Pool::new(
-        "h2",
-        Settings::default(),
-        connector(),
-        PoolMetrics::unregistered(),
-    )
-    .unwrap();
+    let pool = h2_pool(Settings::default());
     let lease = pool.acquire(&addr).await.unwrap();
     let mut watch = call(&lease, "Watch").await;
     first_message(&mut watch).await;

@@ -107,14 +107,19 @@ pub fn serve_backend(
 
 /// A channel to `agent` whose requests carry `authority`.
 pub fn channel(agent: SocketAddr, authority: &str) -> Result<Channel> {
+    Ok(endpoint(agent, authority)?
+        .timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// An endpoint at `agent` whose requests carry `authority`.
+fn endpoint(agent: SocketAddr, authority: &str) -> Result<Endpoint> {
     let origin: Uri = format!("http://{authority}")
         .parse()
         .with_context(|| format!("bad authority {authority}"))?;
     Ok(Endpoint::from_shared(format!("http://{agent}"))?
         .origin(origin)
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .connect_timeout(Duration::from_secs(2)))
 }
 
 /// One unary call through `channel`; returns the backend that answered.
@@ -150,11 +155,5 @@ pub async fn watch(channel: &Channel) -> Result<tonic::Streaming<HealthCheckResp
 
 /// A channel like [`channel`] without a request timeout, for watches.
 pub fn streaming_channel(agent: SocketAddr, authority: &str) -> Result<Channel> {
-    let origin: Uri = format!("http://{authority}")
-        .parse()
-        .with_context(|| format!("bad authority {authority}"))?;
-    Ok(Endpoint::from_shared(format!("http://{agent}"))?
-        .origin(origin)
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy())
+    Ok(endpoint(agent, authority)?.connect_lazy())
 }

@@ -605,13 +605,7 @@ impl Client {
         &mut self,
         request: Request<Bytes>,
     ) -> Result<Response<Streaming<Bytes>>, Status> {
-        self.grpc
-            .ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc
-            .server_streaming(request, path("ServerStream"), BytesCodec)
-            .await
+        self.server_streaming("ServerStream", request).await
     }
 
     /// Calls `Hold`.
@@ -619,12 +613,20 @@ impl Client {
         &mut self,
         request: Request<Bytes>,
     ) -> Result<Response<Streaming<Bytes>>, Status> {
+        self.server_streaming("Hold", request).await
+    }
+
+    async fn server_streaming(
+        &mut self,
+        method: &str,
+        request: Request<Bytes>,
+    ) -> Result<Response<Streaming<Bytes>>, Status> {
         self.grpc
             .ready()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         self.grpc
-            .server_streaming(request, path("Hold"), BytesCodec)
+            .server_streaming(request, path(method), BytesCodec)
             .await
     }
 
