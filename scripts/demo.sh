@@ -104,16 +104,21 @@ endpoints:
     conditions: {ready: true}
 YAML
 
-say "starting the operator, the agent, two backends and the load client"
+say "starting the operator, the agent and two backends"
 start operator "$target/tidepool-operator" --control-listen "$OPERATOR_CONTROL" --admin-listen "$OPERATOR_ADMIN" \
   --lease-namespace default --identity demo-operator --endpoint-address-map 192.0.2.0/24=127.0.0.0/24
 for b in "${BACKENDS[@]}"; do start "backend-${b%%:*}" "$target/tidepool-demo" backend --listen "$b"; done
 start agent "$target/tidepool-agent" --operator "http://$OPERATOR_CONTROL" --node-name demo-node --pod-name demo-agent \
   --listen "$AGENT_PROXY" --admin-listen "$AGENT_ADMIN"
-start load "$target/tidepool-demo" load --agent "$AGENT_PROXY" --authority payments-grpc.shop
 
 say "kubectl apply -f examples/connectionpool.yaml"
 kubectl apply -f examples/connectionpool.yaml
+
+# Traffic starts once the agent runs the pool: before, the agent rightly
+# refuses the authority, and those failures would only confuse the figures.
+say "waiting until the pool is Ready, then starting the load client"
+kubectl wait --for=condition=Ready connectionpool/payments -n shop --timeout=60s >/dev/null
+start load "$target/tidepool-demo" load --agent "$AGENT_PROXY" --authority payments-grpc.shop
 
 deadline=$(( $(date +%s) + ${TIDEPOOL_DEMO_SECONDS:-31536000} ))
 while [ "$(date +%s)" -lt "$deadline" ]; do
