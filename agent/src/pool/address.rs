@@ -39,10 +39,11 @@ pub(crate) trait Hooks<Conn>: Send + Sync {
 ///
 /// Invariants (all under `state`'s lock, which guards every field of
 /// [`State`] and nothing else):
-/// - References: the pool's shard map holds one `Arc` while the address is
-///   declared; every [`Lease`](super::Lease), queued waiter and dial task
-///   holds another; connection watchers hold a `Weak`. A removed address
-///   lives on, `retired`, until its last lease ends.
+/// - References: the pool's address map holds one `Arc` while the address
+///   is declared; every connection's [`Cell`] (which leases share), queued
+///   waiter and dial task holds another; connection watchers hold a
+///   `Weak`. A removed address lives on, `retired`, until its last lease
+///   ends.
 /// - A connection is in exactly one place: the available list (below its
 ///   stream cap), the busy list (at its cap), draining, or overflow. Only
 ///   the two lists count toward `size`; `idle` counts listed connections with

@@ -7,9 +7,9 @@
 //! connection between the lists are O(1). The settings keep go-micro's
 //! meanings ([`Settings`]). What tidepool changes:
 //!
-//! 1. One lock per address, found through a sharded map; no lock is held
-//!    across a dial, a handshake or a close (closing is dropping the
-//!    connection handle, done after the lock is released).
+//! 1. One lock per address, found through a map read without locking; no
+//!    lock is held across a dial, a handshake or a close (closing is
+//!    dropping the connection handle, done after the lock is released).
 //! 2. One dial in flight per address; concurrent misses queue for it.
 //! 3. TTL with ±10% jitter, enforced on busy connections too: past it a
 //!    connection takes no new stream and closes at its last one. Each
