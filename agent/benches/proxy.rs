@@ -1,25 +1,28 @@
 //! The agent's data-path benchmark: one run drives unary and streaming RPCs
-//! at a tonic backend directly and through a `tidepool-agent` process, and
-//! prints
-//! - the throughput ratio (through the agent / direct) at 64 concurrent
+//! at a tonic backend directly, through a `tidepool-agent` process and
+//! through a byte relay (the floor for any user-space proxy: see [`relay`]),
+//! and prints
+//! - the throughput ratios (through the proxy / direct) at 64 concurrent
 //!   streams, closed loop;
-//! - the latency the agent adds (p50, p99) at half of the agent's
+//! - the latency each proxy adds (p50, p99) at half of the agent's
 //!   saturation rate, open loop, against the direct figures at that rate;
-//! - the agent's CPU seconds per 1000 RPCs, from the agent process's own
-//!   accounting (`/proc/<pid>/stat` utime + stime).
+//! - the agent's and the relay's CPU seconds per 1000 RPCs, from each
+//!   process's own accounting (`/proc/<pid>/stat` utime + stime), and their
+//!   ratio.
 //!
 //! It measures and prints; it asserts nothing about time. Run with
 //! `make bench` or `cargo bench -p tidepool-agent --bench proxy`;
 //! `BENCH_SECONDS` sets each phase's length (default 3),
-//! `BENCH_AGENT_THREADS` the agent's worker threads (default 1).
+//! `BENCH_AGENT_THREADS` the agent's (and relay's) worker threads
+//! (default 1).
 //!
-//! By default the load generator, the backend and the agent share every
-//! core, so the agent's CPU is taken from the other two: the throughput
-//! ratio is then bounded by CPU sharing, not by the agent. With
+//! By default the load generator, the backend and the proxy share every
+//! core, so the proxy's CPU is taken from the other two: the throughput
+//! ratio is then bounded by CPU sharing, not by the proxy. With
 //! `BENCH_LOAD_CPUS` and `BENCH_AGENT_CPUS` (taskset CPU lists, e.g. `0`
 //! and `1`) the load generator and backend run on one set of cores and the
-//! agent on another, in both phases — the agent on cores of its own, as on
-//! a node whose clients and backends run elsewhere.
+//! proxies on another, in every phase — the proxy on cores of its own, as
+//! on a node whose clients and backends run elsewhere.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -48,22 +51,36 @@ fn phase_length() -> Duration {
     Duration::from_secs_f64(seconds)
 }
 
-/// The agent process, killed when dropped.
-struct Agent {
+/// A proxy process under test (the agent, or the byte relay), killed when
+/// dropped.
+struct Proxy {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
-impl Drop for Agent {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Agent {
-    async fn start(backend: &Backend) -> Agent {
+/// `program`, run on `BENCH_AGENT_CPUS` when that is set.
+fn on_agent_cpus(program: &std::path::Path) -> Command {
+    match std::env::var("BENCH_AGENT_CPUS") {
+        Ok(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.arg("-c").arg(cpus).arg(program);
+            taskset
+        }
+        Err(_) => Command::new(program),
+    }
+}
+
+impl Proxy {
+    /// The agent in standalone mode with one pool for `backend`.
+    async fn agent(backend: &Backend) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pools.yaml");
         std::fs::write(
@@ -76,16 +93,8 @@ impl Agent {
         )
         .unwrap();
         let port = support::free_port();
-        let agent = env!("CARGO_BIN_EXE_tidepool-agent");
-        let mut command = match std::env::var("BENCH_AGENT_CPUS") {
-            Ok(cpus) => {
-                let mut taskset = Command::new("taskset");
-                taskset.args(["-c", &cpus, agent]);
-                taskset
-            }
-            Err(_) => Command::new(agent),
-        };
-        let child = command
+        let mut command = on_agent_cpus(env!("CARGO_BIN_EXE_tidepool-agent").as_ref());
+        command
             .arg("--standalone")
             .arg(&file)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -94,11 +103,24 @@ impl Agent {
                 &format!("127.0.0.1:{}", support::free_port()),
             ])
             .env("TIDEPOOL_LOG", "warn")
-            .env("TIDEPOOL_WORKER_THREADS", agent_threads().to_string())
+            .env("TIDEPOOL_WORKER_THREADS", agent_threads().to_string());
+        Self::start(command, port, Some(dir)).await
+    }
+
+    /// This bench binary as a byte relay to `backend` (see [`relay`]).
+    async fn relay(backend: &Backend) -> Proxy {
+        let port = support::free_port();
+        let mut command = on_agent_cpus(&std::env::current_exe().expect("the bench binary"));
+        command.env(RELAY_ENV, format!("127.0.0.1:{port}>{}", backend.addr));
+        Self::start(command, port, None).await
+    }
+
+    async fn start(mut command: Command, port: u16, dir: Option<tempfile::TempDir>) -> Proxy {
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start tidepool-agent");
+            .expect("start the proxy process");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         for _ in 0..400 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -106,14 +128,14 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Agent {
+        Proxy {
             child,
             addr,
             _dir: dir,
         }
     }
 
-    /// CPU seconds (user + system) the agent process has used.
+    /// CPU seconds (user + system) the process has used.
     fn cpu_seconds(&self) -> f64 {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
@@ -127,6 +149,51 @@ impl Agent {
         });
         ticks / clock_ticks()
     }
+}
+
+/// Set in the environment of this binary re-run as the relay:
+/// `<listen>><backend>`.
+const RELAY_ENV: &str = "TIDEPOOL_BENCH_RELAY";
+
+/// The floor for any user-space proxy on this machine: every client
+/// connection gets its own backend connection and bytes are copied both
+/// ways, with no HTTP/2 parsing, no routing and no pool. It runs on the
+/// same kind of runtime as the agent (`BENCH_AGENT_THREADS`, current-thread
+/// for 1) and the same cores, so the agent's cost over the relay's is what
+/// its HTTP/2 work costs.
+fn relay(spec: &str) {
+    let (listen, backend) = spec.split_once('>').expect("<listen>><backend>");
+    let backend: SocketAddr = backend.parse().expect("a backend socket address");
+    let threads = agent_threads();
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("relay listen");
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
 }
 
 /// The agent's worker threads: `BENCH_AGENT_THREADS`, default 1 (the load
@@ -294,6 +361,10 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(RELAY_ENV) {
+        relay(&spec);
+        return;
+    }
     // `cargo bench` passes `--bench`; a filter that excludes us is honoured.
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -318,14 +389,34 @@ fn main() {
     runtime.block_on(bench());
 }
 
+/// One proxy's figures for one kind of load, beside the direct run's.
+struct Measured {
+    run: Run,
+    /// CPU seconds per 1000 RPCs.
+    cpu: f64,
+}
+
+/// Runs `load` through `proxy`, charging it the CPU the proxy used meanwhile.
+async fn through<F: std::future::Future<Output = Run>>(
+    proxy: &Proxy,
+    load: impl FnOnce(SocketAddr) -> F,
+) -> Measured {
+    let before = proxy.cpu_seconds();
+    let run = load(proxy.addr).await;
+    // Includes warm-up and wind-down RPCs, counted over the same span.
+    let cpu = (proxy.cpu_seconds() - before) / (run.latencies.len() as f64 / 1000.0);
+    Measured { run, cpu }
+}
+
 async fn bench() {
     let length = phase_length();
     let backend = Backend::start("bench").await;
-    let agent = Agent::start(&backend).await;
+    let agent = Proxy::agent(&backend).await;
+    let relay = Proxy::relay(&backend).await;
     let direct = backend.addr;
     println!(
         "agent data-path benchmark: {MESSAGE}-byte messages, {CONCURRENCY} concurrent streams, {length:?} per phase, \
-         agent with {} worker thread(s); CPUs: load generator and backend {}, agent {}",
+         agent and relay with {} worker thread(s); CPUs: load generator and backend {}, agent and relay {}",
         agent_threads(),
         std::env::var("BENCH_LOAD_CPUS").unwrap_or_else(|_| "all".into()),
         std::env::var("BENCH_AGENT_CPUS").unwrap_or_else(|_| "all".into()),
@@ -334,70 +425,77 @@ async fn bench() {
     let mut rows = Vec::new();
     for kind in [Kind::Unary, Kind::Streaming] {
         let base = saturate(direct, kind, length).await;
-        let cpu_before = agent.cpu_seconds();
-        let through = saturate(agent.addr, kind, length).await;
-        // Includes the warm-up and wind-down RPCs; counted over the same span.
-        let cpu = agent.cpu_seconds() - cpu_before;
-        let total_rpcs = through.latencies.len() as f64;
+        let agent = through(&agent, |addr| saturate(addr, kind, length)).await;
+        let relay = through(&relay, |addr| saturate(addr, kind, length)).await;
         println!(
-            "{kind:?}: direct {:.0}/s, through agent {:.0}/s, ratio {:.2}; agent CPU {:.4} s per 1000 RPCs",
+            "{kind:?}: direct {:.0}/s; agent {:.0}/s, ratio {:.2}, CPU {:.4} s per 1000 RPCs; \
+             relay {:.0}/s, ratio {:.2}, CPU {:.4}; agent CPU / relay CPU {:.2}",
             base.rate(),
-            through.rate(),
-            through.rate() / base.rate(),
-            cpu / (total_rpcs / 1000.0)
+            agent.run.rate(),
+            agent.run.rate() / base.rate(),
+            agent.cpu,
+            relay.run.rate(),
+            relay.run.rate() / base.rate(),
+            relay.cpu,
+            agent.cpu / relay.cpu,
         );
-        rows.push((kind, base, through, cpu / (total_rpcs / 1000.0)));
+        rows.push((kind, base, agent, relay));
     }
 
-    // Latency at half of the agent's unary saturation rate.
-    let saturation = rows[0].2.rate();
-    let rate = saturation / 2.0;
+    // Latency at half of the agent's unary saturation rate, for all three.
+    let rate = rows[0].2.run.rate() / 2.0;
     let base = paced(direct, rate, length).await;
-    let cpu_before = agent.cpu_seconds();
-    let through = paced(agent.addr, rate, length).await;
-    // At a steady rate below saturation fewer RPCs share each wake-up, so
-    // this is the higher, more typical figure per RPC.
-    let paced_cpu = (agent.cpu_seconds() - cpu_before) / (through.rpcs as f64 / 1000.0);
-    println!("unary at {rate:.0}/s: agent CPU {paced_cpu:.4} s per 1000 RPCs (cores per 1000 RPS)");
+    let paced_agent = through(&agent, |addr| paced(addr, rate, length)).await;
+    let paced_relay = through(&relay, |addr| paced(addr, rate, length)).await;
+    // At a steady rate below saturation fewer RPCs share each wake-up: this
+    // is the higher, more typical figure per RPC ("cores per 1000 RPS").
     println!(
-        "unary at {rate:.0}/s (half of the agent's saturation): direct p50 {:.3} ms p99 {:.3} ms; \
-         through agent p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms p99 {:.3} ms",
-        ms(base.percentile(0.5)),
-        ms(base.percentile(0.99)),
-        ms(through.percentile(0.5)),
-        ms(through.percentile(0.99)),
-        ms(through.percentile(0.5)) - ms(base.percentile(0.5)),
-        ms(through.percentile(0.99)) - ms(base.percentile(0.99)),
+        "unary at {rate:.0}/s: CPU s per 1000 RPCs: agent {:.4}, relay {:.4}, agent / relay {:.2}",
+        paced_agent.cpu,
+        paced_relay.cpu,
+        paced_agent.cpu / paced_relay.cpu
     );
 
     println!();
-    println!("| RPC | direct RPC/s | through agent RPC/s | ratio | agent CPU s / 1000 RPCs |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for (kind, base, through, cpu) in &rows {
+    println!(
+        "| RPC | direct RPC/s | agent RPC/s | agent ratio | relay RPC/s | relay ratio | agent CPU s / 1000 RPCs | relay CPU s / 1000 RPCs | agent / relay CPU |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (kind, base, agent, relay) in &rows {
         println!(
-            "| {kind:?} | {:.0} | {:.0} | {:.2} | {:.4} |",
+            "| {kind:?} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.4} | {:.4} | {:.2} |",
             base.rate(),
-            through.rate(),
-            through.rate() / base.rate(),
-            cpu
+            agent.run.rate(),
+            agent.run.rate() / base.rate(),
+            relay.run.rate(),
+            relay.run.rate() / base.rate(),
+            agent.cpu,
+            relay.cpu,
+            agent.cpu / relay.cpu,
         );
     }
-    println!();
-    println!("| unary at {rate:.0}/s | p50 ms | p99 ms |");
-    println!("| --- | ---: | ---: |");
     println!(
-        "| direct | {:.3} | {:.3} |",
+        "| Unary at {rate:.0}/s | | | | | | {:.4} | {:.4} | {:.2} |",
+        paced_agent.cpu,
+        paced_relay.cpu,
+        paced_agent.cpu / paced_relay.cpu
+    );
+    println!();
+    println!("| unary at {rate:.0}/s | p50 ms | p99 ms | added p50 ms | added p99 ms |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| direct | {:.3} | {:.3} | | |",
         ms(base.percentile(0.5)),
         ms(base.percentile(0.99))
     );
-    println!(
-        "| through agent | {:.3} | {:.3} |",
-        ms(through.percentile(0.5)),
-        ms(through.percentile(0.99))
-    );
-    println!(
-        "| added by the agent | {:.3} | {:.3} |",
-        ms(through.percentile(0.5)) - ms(base.percentile(0.5)),
-        ms(through.percentile(0.99)) - ms(base.percentile(0.99))
-    );
+    for (name, measured) in [("agent", &paced_agent), ("relay", &paced_relay)] {
+        let run = &measured.run;
+        println!(
+            "| through the {name} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            ms(run.percentile(0.5)),
+            ms(run.percentile(0.99)),
+            ms(run.percentile(0.5)) - ms(base.percentile(0.5)),
+            ms(run.percentile(0.99)) - ms(base.percentile(0.99)),
+        );
+    }
 }
