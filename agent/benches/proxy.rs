@@ -158,24 +158,15 @@ const RELAY_ENV: &str = "TIDEPOOL_BENCH_RELAY";
 /// The floor for any user-space proxy on this machine: every client
 /// connection gets its own backend connection and bytes are copied both
 /// ways, with no HTTP/2 parsing, no routing and no pool. It runs on the
-/// same kind of runtime as the agent (`BENCH_AGENT_THREADS`, current-thread
-/// for 1) and the same cores, so the agent's cost over the relay's is what
+/// agent's runtime ([`runtime_builder`](tidepool_agent::app::runtime_builder),
+/// `BENCH_AGENT_THREADS` threads) and on the same cores, so the agent's cost over the relay's is what
 /// its HTTP/2 work costs.
 fn relay(spec: &str) {
     let (listen, backend) = spec.split_once('>').expect("<listen>><backend>");
     let backend: SocketAddr = backend.parse().expect("a backend socket address");
-    let threads = agent_threads();
-    let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .unwrap();
+    let runtime = tidepool_agent::app::runtime_builder(Some(agent_threads()))
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -425,21 +416,21 @@ async fn bench() {
     let mut rows = Vec::new();
     for kind in [Kind::Unary, Kind::Streaming] {
         let base = saturate(direct, kind, length).await;
-        let agent = through(&agent, |addr| saturate(addr, kind, length)).await;
-        let relay = through(&relay, |addr| saturate(addr, kind, length)).await;
+        let via_agent = through(&agent, |addr| saturate(addr, kind, length)).await;
+        let via_relay = through(&relay, |addr| saturate(addr, kind, length)).await;
         println!(
             "{kind:?}: direct {:.0}/s; agent {:.0}/s, ratio {:.2}, CPU {:.4} s per 1000 RPCs; \
              relay {:.0}/s, ratio {:.2}, CPU {:.4}; agent CPU / relay CPU {:.2}",
             base.rate(),
-            agent.run.rate(),
-            agent.run.rate() / base.rate(),
-            agent.cpu,
-            relay.run.rate(),
-            relay.run.rate() / base.rate(),
-            relay.cpu,
-            agent.cpu / relay.cpu,
+            via_agent.run.rate(),
+            via_agent.run.rate() / base.rate(),
+            via_agent.cpu,
+            via_relay.run.rate(),
+            via_relay.run.rate() / base.rate(),
+            via_relay.cpu,
+            via_agent.cpu / via_relay.cpu,
         );
-        rows.push((kind, base, agent, relay));
+        rows.push((kind, base, via_agent, via_relay));
     }
 
     // Latency at half of the agent's unary saturation rate, for all three.

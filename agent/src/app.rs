@@ -32,6 +32,24 @@ pub enum StartError {
     },
 }
 
+/// The async runtime the agent runs on, for `worker_threads` threads
+/// (`None`: one per CPU). One thread runs on tokio's current-thread
+/// scheduler: the same single thread, without the work-stealing
+/// scheduler's cross-thread bookkeeping on every wake-up.
+pub fn runtime_builder(worker_threads: Option<usize>) -> tokio::runtime::Builder {
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
+    builder
+}
+
 /// What an [`App`] is started with: the parts of [`Config`] that do not
 /// choose a mode.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tidepool_agent::app::{App, AppOptions};
+use tidepool_agent::app::{App, AppOptions, runtime_builder};
 use tidepool_agent::config::{Args, Config, LogFormat, Mode};
 use tidepool_agent::{control, shutdown, standalone};
 use tracing_subscriber::EnvFilter;
@@ -11,20 +11,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
     init_tracing(config.log_format);
-    // One worker thread runs on tokio's current-thread scheduler: the same
-    // single thread, without the work-stealing scheduler's cross-thread
-    // bookkeeping on every wake-up.
-    let mut runtime = match config.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(threads) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(threads);
-            builder
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    runtime
-        .enable_all()
+    runtime_builder(config.worker_threads)
         .build()
         .context("starting the async runtime")?
         .block_on(run(config))

@@ -128,14 +128,7 @@ async fn a_full_wait_pool_times_out_with_resource_exhausted_naming_the_pool() {
         assert!(started.elapsed() >= Duration::from_millis(190));
         // Once the slot frees, calls go through again.
         drop(held);
-        assert!(
-            eventually(Duration::from_secs(3), || occupancy(
-                &app,
-                &backend.address()
-            )
-            .0 == 0)
-            .await
-        );
+        assert!(streams_released(&app, &backend.address(), Duration::from_secs(3)).await);
         client
             .unary(request(Bytes::from_static(b"z"), &[]))
             .await

@@ -60,14 +60,7 @@ async fn unary_headers_binary_metadata_and_message_pass_unchanged() {
         assert_eq!(backend_of(md), "b1");
         assert_eq!(backend.state.calls.load(Ordering::SeqCst), 1);
         // The stream is released once the response has ended.
-        assert!(
-            eventually(Duration::from_secs(2), || occupancy(
-                &app,
-                &backend.address()
-            )
-            .0 == 0)
-            .await
-        );
+        assert!(streams_released(&app, &backend.address(), Duration::from_secs(2)).await);
     })
     .await
     .unwrap();
@@ -318,14 +311,7 @@ async fn a_cancelled_client_cancels_the_backend_stream() {
             "the backend stream outlived the client's"
         );
         assert!(backend.state.cancelled.load(Ordering::SeqCst) >= 1);
-        assert!(
-            eventually(Duration::from_secs(3), || occupancy(
-                &app,
-                &backend.address()
-            )
-            .0 == 0)
-            .await
-        );
+        assert!(streams_released(&app, &backend.address(), Duration::from_secs(3)).await);
     })
     .await
     .unwrap();

@@ -215,7 +215,7 @@ impl<C: Connector> Pool<C> {
                 Err(()) => return Err(self.full(&address, started)),
             };
             match miss {
-                Miss::Overflow => return self.overflow(address, started).await,
+                Miss::Overflow => return self.overflow(address).await,
                 Miss::Wait(slot) => {
                     let mut waiter = Waiter {
                         address: Arc::clone(&address),
@@ -258,11 +258,7 @@ impl<C: Connector> Pool<C> {
 
     /// Dials an unpooled connection for one stream (go-micro's behaviour when
     /// full). Cancelled mid-dial, the connection is simply dropped.
-    async fn overflow(
-        &self,
-        address: Arc<Address<C::Conn>>,
-        _started: Instant,
-    ) -> Result<Lease<C::Conn>, Error> {
+    async fn overflow(&self, address: Arc<Address<C::Conn>>) -> Result<Lease<C::Conn>, Error> {
         let result = self.inner.connector.connect(&address.name).await;
         let mut fx = Effects::default();
         let outcome = {

@@ -799,6 +799,12 @@ pub fn occupancy(app: &App, addr: &str) -> (usize, usize) {
         })
 }
 
+/// Waits at most `timeout` for the agent to hold no stream to `addr`;
+/// returns whether it got there.
+pub async fn streams_released(app: &App, addr: &str, timeout: Duration) -> bool {
+    eventually(timeout, || occupancy(app, addr).0 == 0).await
+}
+
 /// A TCP load balancer on loopback: each new connection goes to the next
 /// of its current backends, round robin (a Service's ClusterIP, in small).
 #[derive(Debug, Clone)]
