@@ -9,6 +9,7 @@
 //! | `proxy_stream_duration_seconds{pool}` | histogram | time from request to the end of the response |
 //! | `proxy_rejected_total{reason}` | counter | streams or connections refused before reaching a pool (`unknown_authority`, `not_grpc`, `http1`, `bad_preface`) |
 //! | `proxy_connections_active{listener}` | gauge | client connections open, per listener (`shared` or the port) |
+//! | `proxy_client_goaway_total{reason}` | counter | client connections the agent closed for breaking HTTP/2's rules, by the GOAWAY's error code (`ENHANCE_YOUR_CALM` for a flood of small or empty DATA frames, `PROTOCOL_ERROR`, …) |
 //! | `config_applies_total{result}` | counter | configurations applied (`ok`) or refused (`error`) |
 //! | `config_pools` | gauge | pools in force |
 
@@ -75,6 +76,7 @@ pub struct Metrics {
     stream_duration: HistogramFamily<PoolLabel>,
     rejected: Family<ReasonLabel, Counter>,
     connections_active: Family<ListenerLabel, Gauge>,
+    client_goaway: Family<ReasonLabel, Counter>,
     applies: Family<ResultLabel, Counter>,
     pools: Gauge,
 }
@@ -88,6 +90,7 @@ impl Metrics {
             stream_duration: Family::new_with_constructor(duration_histogram),
             rejected: Family::default(),
             connections_active: Family::default(),
+            client_goaway: Family::default(),
             applies: Family::default(),
             pools: Gauge::default(),
         };
@@ -116,6 +119,11 @@ impl Metrics {
             "connections_active",
             "Client connections open, per listener",
             metrics.connections_active.clone(),
+        );
+        proxy.register(
+            "client_goaway",
+            "Client connections closed for breaking HTTP/2's rules, by GOAWAY error code",
+            metrics.client_goaway.clone(),
         );
         let config = registry.sub_registry_with_prefix("config");
         config.register(
@@ -165,6 +173,16 @@ impl Metrics {
     /// Counts a refusal.
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts a client connection closed with a GOAWAY of the agent's own
+    /// (h2 found the client breaking a rule or a limit).
+    pub fn goaway_sent(&self, reason: h2::Reason) {
+        self.client_goaway
+            .get_or_create(&ReasonLabel {
+                reason: crate::pool::h2::reason_name(reason),
+            })
+            .inc();
     }
 
     /// The open-connections gauge of one listener.

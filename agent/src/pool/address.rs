@@ -601,9 +601,14 @@ impl<Conn: Clone> State<Conn> {
         if streams == 0 && matches!(entry.place, Place::Available | Place::Busy) {
             self.idle += 1;
         }
-        if outcome == Outcome::TransportError {
+        let failed = match outcome {
+            Outcome::TransportError => Some(EvictionReason::Transport),
+            Outcome::ProtocolError => Some(EvictionReason::Protocol),
+            Outcome::Ok | Outcome::ApplicationError => None,
+        };
+        if let Some(reason) = failed {
             m.rq_error.inc();
-            self.retire(key, EvictionReason::Transport, m, fx);
+            self.retire(key, reason, m, fx);
         }
         if let Some(entry) = self.conns.get(key) {
             match entry.place {

@@ -56,6 +56,9 @@ pub enum CloseReason {
     GoAway,
     /// A keepalive PING went unanswered.
     Keepalive,
+    /// The agent's side closed it because the server broke an HTTP/2 rule or
+    /// limit (h2 sent GOAWAY with an error code).
+    Protocol,
     /// The connection ended (EOF, I/O or protocol error).
     Closed,
 }

@@ -13,6 +13,10 @@
 //! The connection closes gracefully when the pool and every lease have
 //! dropped their [`H2Conn`]: the driver then stops pinging, lets `h2` finish
 //! the open streams and send its own GOAWAY, and exits.
+//!
+//! A server that breaks HTTP/2's rules or h2's limits (a flood of small
+//! DATA frames, say) gets a GOAWAY with the error code from h2; the driver
+//! logs it with the address and reports [`CloseReason::Protocol`].
 
 use std::future::Future;
 use std::io;
@@ -28,6 +32,56 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::connector::{CloseReason, ConnEvent, Connected, Connector};
+
+/// The HTTP/2 flow-control windows and small-DATA-frame budget the agent
+/// runs with: [`FlowLimits::CLIENT`] on the connections applications open
+/// to it, [`FlowLimits::BACKEND`] on its pooled connections.
+///
+/// h2 charges every received DATA frame under 256 bytes `256 - len` against
+/// a per-connection budget while the frame sits unread in its buffers, and
+/// answers an exhausted budget with GOAWAY ENHANCE_YOUR_CALM: that bounds
+/// the per-frame memory a peer can pin with tiny frames. The agent reads
+/// frames out as soon as a stream's task runs (see
+/// [`proxy::relay`](crate::proxy::relay)), so the budget only has to cover
+/// what arrives between two runs. It is set to eight times the connection
+/// window: a peer may fill the whole window with frames of 32 bytes or more
+/// (gRPC messages of 27 bytes) and never reach it, while a peer sending
+/// 1-byte frames is stopped after about `budget / 255` of them, some tens
+/// of thousands, which bounds the frame overhead to about the budget in
+/// bytes. h2's default ("auto") is half the connection window, about 130
+/// frames on a 64 KiB window: a backend streaming small messages to many
+/// streams at once tripped it within seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// SETTINGS_INITIAL_WINDOW_SIZE: bytes a peer may send on one stream
+    /// before the agent has forwarded them.
+    pub stream_window: u32,
+    /// The connection's window: bytes a peer may send across all streams
+    /// before the agent has forwarded them; the bound on what one connection
+    /// can make the agent hold.
+    pub connection_window: u32,
+    /// h2's budget for small DATA frames held unread, in h2's units (256
+    /// per empty-ish frame).
+    pub data_frame_budget: usize,
+}
+
+impl FlowLimits {
+    /// The applications' connections to the agent: 1 MiB per stream and
+    /// per connection (what hyper offered before), 8 MiB of budget.
+    pub const CLIENT: Self = Self::new(1 << 20, 1 << 20);
+    /// The pooled connections to backends: 1 MiB per stream, 2 MiB per
+    /// connection (one connection carries up to `maxStreams` streams),
+    /// 16 MiB of budget.
+    pub const BACKEND: Self = Self::new(1 << 20, 2 << 20);
+
+    const fn new(stream_window: u32, connection_window: u32) -> Self {
+        Self {
+            stream_window,
+            connection_window,
+            data_frame_budget: 8 * connection_window as usize,
+        }
+    }
+}
 
 /// Opens h2c connections for the pool.
 #[derive(Debug, Clone)]
@@ -89,7 +143,11 @@ impl H2Connector {
     async fn open(&self, addr: &str) -> io::Result<Connected<H2Conn>> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        let limits = FlowLimits::BACKEND;
         let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(limits.stream_window)
+            .initial_connection_window_size(limits.connection_window)
+            .data_frame_budget(limits.data_frame_budget)
             .handshake::<_, Bytes>(tcp)
             .await
             .map_err(into_io)?;
@@ -100,6 +158,7 @@ impl H2Connector {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (close_tx, close_rx) = oneshot::channel();
         let watched = Watched {
+            addr: addr.into(),
             conn,
             probe: Some(send.clone()),
             events: events_tx,
@@ -201,6 +260,8 @@ pub(crate) async fn keepalive<P: Pinger>(pinger: &mut P, interval: Duration, tim
 /// The h2 connection future, observed after every poll: that is when a
 /// GOAWAY or SETTINGS frame has just been processed.
 struct Watched {
+    /// The server's address, for the log.
+    addr: Box<str>,
     conn: Connection<TcpStream, Bytes>,
     /// The driver's own handle, to ask h2 whether new streams may open.
     /// Dropped to let the connection close.
@@ -244,11 +305,7 @@ impl Watched {
         // A fresh clone has no pending open: this only asks whether the
         // connection still takes streams.
         if let Poll::Ready(Err(error)) = fresh.poll_ready(&mut cx) {
-            let reason = if error.is_go_away() && error.is_remote() {
-                CloseReason::GoAway
-            } else {
-                CloseReason::Closed
-            };
+            let reason = close_reason(&error);
             self.probe = None;
             if self.reported_max.is_some() {
                 self.report(ConnEvent::Closed(reason));
@@ -275,15 +332,70 @@ impl Future for Watched {
         match result {
             Poll::Pending => Poll::Pending,
             Poll::Ready(result) => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "h2 connection ended");
+                let reason = match &result {
+                    Ok(()) => CloseReason::Closed,
+                    Err(error) => close_reason(error),
+                };
+                match (&result, reason) {
+                    (Err(error), CloseReason::Protocol) => tracing::warn!(
+                        backend = %this.addr,
+                        reason = %error.reason().map_or("?", reason_name),
+                        %error,
+                        "closed a backend connection for breaking HTTP/2's rules; its streams failed"
+                    ),
+                    (Err(error), _) => {
+                        tracing::debug!(backend = %this.addr, %error, "h2 connection ended");
+                    }
+                    (Ok(()), _) => {}
                 }
                 if this.reported_max.is_some() {
-                    this.report(ConnEvent::Closed(CloseReason::Closed));
+                    this.report(ConnEvent::Closed(reason));
                 }
                 Poll::Ready(())
             }
         }
+    }
+}
+
+/// Why a connection that failed with `error` stopped: the server's GOAWAY,
+/// a GOAWAY h2 sent because the server broke a rule, or anything else.
+pub(crate) fn close_reason(error: &h2::Error) -> CloseReason {
+    if error.is_go_away() && error.is_remote() {
+        CloseReason::GoAway
+    } else if is_local_protocol_error(error) {
+        CloseReason::Protocol
+    } else {
+        CloseReason::Closed
+    }
+}
+
+/// Whether h2 ended the connection itself, with an error code, because the
+/// peer broke HTTP/2's rules or h2's limits.
+pub fn is_local_protocol_error(error: &h2::Error) -> bool {
+    error.is_go_away()
+        && !error.is_remote()
+        && error.reason().is_some_and(|r| r != h2::Reason::NO_ERROR)
+}
+
+/// The name of an HTTP/2 error code, as RFC 9113 spells it.
+pub fn reason_name(reason: h2::Reason) -> &'static str {
+    use h2::Reason as R;
+    match reason {
+        R::NO_ERROR => "NO_ERROR",
+        R::PROTOCOL_ERROR => "PROTOCOL_ERROR",
+        R::INTERNAL_ERROR => "INTERNAL_ERROR",
+        R::FLOW_CONTROL_ERROR => "FLOW_CONTROL_ERROR",
+        R::SETTINGS_TIMEOUT => "SETTINGS_TIMEOUT",
+        R::STREAM_CLOSED => "STREAM_CLOSED",
+        R::FRAME_SIZE_ERROR => "FRAME_SIZE_ERROR",
+        R::REFUSED_STREAM => "REFUSED_STREAM",
+        R::CANCEL => "CANCEL",
+        R::COMPRESSION_ERROR => "COMPRESSION_ERROR",
+        R::CONNECT_ERROR => "CONNECT_ERROR",
+        R::ENHANCE_YOUR_CALM => "ENHANCE_YOUR_CALM",
+        R::INADEQUATE_SECURITY => "INADEQUATE_SECURITY",
+        R::HTTP_1_1_REQUIRED => "HTTP_1_1_REQUIRED",
+        _ => "OTHER",
     }
 }
 

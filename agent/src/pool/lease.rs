@@ -19,6 +19,10 @@ pub enum Outcome {
     /// error): the connection takes no new stream and closes when its last
     /// one ends.
     TransportError,
+    /// Like `TransportError`, when h2 closed the connection because the
+    /// server broke an HTTP/2 rule or limit: counted under its own eviction
+    /// reason (`protocol`).
+    ProtocolError,
 }
 
 /// One stream on one pooled connection, released exactly once: by

@@ -14,7 +14,8 @@
 //! 3. TTL with ±10% jitter, enforced on busy connections too: past it a
 //!    connection takes no new stream and closes at its last one. Each
 //!    connection has a watcher task whose timer retires it on time.
-//! 4. Only [`Outcome::TransportError`] evicts a connection.
+//! 4. Only [`Outcome::TransportError`] and [`Outcome::ProtocolError`] evict
+//!    a connection.
 //! 5. A stream is released exactly once, by the [`Lease`] guard's `Drop`
 //!    when not by [`Lease::finish`], so cancellation cannot leak or double
 //!    count.

@@ -17,6 +17,9 @@ pub enum EvictionReason {
     Idle,
     /// A stream on it ended with a transport error.
     Transport,
+    /// The agent closed it (GOAWAY of its own) because the backend broke an
+    /// HTTP/2 rule or limit, such as flooding small DATA frames.
+    Protocol,
     /// The server sent GOAWAY.
     GoAway,
     /// A keepalive PING went unanswered.
@@ -31,10 +34,11 @@ pub enum EvictionReason {
 
 impl EvictionReason {
     /// Every reason, in the order of [`Evictions`]' fields.
-    pub const ALL: [EvictionReason; 8] = [
+    pub const ALL: [EvictionReason; 9] = [
         Self::Ttl,
         Self::Idle,
         Self::Transport,
+        Self::Protocol,
         Self::GoAway,
         Self::Keepalive,
         Self::Closed,
@@ -42,13 +46,15 @@ impl EvictionReason {
         Self::Removed,
     ];
 
-    /// The label value used in metrics: `ttl`, `idle`, `transport`, `goaway`,
+    /// The label value used in metrics: `ttl`, `idle`, `transport`,
+    /// `protocol`, `goaway`,
     /// `keepalive`, `closed`, `resize`, `removed`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ttl => "ttl",
             Self::Idle => "idle",
             Self::Transport => "transport",
+            Self::Protocol => "protocol",
             Self::GoAway => "goaway",
             Self::Keepalive => "keepalive",
             Self::Closed => "closed",
@@ -62,6 +68,7 @@ impl From<CloseReason> for EvictionReason {
     fn from(reason: CloseReason) -> Self {
         match reason {
             CloseReason::GoAway => Self::GoAway,
+            CloseReason::Protocol => Self::Protocol,
             CloseReason::Keepalive => Self::Keepalive,
             CloseReason::Closed => Self::Closed,
         }
@@ -89,6 +96,8 @@ pub struct Evictions {
     pub idle: u64,
     /// See [`EvictionReason::Transport`].
     pub transport: u64,
+    /// See [`EvictionReason::Protocol`].
+    pub protocol: u64,
     /// See [`EvictionReason::GoAway`].
     pub goaway: u64,
     /// See [`EvictionReason::Keepalive`].
@@ -108,6 +117,7 @@ impl Evictions {
             EvictionReason::Ttl => self.ttl,
             EvictionReason::Idle => self.idle,
             EvictionReason::Transport => self.transport,
+            EvictionReason::Protocol => self.protocol,
             EvictionReason::GoAway => self.goaway,
             EvictionReason::Keepalive => self.keepalive,
             EvictionReason::Closed => self.closed,
@@ -121,6 +131,7 @@ impl Evictions {
             EvictionReason::Ttl => &mut self.ttl,
             EvictionReason::Idle => &mut self.idle,
             EvictionReason::Transport => &mut self.transport,
+            EvictionReason::Protocol => &mut self.protocol,
             EvictionReason::GoAway => &mut self.goaway,
             EvictionReason::Keepalive => &mut self.keepalive,
             EvictionReason::Closed => &mut self.closed,

@@ -1,30 +1,32 @@
 //! Forwarding one gRPC stream to a pooled backend connection.
 //!
 //! The request goes out on a stream of an h2 connection leased from the
-//! pool; a task pumps the client's body frames into it (respecting the
-//! backend's flow-control window, so the client is slowed to the backend's
-//! pace), and the backend's response is handed back as a [`ProxyBody`]
-//! that streams its frames. No message is ever held whole.
+//! pool. One task per stream then moves both directions with a [`Relay`]
+//! each: the client's request frames to the backend, the backend's
+//! response frames to the client. Each relay empties h2's receive buffer
+//! at once and releases flow-control capacity only as it sends, so each
+//! side is slowed to the other's pace and no message is ever held whole.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::{Reason, SendStream};
+use h2::client::ResponseFuture;
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response};
-use http_body::{Body, Frame};
-use hyper::body::Incoming;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
-use super::body::{AbortOnDrop, Forwarded, ProxyBody, StreamGuard, outcome_of};
 use super::error::{Error, Result};
-use super::status::{Code, grpc_error};
-use crate::pool::h2::H2Conn;
+use super::relay::{Broken, End, Relay};
+use super::status::{Code, put_status, respond_grpc_error};
+use crate::metrics::PoolStreamMetrics;
+use crate::pool::h2::{H2Conn, is_local_protocol_error};
 use crate::pool::{Lease, Outcome};
 use crate::router::pick;
 use crate::runtime::PoolEntry;
@@ -33,24 +35,60 @@ use crate::runtime::PoolEntry;
 /// sent.
 const ATTEMPTS: usize = 2;
 
-/// Forwards `request` through `entry`'s pool and returns the response to
-/// send the client; errors become gRPC statuses naming what failed.
+/// Counts one proxied stream: active while it lives, then finished with the
+/// code it ended with (CANCELLED when dropped before its end, which is the
+/// client going away).
+#[derive(Debug)]
+struct StreamGuard {
+    metrics: PoolStreamMetrics,
+    started: Instant,
+    code: Option<Code>,
+}
+
+impl StreamGuard {
+    fn new(metrics: PoolStreamMetrics) -> Self {
+        metrics.active.inc();
+        Self {
+            metrics,
+            started: Instant::now(),
+            code: None,
+        }
+    }
+
+    /// Records how the stream ended; the last call wins.
+    fn set_code(&mut self, code: Code) {
+        self.code = Some(code);
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.metrics.active.dec();
+        self.metrics.finished(
+            self.code.unwrap_or(Code::Cancelled),
+            self.started.elapsed().as_secs_f64(),
+        );
+    }
+}
+
+/// Forwards `request` through `entry`'s pool and answers the client on
+/// `respond`; errors before the backend answered become gRPC statuses
+/// naming what failed.
 pub(crate) async fn forward(
     entry: Arc<PoolEntry>,
-    request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let mut stream = Some(StreamGuard::new(entry.metrics.clone()));
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let mut stream = StreamGuard::new(entry.metrics.clone());
     let span = tracing::debug_span!("stream", pool = %entry.key, path = %request.uri().path());
-    match open(&entry, request, &mut stream).instrument(span).await {
-        Ok(response) => response,
-        Err(error) => {
-            let code = error.code();
-            if let Some(stream) = &mut stream {
-                stream.set_code(code);
-            }
-            tracing::debug!(pool = %entry.key, %error, "stream refused");
-            grpc_error(code, &format!("tidepool-agent: {error}"))
-        }
+    let result = run(&entry, request, &mut respond, &mut stream)
+        .instrument(span)
+        .await;
+    if let Err(error) = result {
+        let code = error.code();
+        stream.set_code(code);
+        tracing::debug!(pool = %entry.key, %error, "stream refused");
+        respond_grpc_error(&mut respond, code, &format!("tidepool-agent: {error}"));
     }
 }
 
@@ -96,16 +134,18 @@ pub fn encode_grpc_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("99999999H"))
 }
 
-/// Opens the backend stream and waits for its response headers. `stream`
-/// moves into the response body when there is one to forward.
-async fn open(
+/// Opens the backend stream and forwards until the response ends. An
+/// error is returned only while the client has had no response headers, so
+/// the caller can still answer with a status of the agent's own.
+async fn run(
     entry: &PoolEntry,
-    request: Request<Incoming>,
-    stream: &mut Option<StreamGuard>,
-) -> Result<Response<ProxyBody>> {
+    request: Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+    stream: &mut StreamGuard,
+) -> Result<()> {
     let started = Instant::now();
-    let (mut parts, body) = request.into_parts();
-    // hyper's extensions mean nothing to the backend connection.
+    let (mut parts, client_recv) = request.into_parts();
+    // The client connection's extensions mean nothing to the backend's.
     parts.extensions = http::Extensions::new();
     let timeout = parts
         .headers
@@ -132,15 +172,22 @@ async fn open(
         }
         Err(last.unwrap_or_else(|| Error::NoAddresses { pool: pool_name() }))
     };
-    let deadline_passed = |_elapsed| Error::Deadline {
+    let deadline_passed = || Error::Deadline {
         pool: entry.key.clone(),
         timeout: timeout.unwrap_or_default(),
     };
-    let (lease, mut sender) = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, connect)
-            .await
-            .map_err(deadline_passed)??,
-        None => connect.await?,
+    let connect = async {
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, connect)
+                .await
+                .map_err(|_elapsed| deadline_passed())?,
+            None => connect.await,
+        }
+    };
+    // A client that gives up while the pool dials or queues is gone: stop.
+    let (lease, mut sender) = tokio::select! {
+        connected = connect => connected?,
+        _reset = poll_fn(|cx| respond.poll_reset(cx)) => return Ok(()),
     };
 
     if let Some(deadline) = deadline {
@@ -150,83 +197,269 @@ async fn open(
             .headers
             .insert("grpc-timeout", encode_grpc_timeout(left));
     }
-    let mut body = body;
-    // What of the request has already arrived (usually a whole unary
-    // request) goes out with the headers, without a pump task.
-    let (arrived, ended) = take_arrived(&mut body);
-    let addr = lease.address().to_owned();
-    let backend_error = |source: h2::Error| Error::Backend {
-        pool: entry.key.clone(),
-        addr: addr.clone(),
-        source,
-    };
-    let headers_only = ended && arrived.is_empty();
-    let sent = sender
-        .send_request(Request::from_parts(parts, ()), headers_only)
-        .and_then(|(response, mut send)| {
-            let last = arrived.len();
-            for (i, frame) in arrived.into_iter().enumerate() {
-                match frame.into_data() {
-                    // Bounded by INLINE: h2 holds it until the window opens.
-                    Ok(data) => send.send_data(data, ended && i + 1 == last)?,
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            send.send_trailers(trailers)?;
-                        }
-                    }
-                }
+    let headers_only = client_recv.is_end_stream();
+    let (response, backend_send) =
+        match sender.send_request(Request::from_parts(parts, ()), headers_only) {
+            Ok(sent) => sent,
+            Err(source) => {
+                let addr = lease.address().to_owned();
+                lease.finish(outcome_of_error(&source));
+                return Err(Error::Backend {
+                    pool: entry.key.clone(),
+                    addr,
+                    source,
+                });
             }
-            Ok((response, send))
-        });
-    let (response, send) = match sent {
-        Ok(sent) => sent,
-        Err(source) => {
-            lease.finish(Outcome::TransportError);
-            return Err(backend_error(source));
-        }
-    };
-    let pump = (!ended).then(|| AbortOnDrop(tokio::spawn(pump(body, send))));
-
-    let response = match deadline {
-        Some(deadline) => match tokio::time::timeout_at(deadline, response).await {
-            Ok(response) => response,
-            Err(elapsed) => {
-                // Dropping `pump` and the response future resets the stream.
-                return Err(deadline_passed(elapsed));
-            }
-        },
-        None => response.await,
-    };
-    let response = match response {
-        Ok(response) => response,
-        Err(source) => {
-            lease.finish(Outcome::TransportError);
-            return Err(backend_error(source));
-        }
-    };
-
-    let (parts, recv) = response.into_parts();
-    if recv.is_end_stream() {
-        // Trailers-only (a gRPC error) or an empty answer: done already.
-        let code = Code::in_headers(&parts.headers).unwrap_or(Code::Ok);
-        if let Some(stream) = stream {
-            stream.set_code(code);
-        }
-        lease.finish(outcome_of(code));
-        return Ok(Response::from_parts(parts, ProxyBody::empty()));
-    }
-    let Some(stream) = stream.take() else {
-        unreachable!("the stream guard moves into the body only here")
-    };
-    let forwarded = Forwarded {
-        recv,
-        lease: Some(lease),
-        pump,
-        stream,
+        };
+    let mut exchange = Exchange {
+        backend: lease.address(),
+        upload: (!headers_only).then(|| Upload {
+            recv: client_recv,
+            send: backend_send,
+            relay: Relay::default(),
+        }),
+        phase: Phase::Waiting(response),
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-        data_done: false,
     };
-    Ok(Response::from_parts(parts, ProxyBody::forward(forwarded)))
+    let finish = poll_fn(|cx| exchange.poll(cx, respond)).await;
+    drop(exchange);
+    let addr = lease.address().to_owned();
+    match finish {
+        Finish::Done(code) => {
+            stream.set_code(code);
+            lease.finish(outcome_of(code));
+            Ok(())
+        }
+        Finish::ClientGone => {
+            // Dropping the backend stream's handles resets it (CANCEL); the
+            // lease goes back as Ok: not the backend's fault.
+            Ok(())
+        }
+        Finish::Deadline { answered: false } => Err(deadline_passed()),
+        Finish::Deadline { answered: true } => {
+            stream.set_code(Code::DeadlineExceeded);
+            Ok(())
+        }
+        Finish::BackendFailed { source, answered } => {
+            lease.finish(outcome_of_error(&source));
+            if answered {
+                stream.set_code(Code::Unavailable);
+                Ok(())
+            } else {
+                Err(Error::Backend {
+                    pool: entry.key.clone(),
+                    addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The client's request frames on their way to the backend.
+struct Upload {
+    recv: RecvStream,
+    send: SendStream<Bytes>,
+    relay: Relay,
+}
+
+/// Where the response is.
+enum Phase {
+    /// Waiting for the backend's response headers.
+    Waiting(ResponseFuture),
+    /// Forwarding the backend's response body to the client.
+    Streaming {
+        recv: RecvStream,
+        send: SendStream<Bytes>,
+        relay: Relay,
+    },
+    /// Ended.
+    Done,
+}
+
+/// How an exchange ended.
+enum Finish {
+    /// The response ended with this gRPC status (the backend's).
+    Done(Code),
+    /// The client reset the stream or its connection went away.
+    ClientGone,
+    /// The client's `grpc-timeout` passed; `answered` when the client already
+    /// had response headers (and got DEADLINE_EXCEEDED trailers of the
+    /// agent's own).
+    Deadline { answered: bool },
+    /// The backend's stream or connection failed; `answered` as above (the
+    /// client got UNAVAILABLE trailers naming the backend).
+    BackendFailed { source: h2::Error, answered: bool },
+}
+
+/// Both directions of one stream, polled from one task.
+struct Exchange<'a> {
+    /// The backend's address, for the message a client gets when it fails.
+    backend: &'a str,
+    upload: Option<Upload>,
+    phase: Phase,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Exchange<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>, respond: &mut SendResponse<Bytes>) -> Poll<Finish> {
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            return Poll::Ready(self.end_early(
+                Code::DeadlineExceeded,
+                "tidepool-agent: deadline (grpc-timeout) exceeded",
+                |answered| Finish::Deadline { answered },
+            ));
+        }
+        self.poll_upload(cx);
+        loop {
+            match &mut self.phase {
+                Phase::Waiting(response) => {
+                    let response = match Pin::new(response).poll(cx) {
+                        Poll::Ready(Ok(response)) => response,
+                        Poll::Ready(Err(source)) => {
+                            self.phase = Phase::Done;
+                            return Poll::Ready(Finish::BackendFailed {
+                                source,
+                                answered: false,
+                            });
+                        }
+                        Poll::Pending => {
+                            return match respond.poll_reset(cx) {
+                                Poll::Pending => Poll::Pending,
+                                Poll::Ready(_) => Poll::Ready(Finish::ClientGone),
+                            };
+                        }
+                    };
+                    let (parts, recv) = response.into_parts();
+                    let end = recv.is_end_stream();
+                    // Trailers-only (a gRPC error) or an empty answer: done
+                    // with the headers.
+                    let code = end.then(|| Code::in_headers(&parts.headers).unwrap_or(Code::Ok));
+                    let send = match respond.send_response(Response::from_parts(parts, ()), end) {
+                        Ok(send) => send,
+                        Err(_) => return Poll::Ready(Finish::ClientGone),
+                    };
+                    if let Some(code) = code {
+                        self.phase = Phase::Done;
+                        return Poll::Ready(Finish::Done(code));
+                    }
+                    self.phase = Phase::Streaming {
+                        recv,
+                        send,
+                        relay: Relay::default(),
+                    };
+                }
+                Phase::Streaming { recv, send, relay } => {
+                    return match relay.poll(cx, recv, send) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(End::Trailers(trailers))) => {
+                            let code = Code::in_headers(&trailers).unwrap_or(Code::Ok);
+                            let sent = send.send_trailers(trailers);
+                            self.phase = Phase::Done;
+                            Poll::Ready(match sent {
+                                Ok(()) => Finish::Done(code),
+                                Err(_) => Finish::ClientGone,
+                            })
+                        }
+                        Poll::Ready(Ok(End::Eos)) => {
+                            self.phase = Phase::Done;
+                            Poll::Ready(Finish::Done(Code::Ok))
+                        }
+                        Poll::Ready(Err(Broken::Send(_))) => {
+                            self.phase = Phase::Done;
+                            Poll::Ready(Finish::ClientGone)
+                        }
+                        Poll::Ready(Err(Broken::Recv(source))) => {
+                            tracing::debug!(error = %source, "backend stream failed mid-response");
+                            let message = format!(
+                                "tidepool-agent: backend {} failed the stream: {source}",
+                                self.backend
+                            );
+                            Poll::Ready(self.end_early(Code::Unavailable, &message, |answered| {
+                                Finish::BackendFailed { source, answered }
+                            }))
+                        }
+                    };
+                }
+                Phase::Done => return Poll::Ready(Finish::ClientGone),
+            }
+        }
+    }
+
+    /// Moves the client's request frames on, if any are left to move.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) {
+        let Some(upload) = &mut self.upload else {
+            return;
+        };
+        match upload.relay.poll(cx, &mut upload.recv, &mut upload.send) {
+            Poll::Pending => return,
+            Poll::Ready(Ok(End::Trailers(trailers))) => {
+                let _ = upload.send.send_trailers(trailers);
+            }
+            Poll::Ready(Ok(End::Eos)) => {}
+            Poll::Ready(Err(Broken::Recv(error))) => {
+                tracing::debug!(%error, "client stream failed; cancelling the backend stream");
+                upload.send.send_reset(Reason::CANCEL);
+            }
+            Poll::Ready(Err(Broken::Send(reason))) => {
+                // The backend reset the stream while the client was sending;
+                // its answer (or the reset) comes on the response side.
+                tracing::trace!(%reason, "backend reset the stream while the client was sending");
+            }
+        }
+        self.upload = None;
+    }
+
+    /// Ends the client's stream with a status of the agent's own: as
+    /// trailers when the client already has response headers (`answered`),
+    /// otherwise by leaving the answer to the caller.
+    fn end_early(
+        &mut self,
+        code: Code,
+        message: &str,
+        finish: impl FnOnce(bool) -> Finish,
+    ) -> Finish {
+        let phase = std::mem::replace(&mut self.phase, Phase::Done);
+        // Dropping the backend's handles (and the upload's) resets the
+        // backend stream.
+        self.upload = None;
+        match phase {
+            Phase::Streaming { mut send, .. } => {
+                let mut trailers = HeaderMap::new();
+                put_status(&mut trailers, code, message);
+                let _ = send.send_trailers(trailers);
+                finish(true)
+            }
+            Phase::Waiting(_) | Phase::Done => finish(false),
+        }
+    }
+}
+
+/// The pool outcome of a gRPC status: an error status is the application's,
+/// not the connection's.
+fn outcome_of(code: Code) -> Outcome {
+    if code == Code::Ok {
+        Outcome::Ok
+    } else {
+        Outcome::ApplicationError
+    }
+}
+
+/// The pool outcome of an h2 error on a backend stream: a reset of that one
+/// stream leaves the connection as good as it was; a GOAWAY h2 sent because
+/// the backend broke a rule is a protocol error; anything else (the
+/// server's GOAWAY, I/O) means the connection failed.
+fn outcome_of_error(error: &h2::Error) -> Outcome {
+    if error.is_reset() {
+        Outcome::ApplicationError
+    } else if is_local_protocol_error(error) {
+        Outcome::ProtocolError
+    } else {
+        Outcome::TransportError
+    }
 }
 
 /// Takes a stream on a connection to `addr` and waits until the connection
@@ -248,99 +481,6 @@ async fn ready(
             })
         }
     }
-}
-
-/// Most request bytes sent along with the headers without waiting for
-/// the backend's window.
-const INLINE: usize = 64 * 1024;
-
-/// Takes the request frames that have already arrived, without waiting, up
-/// to about [`INLINE`] bytes; `true` when that is the whole request.
-fn take_arrived(body: &mut Incoming) -> (Vec<Frame<Bytes>>, bool) {
-    let mut frames = Vec::new();
-    let mut bytes = 0;
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if body.is_end_stream() {
-            return (frames, true);
-        }
-        if bytes >= INLINE {
-            return (frames, false);
-        }
-        match Pin::new(&mut *body).poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                bytes += frame.data_ref().map_or(0, Bytes::len);
-                frames.push(frame);
-            }
-            Poll::Ready(None) => return (frames, true),
-            // A failed client stream: the pump sees the error again and
-            // cancels the backend stream.
-            Poll::Ready(Some(Err(_))) | Poll::Pending => return (frames, false),
-        }
-    }
-}
-
-/// Copies the client's body frames (data and trailers) to the backend
-/// stream, taking backend flow-control capacity before each send. Ends by
-/// resetting the backend stream (CANCEL) if the client's stream fails, and
-/// stops if the backend resets it.
-async fn pump(mut body: Incoming, mut send: SendStream<Bytes>) {
-    loop {
-        let frame = tokio::select! {
-            frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
-            reset = poll_fn(|cx| send.poll_reset(cx)) => {
-                tracing::trace!(?reset, "backend reset the stream while the client was sending");
-                return;
-            }
-        };
-        let result = match frame {
-            None => send.send_data(Bytes::new(), true),
-            Some(Err(error)) => {
-                tracing::debug!(%error, "client stream failed; cancelling the backend stream");
-                send.send_reset(Reason::CANCEL);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => send_data(&mut send, data, body.is_end_stream()).await,
-                Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => send_trailers(&mut send, trailers),
-                    Err(_unknown) => Ok(()),
-                },
-            },
-        };
-        if result.is_err() || body.is_end_stream() {
-            return;
-        }
-    }
-}
-
-/// Sends `data` as the backend's window allows, in as many DATA frames as
-/// that takes.
-async fn send_data(
-    send: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    end: bool,
-) -> Result<(), h2::Error> {
-    if data.is_empty() {
-        return send.send_data(data, end);
-    }
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
-        };
-        if granted == 0 {
-            continue;
-        }
-        let chunk = data.split_to(granted.min(data.len()));
-        send.send_data(chunk, end && data.is_empty())?;
-    }
-    Ok(())
-}
-
-fn send_trailers(send: &mut SendStream<Bytes>, trailers: HeaderMap) -> Result<(), h2::Error> {
-    send.send_trailers(trailers)
 }
 
 #[cfg(test)]

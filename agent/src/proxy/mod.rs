@@ -4,20 +4,22 @@
 //!   dedicated ones serve one pool) and client connections.
 //! - `handle` (here): checks a request is gRPC and finds its pool.
 //! - [`forward`]: leases a backend stream and forwards both directions.
-//! - [`body`]: the streamed response body, holding the lease until the end.
+//! - [`relay`]: one direction of a stream, from an h2 receive half to an h2
+//!   send half, with flow control end to end.
 //! - [`status`] and [`error`]: what the client sees when the agent answers
 //!   itself.
 
-pub mod body;
 pub mod error;
 pub mod forward;
+pub mod relay;
 pub mod server;
 pub mod status;
 
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, StatusCode};
 
-pub use body::ProxyBody;
 pub use error::Error;
 pub use server::serve;
 pub use status::Code;
@@ -38,11 +40,13 @@ pub enum Target {
 pub(crate) async fn handle(
     runtime: &Runtime,
     target: Target,
-    request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    if let Some(refusal) = refuse_non_grpc(&request) {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    if let Some((status, message)) = refuse_non_grpc(&request) {
         runtime.metrics().rejected("not_grpc");
-        return refusal;
+        status::respond_http_error(&mut respond, status, message);
+        return;
     }
     let table = runtime.table();
     let found = match target {
@@ -79,13 +83,13 @@ pub(crate) async fn handle(
     };
     let entry = match found {
         Ok(entry) => entry.clone(),
-        Err(error) => return refusal(runtime, error),
+        Err(error) => return refusal(runtime, error, &mut respond),
     };
     drop(table);
-    forward::forward(entry, request).await
+    forward::forward(entry, request, respond).await;
 }
 
-fn refusal(runtime: &Runtime, error: Error) -> Response<ProxyBody> {
+fn refusal(runtime: &Runtime, error: Error, respond: &mut SendResponse<Bytes>) {
     if matches!(
         error,
         Error::Route(RouteError::Unknown { .. } | RouteError::Ambiguous { .. })
@@ -93,14 +97,14 @@ fn refusal(runtime: &Runtime, error: Error) -> Response<ProxyBody> {
         runtime.metrics().rejected("unknown_authority");
     }
     tracing::debug!(%error, "stream refused before reaching a pool");
-    status::grpc_error(error.code(), &format!("tidepool-agent: {error}"))
+    status::respond_grpc_error(respond, error.code(), &format!("tidepool-agent: {error}"));
 }
 
 /// A plain HTTP error for requests that are not gRPC: wrong method (405) or
 /// content type (415), as the gRPC over HTTP/2 spec asks.
-fn refuse_non_grpc(request: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+fn refuse_non_grpc(request: &Request<RecvStream>) -> Option<(StatusCode, String)> {
     if request.method() != Method::POST {
-        return Some(status::http_error(
+        return Some((
             StatusCode::METHOD_NOT_ALLOWED,
             format!(
                 "tidepool-agent proxies gRPC: method {} is not POST\n",
@@ -114,7 +118,7 @@ fn refuse_non_grpc(request: &Request<Incoming>) -> Option<Response<ProxyBody>> {
         .map(|v| v.to_str().unwrap_or("(not text)"));
     match content_type {
         Some(ct) if ct.starts_with("application/grpc") => None,
-        other => Some(status::http_error(
+        other => Some((
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!(
                 "tidepool-agent proxies gRPC: content-type {} is not application/grpc\n",

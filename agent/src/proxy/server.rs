@@ -1,23 +1,24 @@
 //! The listeners: accept TCP, insist on HTTP/2 with prior knowledge (h2c),
-//! serve each connection with hyper until it ends or the listener stops.
+//! serve each connection with `h2` until it ends or the listener stops;
+//! every stream is a task of its own.
 //!
 //! A client that speaks HTTP/1 gets an `HTTP/1.1 505` response saying what
-//! the agent accepts; any other bad preface, and malformed HTTP/2 later on
-//! (which hyper answers with GOAWAY), ends only that client's connection.
+//! the agent accepts; any other bad preface, and malformed or abusive
+//! HTTP/2 later on (which h2 answers with GOAWAY), ends only that client's
+//! connection. The windows and the small-frame budget are the ones
+//! [`crate::pool::h2::FlowLimits`] documents.
 
-use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::Target;
+use crate::pool::h2::FlowLimits;
 use crate::runtime::Runtime;
 
 /// The HTTP/2 connection preface every h2c client sends first.
@@ -55,7 +56,14 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let connection = connection(tcp, target, runtime.clone(), stop.clone(), gauge.clone());
+        let connection = connection(
+            tcp,
+            peer,
+            target,
+            runtime.clone(),
+            stop.clone(),
+            gauge.clone(),
+        );
         tracker.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, %error, "client connection ended with an error");
@@ -76,6 +84,7 @@ impl Drop for Open {
 
 async fn connection(
     mut tcp: TcpStream,
+    peer: std::net::SocketAddr,
     target: Target,
     runtime: Runtime,
     stop: CancellationToken,
@@ -114,28 +123,59 @@ async fn connection(
         }
     }
 
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let limits = FlowLimits::CLIENT;
+    let mut builder = h2::server::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .max_concurrent_streams(options.max_concurrent_streams)
-        // Responses carry the backend's headers only.
-        .auto_date_header(false)
-        .max_pending_accept_reset_streams(Some(1024));
-    let service = service_fn(move |request| {
-        let runtime = runtime.clone();
-        async move { Ok::<_, Infallible>(super::handle(&runtime, target, request).await) }
-    });
-    let io = TokioIo::new(Replayed { replay: 0, tcp });
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => return result.map_err(Into::into),
-        () = stop.cancelled() => {}
+        .initial_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .data_frame_budget(limits.data_frame_budget)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(1024);
+    let handshake = builder.handshake::<_, bytes::Bytes>(Replayed { replay: 0, tcp });
+    let mut conn = tokio::select! {
+        conn = handshake => conn?,
+        () = stop.cancelled() => return Ok(()),
+    };
+    let tracker = runtime.drain().tracker().clone();
+    let mut draining = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = conn.accept() => accepted,
+            () = stop.cancelled(), if !draining => {
+                // Draining: GOAWAY, then let the open streams finish; accept
+                // keeps driving the connection until they have.
+                conn.graceful_shutdown();
+                draining = true;
+                continue;
+            }
+        };
+        match accepted {
+            Some(Ok((request, respond))) => {
+                let runtime = runtime.clone();
+                tracker.spawn(async move {
+                    super::handle(&runtime, target, request, respond).await;
+                });
+            }
+            Some(Err(error)) => {
+                if let Some(reason) = error.reason()
+                    && error.is_go_away()
+                    && !error.is_remote()
+                {
+                    runtime.metrics().goaway_sent(reason);
+                    tracing::warn!(%peer, %reason, %error, "closed a client connection for breaking HTTP/2's rules");
+                }
+                return Err(error.into());
+            }
+            None => return Ok(()),
+        }
     }
-    // Draining: GOAWAY, then let the open streams finish.
-    connection.as_mut().graceful_shutdown();
-    connection.await.map_err(Into::into)
 }
+
+/// Largest header block a client may send (SETTINGS_MAX_HEADER_LIST_SIZE),
+/// as hyper offered before: 16 KiB, twice gRPC's usual 8 KiB metadata
+/// limit.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 enum Preface {
     H2,

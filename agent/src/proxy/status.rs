@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::body::ProxyBody;
+use h2::server::SendResponse;
 
 /// A gRPC status code (the numbers are the protocol's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,25 +135,33 @@ pub fn put_status(headers: &mut HeaderMap, code: Code, message: &str) {
     }
 }
 
-/// A trailers-only gRPC response: HTTP 200 and a HEADERS frame carrying the
-/// status, ending the stream.
-pub fn grpc_error(code: Code, message: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::empty());
+/// Answers with a trailers-only gRPC response: HTTP 200 and one HEADERS
+/// frame carrying the status, ending the stream. A client already gone is
+/// nothing to answer.
+pub(crate) fn respond_grpc_error(respond: &mut SendResponse<Bytes>, code: Code, message: &str) {
+    let mut response = Response::new(());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     put_status(headers, code, message);
-    response
+    let _ = respond.send_response(response, true);
 }
 
-/// A plain HTTP error, for requests that are not gRPC at all.
-pub fn http_error(status: StatusCode, message: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from(message)));
+/// Answers with a plain HTTP error, for requests that are not gRPC at all.
+pub(crate) fn respond_http_error(
+    respond: &mut SendResponse<Bytes>,
+    status: StatusCode,
+    message: String,
+) {
+    let mut response = Response::new(());
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    response
+    if let Ok(mut body) = respond.send_response(response, false) {
+        // h2 holds the few bytes until the client's window takes them.
+        let _ = body.send_data(Bytes::from(message), true);
+    }
 }
 
 #[cfg(test)]
