@@ -14,7 +14,7 @@ if ! command -v "$go" >/dev/null 2>&1; then
 fi
 
 # Bump when the way the binaries are built changes.
-recipe=1
+recipe=2
 key=$( (cat "$here/go.mod" "$here/go.sum"; echo "recipe=$recipe") | sha256sum | cut -c1-16)
 cache="${TIDEPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tidepool}"
 out="$cache/peers-$key"
@@ -38,4 +38,6 @@ build interop-server google.golang.org/grpc/interop/server
 build interop-client google.golang.org/grpc/interop/client
 build route-guide-server google.golang.org/grpc/examples/route_guide/server
 build greeter-server google.golang.org/grpc/examples/helloworld/greeter_server
+build protoset ./cmd/protoset
+[ -s "$out/peers.protoset" ] || { "$out/protoset" "$out/peers.protoset.tmp" && mv "$out/peers.protoset.tmp" "$out/peers.protoset"; }
 echo "$out"
