@@ -31,9 +31,14 @@ lint: ## rustfmt and clippy, warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 
+.PHONY: peers
+peers: ## build (once) the real gRPC peers the agent's tests run: grpc-go interop and route_guide, ghz
+	@tests/peers/build.sh
+
 .PHONY: unit
-unit: ## unit and component tests (no cluster)
-	$(CARGO) test --workspace --exclude tidepool-e2e
+unit: ## unit and component tests, real gRPC peers included (no cluster)
+	@peers=$$(tests/peers/build.sh); \
+	TIDEPOOL_PEERS_BIN="$$peers" $(CARGO) test --workspace --exclude tidepool-e2e
 
 .PHONY: e2e
 e2e: ## end-to-end tests on a local control plane (or TIDEPOOL_E2E_KUBECONFIG's cluster)

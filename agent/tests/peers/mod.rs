@@ -149,13 +149,15 @@ impl Agent {
         let file = dir.path().join("pools.yaml");
         std::fs::write(&file, pools).unwrap();
         let (port, admin) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tidepool-agent"))
             .arg("--standalone")
             .arg(&file)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .env("TIDEPOOL_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("starting tidepool-agent");
         let proc = Proc { child };
@@ -173,6 +175,11 @@ impl Agent {
     /// The admin server's `/metrics` text.
     pub fn metrics(&self) -> String {
         http_get(self.admin, "/metrics")
+    }
+
+    /// What the agent logged so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
     }
 
     /// The agent's resident memory in KiB.
