@@ -76,9 +76,16 @@ demo: ## the main job on an embedded default (see README)
 	@scripts/demo.sh
 
 .PHONY: bench
-bench: ## benchmarks; figures go to docs/benchmarks.md by hand
+bench: bench-peers ## benchmarks; figures go to docs/benchmarks.md by hand
 	$(CARGO) bench -p tidepool-agent
 	@tools=$$(scripts/install-tools.sh); bins=$$(tests/cluster/build.sh); $(CARGO) build -q --release -p tidepool-operator -p tidepool-e2e --bin tidepool-operator --bin operator-bench && PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $$($(CARGO) metadata -q --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/operator-bench
+
+.PHONY: bench-peers
+bench-peers: ## tidepool against HAProxy, Envoy and nginx, side by side (installs them; prints the peer table)
+	@peers=$$(tests/peers/build.sh); $(CARGO) build -q --release -p tidepool-agent; \
+	python3 bench/peers/peerbench.py --peers "$$peers" \
+	  --agent "$$($(CARGO) metadata -q --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tidepool-agent" \
+	  $(if $(REPS),--reps $(REPS)) $(if $(SECONDS),--seconds $(SECONDS))
 
 TAG ?= dev
 

@@ -14,7 +14,7 @@ if ! command -v "$go" >/dev/null 2>&1; then
 fi
 
 # Bump when the way the binaries are built changes.
-recipe=2
+recipe=3
 key=$( (cat "$here/go.mod" "$here/go.sum"; echo "recipe=$recipe") | sha256sum | cut -c1-16)
 cache="${TIDEPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tidepool}"
 out="$cache/peers-$key"

@@ -1,6 +1,6 @@
 // Command protoset writes a FileDescriptorSet of the services the agent's
-// real-peer tests call (grpc-go's interop TestService and route_guide's
-// RouteGuide), read from the descriptors compiled into grpc-go, for ghz's
+// real-peer tests call (grpc-go's interop TestService, route_guide's
+// RouteGuide and helloworld's Greeter), read from the descriptors compiled into grpc-go, for ghz's
 // --protoset. Files written in protobuf editions are restated as proto3
 // (route_guide uses edition 2023 with implicit presence, which is proto3's
 // wire format and JSON mapping), because ghz's parser predates editions.
@@ -15,6 +15,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/descriptorpb"
 
+	helloworld "google.golang.org/grpc/examples/helloworld/helloworld"
 	routeguide "google.golang.org/grpc/examples/route_guide/routeguide"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
@@ -40,6 +41,7 @@ func main() {
 	}
 	add(testgrpc.File_grpc_testing_test_proto)
 	add(routeguide.File_examples_route_guide_routeguide_route_guide_proto)
+	add(helloworld.File_examples_helloworld_helloworld_helloworld_proto)
 	out, err := proto.Marshal(set)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "protoset:", err)
