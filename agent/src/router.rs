@@ -161,36 +161,41 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
 
 /// What the balancer needs to know about an address.
 pub trait Load {
-    /// Streams open to `addr`.
-    fn active_streams(&self, addr: &str) -> usize;
-    /// Whether `addr` is in dial backoff.
-    fn in_backoff(&self, addr: &str) -> bool;
+    /// The cost of one more stream to `addr` at `now`
+    /// ([`crate::pool::load::now_nanos`]); `None` while its dials are in
+    /// backoff.
+    fn cost(&self, addr: &str, now: u64) -> Option<usize>;
 }
 
 impl<C: crate::pool::Connector> Load for crate::pool::Pool<C> {
-    fn active_streams(&self, addr: &str) -> usize {
-        crate::pool::Pool::active_streams(self, addr)
-    }
-    fn in_backoff(&self, addr: &str) -> bool {
-        crate::pool::Pool::in_backoff(self, addr)
+    fn cost(&self, addr: &str, now: u64) -> Option<usize> {
+        crate::pool::Pool::cost(self, addr, now)
     }
 }
 
 /// Picks an address for a new stream: of two random addresses not in dial
-/// backoff (and not `avoid`), the one with fewer active streams. When every
-/// address is in backoff, any of them (the dial may succeed now). `None`
-/// only for an empty list.
+/// backoff (and not `avoid`), the one with fewer streams waiting for their
+/// response headers (see [`crate::pool::load`]). When every address is in backoff, any of them
+/// (the dial may succeed now). `None` only for an empty list. One clock
+/// read, no lock.
 pub fn pick<'a, L: Load + ?Sized>(
     load: &L,
     addresses: &'a [String],
     avoid: Option<&str>,
 ) -> Option<&'a str> {
-    let usable = |a: &str| Some(a) != avoid && !load.in_backoff(a);
     match addresses.len() {
         0 => return None,
         1 => return Some(&addresses[0]),
         _ => {}
     }
+    let now = crate::pool::load::now_nanos();
+    let cost = |a: &str| {
+        if Some(a) == avoid {
+            None
+        } else {
+            load.cost(a, now)
+        }
+    };
     let mut rng = rand::rng();
     // A few random pairs first: cheap when most addresses are healthy.
     for _ in 0..3 {
@@ -200,25 +205,20 @@ pub fn pick<'a, L: Load + ?Sized>(
             j += 1;
         }
         let (a, b) = (addresses[i].as_str(), addresses[j].as_str());
-        match (usable(a), usable(b)) {
-            (true, true) => {
-                return Some(if load.active_streams(b) < load.active_streams(a) {
-                    b
-                } else {
-                    a
-                });
-            }
-            (true, false) => return Some(a),
-            (false, true) => return Some(b),
-            (false, false) => {}
+        match (cost(a), cost(b)) {
+            (Some(ca), Some(cb)) => return Some(if cb < ca { b } else { a }),
+            (Some(_), None) => return Some(a),
+            (None, Some(_)) => return Some(b),
+            (None, None) => {}
         }
     }
-    // Most are in backoff: the least loaded usable one, else any but `avoid`.
+    // Most are in backoff: the cheapest usable one, else any but `avoid`.
     addresses
         .iter()
         .map(String::as_str)
-        .filter(|a| usable(a))
-        .min_by_key(|a| load.active_streams(a))
+        .filter_map(|a| cost(a).map(|c| (a, c)))
+        .min_by_key(|x| x.1)
+        .map(|(a, _)| a)
         .or_else(|| {
             addresses
                 .iter()
@@ -326,12 +326,13 @@ mod tests {
         backoff: HashSet<String>,
     }
 
+    /// `streams` stands for the cost: fewer is cheaper.
     impl Load for FakeLoad {
-        fn active_streams(&self, addr: &str) -> usize {
-            self.streams.get(addr).copied().unwrap_or(0)
-        }
-        fn in_backoff(&self, addr: &str) -> bool {
-            self.backoff.contains(addr)
+        fn cost(&self, addr: &str, _now: u64) -> Option<usize> {
+            if self.backoff.contains(addr) {
+                return None;
+            }
+            Some(self.streams.get(addr).copied().unwrap_or(0))
         }
     }
 

@@ -13,6 +13,7 @@ use super::connector::{ConnEvent, Connected};
 use super::error::Error;
 use super::lease::Outcome;
 use super::list::{Linked, Links, List};
+use super::load::AddressLoad;
 use super::metrics::{AddressCounts, AddressMetrics};
 use super::occupancy::{
     AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions,
@@ -65,6 +66,8 @@ pub(crate) struct Address<Conn> {
     state: Mutex<State<Conn>>,
     pub(crate) name: String,
     pub(crate) metrics: AddressMetrics,
+    /// What the balancer reads, without the lock.
+    pub(crate) load: AddressLoad,
     hooks: Weak<dyn Hooks<Conn>>,
 }
 
@@ -258,6 +261,7 @@ impl<Conn: Clone> Address<Conn> {
         Self {
             name,
             metrics,
+            load: AddressLoad::default(),
             hooks,
             state: Mutex::new(State {
                 settings,
@@ -489,6 +493,7 @@ impl<Conn: Clone> State<Conn> {
         m.cx.inc();
         self.failures_in_row = 0;
         self.backoff_until = None;
+        address.load.clear_backoff();
         let (stop_tx, stop_rx) = oneshot::channel();
         let jitter = rand::random_range((1.0 - JITTER)..=(1.0 + JITTER));
         let id = self.next_id;
@@ -563,7 +568,7 @@ impl<Conn: Clone> State<Conn> {
         match result {
             Ok(connected) => self.insert(address, connected, false, now, fx).1,
             Err(error) => {
-                self.dial_failed(now, &address.metrics);
+                self.dial_failed(now, address);
                 self.fail_waiters(&error);
                 None
             }
@@ -571,14 +576,15 @@ impl<Conn: Clone> State<Conn> {
     }
 
     /// Counts a failed dial and starts or lengthens the backoff.
-    pub(crate) fn dial_failed(&mut self, now: Instant, m: &AddressMetrics) {
+    pub(crate) fn dial_failed(&mut self, now: Instant, address: &Address<Conn>) {
         self.dial_failures += 1;
-        m.cx_connect_fail.inc();
+        address.metrics.cx_connect_fail.inc();
         let backoff = BACKOFF_BASE
             .saturating_mul(1 << self.failures_in_row.min(16))
             .min(BACKOFF_MAX);
         self.failures_in_row += 1;
         self.backoff_until = Some(now + backoff);
+        address.load.set_backoff(now + backoff);
     }
 
     /// Ends one stream on connection `key`.

@@ -48,6 +48,12 @@ impl<Conn: Clone> Lease<Conn> {
         &self.cell.conn
     }
 
+    /// The address's load, for the balancer: start a
+    /// [`Pending`](super::load::Pending) when the request goes out.
+    pub fn load(&self) -> &super::load::AddressLoad {
+        &self.cell.address.load
+    }
+
     /// The address (`host:port`) of the connection.
     pub fn address(&self) -> &str {
         &self.cell.address.name

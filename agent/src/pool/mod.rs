@@ -45,6 +45,7 @@ mod error;
 pub mod h2;
 mod lease;
 pub(crate) mod list;
+pub mod load;
 pub mod memory;
 pub mod metrics;
 mod occupancy;
@@ -267,7 +268,7 @@ impl<C: Connector> Pool<C> {
             let now = Instant::now();
             match result {
                 Err(source) => {
-                    state.dial_failed(now, &address.metrics);
+                    state.dial_failed(now, &address);
                     Err(Error::Dial {
                         addr: address.name.clone(),
                         source: Arc::new(source),
@@ -362,6 +363,15 @@ impl<C: Connector> Pool<C> {
         self.inner
             .with_address(addr, |a| a.lock().streams())
             .unwrap_or(0)
+    }
+
+    /// The balancer's cost of one more stream to `addr` at `now`
+    /// ([`load::now_nanos`]): `None` while its dials are in backoff, 0 for
+    /// an address no stream has used yet. Reads no lock.
+    pub fn cost(&self, addr: &str, now: u64) -> Option<usize> {
+        self.inner
+            .with_address(addr, |a| a.load.cost(now))
+            .unwrap_or(Some(0))
     }
 
     /// Whether the last dial to `addr` failed recently (backoff doubles from

@@ -27,6 +27,7 @@ use super::relay::{Broken, End, Relay};
 use super::status::{Code, put_status, respond_grpc_error};
 use crate::metrics::PoolStreamMetrics;
 use crate::pool::h2::{H2Conn, is_local_protocol_error};
+use crate::pool::load::Pending;
 use crate::pool::{Lease, Outcome};
 use crate::router::pick;
 use crate::runtime::PoolEntry;
@@ -213,6 +214,8 @@ async fn run(
         };
     let mut exchange = Exchange {
         backend: lease.address(),
+        // The balancer counts the stream until its response headers arrive.
+        awaiting: Some(lease.load().start()),
         upload: (!headers_only).then(|| Upload {
             recv: client_recv,
             send: backend_send,
@@ -296,6 +299,8 @@ enum Finish {
 struct Exchange<'a> {
     /// The backend's address, for the message a client gets when it fails.
     backend: &'a str,
+    /// Until the response headers arrive: the balancer's count.
+    awaiting: Option<Pending<'a>>,
     upload: Option<Upload>,
     phase: Phase,
     deadline: Option<Pin<Box<Sleep>>>,
@@ -333,6 +338,9 @@ impl Exchange<'_> {
                             };
                         }
                     };
+                    if let Some(mut awaiting) = self.awaiting.take() {
+                        awaiting.answered();
+                    }
                     let (parts, recv) = response.into_parts();
                     let end = recv.is_end_stream();
                     // Trailers-only (a gRPC error) or an empty answer: done

@@ -95,6 +95,9 @@ pub struct BackendState {
     pub produced: AtomicUsize,
     /// Where `Unary` calls with `x-gate` wait.
     pub gate: Arc<Gate>,
+    /// Milliseconds every `Unary` call waits before answering (a slow
+    /// backend).
+    pub delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Holds `Unary` calls that carry `x-gate` until it opens, counting them:
@@ -348,6 +351,10 @@ impl UnaryService<Bytes> for Unary {
             };
             if let Some(ms) = number(request.metadata(), "x-sleep-ms") {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let delay = state.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
             }
             if request.metadata().contains_key("x-gate") {
                 state.gate.pass().await;
