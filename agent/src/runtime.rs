@@ -11,7 +11,9 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 
 use tidepool_crds::validate::{SpecErrors, check_address};
 use tokio::sync::watch;
@@ -176,7 +178,9 @@ impl std::fmt::Debug for Runtime {
 ///   when their last stream ends (leases keep the pool state alive).
 struct Inner {
     options: RuntimeOptions,
-    table: RwLock<Arc<Table>>,
+    /// Read on every request without a lock or a reference count
+    /// ([`Runtime::with_table`]); replaced whole by `apply`.
+    table: ArcSwap<Table>,
     applying: Mutex<()>,
     listeners: Mutex<HashMap<u16, CancellationToken>>,
     changes: watch::Sender<u64>,
@@ -197,7 +201,7 @@ impl Runtime {
         Self {
             inner: Arc::new(Inner {
                 options,
-                table: RwLock::new(Arc::new(Table::default())),
+                table: ArcSwap::from_pointee(Table::default()),
                 applying: Mutex::new(()),
                 listeners: Mutex::new(HashMap::new()),
                 changes,
@@ -210,13 +214,13 @@ impl Runtime {
 
     /// The configuration in force.
     pub fn table(&self) -> Arc<Table> {
-        Arc::clone(
-            &self
-                .inner
-                .table
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
+        self.inner.table.load_full()
+    }
+
+    /// Runs `f` on the configuration in force, borrowed: the request path's
+    /// way in (no lock, no reference count in the common case).
+    pub fn with_table<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
+        f(&self.inner.table.load())
     }
 
     /// The agent's metrics.
@@ -377,11 +381,7 @@ impl Runtime {
         let new_ports: HashSet<u16> = table.ports.keys().copied().collect();
 
         // 4. Swap, then settle what changed.
-        *self
-            .inner
-            .table
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        self.inner.table.store(Arc::new(table));
         for (pool, settings, addresses) in changed {
             if pool.settings() != settings {
                 // Checked in step 1.

@@ -299,12 +299,12 @@ impl Watched {
     }
 
     fn observe(&mut self) {
-        let Some(probe) = &self.probe else { return };
-        let mut fresh = probe.clone();
+        let Some(probe) = &mut self.probe else { return };
         let mut cx = Context::from_waker(Waker::noop());
-        // A fresh clone has no pending open: this only asks whether the
-        // connection still takes streams.
-        if let Poll::Ready(Err(error)) = fresh.poll_ready(&mut cx) {
+        // The probe never opens a stream, so it has no pending open: this
+        // only asks whether the connection still takes streams (and costs no
+        // handle clone, which would lock h2's stream store twice per poll).
+        if let Poll::Ready(Err(error)) = probe.poll_ready(&mut cx) {
             let reason = close_reason(&error);
             self.probe = None;
             if self.reported_max.is_some() {

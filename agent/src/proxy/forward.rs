@@ -40,14 +40,14 @@ const ATTEMPTS: usize = 2;
 /// code it ended with (CANCELLED when dropped before its end, which is the
 /// client going away).
 #[derive(Debug)]
-struct StreamGuard {
-    metrics: PoolStreamMetrics,
+struct StreamGuard<'a> {
+    metrics: &'a PoolStreamMetrics,
     started: Instant,
     code: Option<Code>,
 }
 
-impl StreamGuard {
-    fn new(metrics: PoolStreamMetrics) -> Self {
+impl<'a> StreamGuard<'a> {
+    fn new(metrics: &'a PoolStreamMetrics) -> Self {
         metrics.active.inc();
         Self {
             metrics,
@@ -62,7 +62,7 @@ impl StreamGuard {
     }
 }
 
-impl Drop for StreamGuard {
+impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.metrics.active.dec();
         self.metrics.finished(
@@ -80,7 +80,7 @@ pub(crate) async fn forward(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let mut stream = StreamGuard::new(entry.metrics.clone());
+    let mut stream = StreamGuard::new(&entry.metrics);
     let span = tracing::debug_span!("stream", pool = %entry.key, path = %request.uri().path());
     let result = run(&entry, request, &mut respond, &mut stream)
         .instrument(span)
@@ -142,7 +142,7 @@ async fn run(
     entry: &PoolEntry,
     request: Request<RecvStream>,
     respond: &mut SendResponse<Bytes>,
-    stream: &mut StreamGuard,
+    stream: &mut StreamGuard<'_>,
 ) -> Result<()> {
     let started = Instant::now();
     let (mut parts, client_recv) = request.into_parts();

@@ -48,8 +48,9 @@ pub(crate) async fn handle(
         status::respond_http_error(&mut respond, status, message);
         return;
     }
-    let table = runtime.table();
-    let found = match target {
+    // The pool's entry is the one reference counted: it outlives a
+    // configuration change for the streams already on it.
+    let found = runtime.with_table(|table| match target {
         Target::Shared => {
             let authority = request
                 .uri()
@@ -80,12 +81,12 @@ pub(crate) async fn handle(
             .get(&port)
             .and_then(|key| table.pools.get(key))
             .ok_or(Error::NoDedicatedPool { port }),
-    };
+    }
+    .cloned());
     let entry = match found {
-        Ok(entry) => entry.clone(),
+        Ok(entry) => entry,
         Err(error) => return refusal(runtime, error, &mut respond),
     };
-    drop(table);
     forward::forward(entry, request, respond).await;
 }
 
