@@ -13,6 +13,11 @@
 //!   on the available list — the state go-micro reaches when long streams
 //!   outlive the TTL, and where its acquire becomes a linear scan.
 //!
+//! - Before the timings, a count: connections opened when 64 callers miss on
+//!   a cold address at once (dial latency 1 ms, maxStreams 20). go-micro's
+//!   `getConn` drops its lock before dialing, so every caller that misses
+//!   dials its own; tidepool coalesces dials per address. `ceil(64/20)` is 4.
+//!
 //! Run with `make bench` (or `cargo bench -p tidepool-agent --bench pool`).
 //! A benchmark measures; it asserts no time.
 
@@ -47,6 +52,11 @@ mod reference {
 
     use slab::Slab;
     use tokio::time::Instant;
+
+    /// Dials made so far (every `RefPool`).
+    pub static DIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    /// How long a dial takes, in µs (0 for the timed cases).
+    pub static DIAL_LATENCY_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
     /// Stands in for a `*grpc.ClientConn`: cloning it costs what cloning a
     /// connection handle costs.
@@ -158,6 +168,11 @@ mod reference {
         }
 
         fn dial() -> Conn {
+            DIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let latency = DIAL_LATENCY_US.load(std::sync::atomic::Ordering::Relaxed);
+            if latency > 0 {
+                std::thread::sleep(Duration::from_micros(latency));
+            }
             Conn(Arc::new(0))
         }
 
@@ -463,7 +478,82 @@ fn connections(c: &mut Criterion) {
     group.finish();
 }
 
+/// Connections opened when `callers` callers miss on one cold address at
+/// once and hold their streams until all have one: (tidepool, reference).
+fn concurrent_misses(callers: usize, max_streams: u32, dial: Duration) -> (u64, u64) {
+    let addr = "cold:1";
+    // tidepool: one task per caller on a multi-thread runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let connector = MemoryConnector::new();
+    connector.set_dial_delay(dial);
+    let settings = Settings {
+        size: 100,
+        max_streams,
+        ..Settings::default()
+    };
+    let pool = Pool::new(
+        "misses",
+        settings,
+        connector.clone(),
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
+    rt.block_on(async {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(callers));
+        let tasks: Vec<_> = (0..callers)
+            .map(|_| {
+                let (pool, barrier) = (pool.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let lease = pool.acquire(addr).await.unwrap();
+                    // Hold until every caller has a stream.
+                    barrier.wait().await;
+                    drop(lease);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    let ours = connector.attempts(addr);
+
+    // The reference: one OS thread per caller, as goroutines would be.
+    reference::DIAL_LATENCY_US.store(
+        u64::try_from(dial.as_micros()).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let before = reference::DIALS.load(std::sync::atomic::Ordering::Relaxed);
+    let reference = RefPool::new(100, Duration::from_secs(60), 50, max_streams);
+    let barrier = Barrier::new(callers);
+    std::thread::scope(|scope| {
+        for _ in 0..callers {
+            let (reference, barrier) = (&reference, &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                let lease = reference.get_conn(addr);
+                barrier.wait();
+                reference.release(lease, false);
+            });
+        }
+    });
+    reference::DIAL_LATENCY_US.store(0, std::sync::atomic::Ordering::Relaxed);
+    let theirs = reference::DIALS.load(std::sync::atomic::Ordering::Relaxed) - before;
+    (ours, theirs)
+}
+
 fn benches(c: &mut Criterion) {
+    for _ in 0..3 {
+        let (ours, theirs) = concurrent_misses(64, 20, Duration::from_millis(1));
+        println!(
+            "pool/concurrent_misses64: connections opened by 64 callers missing at once \
+             (maxStreams 20, 1 ms dials; ceil(64/20) = 4): tidepool {ours}, reference {theirs}"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

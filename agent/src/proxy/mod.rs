@@ -50,39 +50,41 @@ pub(crate) async fn handle(
     }
     // The pool's entry is the one reference counted: it outlives a
     // configuration change for the streams already on it.
-    let found = runtime.with_table(|table| match target {
-        Target::Shared => {
-            let authority = request
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    request
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or("");
-            table
-                .routes
-                .lookup(authority)
-                .map_err(Error::from)
-                .and_then(|key| {
-                    // Routes and pools come from one configuration: always found.
-                    table.pools.get(key).ok_or_else(|| {
-                        Error::Route(RouteError::Unknown {
-                            authority: authority.to_owned(),
+    let found = runtime.with_table(|table| {
+        match target {
+            Target::Shared => {
+                let authority = request
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| {
+                        request
+                            .headers()
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                    })
+                    .unwrap_or("");
+                table
+                    .routes
+                    .lookup(authority)
+                    .map_err(Error::from)
+                    .and_then(|key| {
+                        // Routes and pools come from one configuration: always found.
+                        table.pools.get(key).ok_or_else(|| {
+                            Error::Route(RouteError::Unknown {
+                                authority: authority.to_owned(),
+                            })
                         })
                     })
-                })
+            }
+            Target::Dedicated(port) => table
+                .ports
+                .get(&port)
+                .and_then(|key| table.pools.get(key))
+                .ok_or(Error::NoDedicatedPool { port }),
         }
-        Target::Dedicated(port) => table
-            .ports
-            .get(&port)
-            .and_then(|key| table.pools.get(key))
-            .ok_or(Error::NoDedicatedPool { port }),
-    }
-    .cloned());
+        .cloned()
+    });
     let entry = match found {
         Ok(entry) => entry,
         Err(error) => return refusal(runtime, error, &mut respond),
