@@ -13,7 +13,9 @@ Envoy are taken within each repetition. It measures and reports; it asserts
 nothing about time.
 
 Usage: peerbench.py --agent PATH --peers DIR [--reps 3] [--seconds 5]
-                    [--json OUT]
+                    [--variant NAME=PATH ...] [--json OUT]
+(--variant adds another tidepool-agent binary, say a build with other
+profile settings, as one more path with default threads.)
 (`make bench-peers` passes the paths.)
 """
 
@@ -172,6 +174,14 @@ def ghz(peers, call, data, streams, port, seconds=None, calls=None):
 class Bench:
     def __init__(self, args):
         self.args = args
+        self.variants = []
+        for i, variant in enumerate(args.variant or []):
+            name, _, path = variant.partition("=")
+            if not path or not os.access(path, os.X_OK):
+                sys.exit(f"peerbench: --variant {variant!r}: want NAME=PATH to an executable agent")
+            name = f"tidepool-{name}"
+            PATHS[name] = (20151 + 10 * i, 20152 + 10 * i)
+            self.variants.append((name, path))
         self.dir = tempfile.mkdtemp(prefix="tidepool-peerbench-")
         self.procs = {}
         self.tools = dict(line.split("=", 1) for line in subprocess.run(
@@ -198,12 +208,14 @@ class Bench:
         self.spawn("greeter", [os.path.join(peers, "greeter-server"), "-port", str(GREETER)], [GREETER])
         self.spawn("routeguide", [os.path.join(peers, "route-guide-server"), "-port", str(ROUTEGUIDE)],
                    [ROUTEGUIDE])
-        for name, workers in (("tidepool", None), ("tidepool-1w", 1)):
+        agents = [("tidepool", self.args.agent, None), ("tidepool-1w", self.args.agent, 1)]
+        agents += [(name, path, None) for name, path in self.variants]
+        for name, binary, workers in agents:
             unary, stream = PATHS[name]
             pools = self.write(f"{name}.yaml", fill("tidepool.yaml", {
                 "GREETER": GREETER, "ROUTEGUIDE": ROUTEGUIDE,
                 "UNARY_PORT": unary, "STREAM_PORT": stream}))
-            argv = [self.args.agent, "--standalone", pools,
+            argv = [binary, "--standalone", pools,
                     "--listen", f"127.0.0.1:{unary - 1}", "--admin-listen", f"127.0.0.1:{unary + 2}"]
             if workers:
                 argv += ["--worker-threads", str(workers)]
@@ -302,7 +314,7 @@ def report(results, reps, seconds):
                 "{} ({})".format(span([f["held"] for f in fs], "{:.0f}"), span([f["opened"] for f in fs], "{:.0f}")),
                 span([f["failed"] for f in fs], "{:.0f}")))
         lines.append("")
-        for ours in ("tidepool", "tidepool-1w"):
+        for ours in [p for p in paths if p.startswith("tidepool")]:
             for peer in ("haproxy", "envoy"):
                 cpu = [cpu_per_1000(paths[ours][r]) / cpu_per_1000(paths[peer][r])
                        for r in paths[ours] if cpu_per_1000(paths[ours][r]) and cpu_per_1000(paths[peer][r])]
@@ -321,6 +333,7 @@ def main():
     parser.add_argument("--peers", required=True, help="the folder tests/peers/build.sh prints")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--variant", action="append", help="NAME=PATH of another agent binary")
     parser.add_argument("--json", help="also write every figure here")
     args = parser.parse_args()
     bench = Bench(args)

@@ -176,7 +176,10 @@ impl<C: Connector> Pool<C> {
         }
         match self.inner.try_take(addr) {
             Some(lease) => Ok(lease),
-            None => self.acquire_slow(addr).await,
+            // Boxed: the slow path's state (dial, queue, overflow) is
+            // kilobytes, and would otherwise be part of every caller's
+            // future, copied whole on every spawn, hit or miss.
+            None => Box::pin(self.acquire_slow(addr)).await,
         }
     }
 
