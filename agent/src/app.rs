@@ -33,7 +33,7 @@ pub enum StartError {
 }
 
 /// The async runtime the agent runs on, for `worker_threads` threads
-/// (`None`: one per CPU). One thread runs on tokio's current-thread
+/// (`None`: one per CPU; the binary's default is 1). One thread runs on tokio's current-thread
 /// scheduler: the same single thread, without the work-stealing
 /// scheduler's cross-thread bookkeeping on every wake-up.
 pub fn runtime_builder(worker_threads: Option<usize>) -> tokio::runtime::Builder {

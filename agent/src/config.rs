@@ -105,14 +105,15 @@ pub struct Args {
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
 
-    /// Threads that run the proxy (default: one per CPU). Each stream
-    /// wakes several tasks; on a node where the agent shares few cores, one
-    /// thread spends much less CPU per stream: with 1 the agent runs on
-    /// tokio's current-thread scheduler (no cross-thread wake-ups at all;
-    /// about 25% less CPU per unary RPC and 60% less per streamed message
-    /// in `docs/benchmarks.md`).
-    #[arg(long, env = "TIDEPOOL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub worker_threads: Option<u16>,
+    /// Threads that run the proxy; 0 for one per CPU. With 1 (the
+    /// default) the agent runs on tokio's current-thread scheduler: no
+    /// cross-thread wake-ups, which on a 2-core node cost the work-stealing
+    /// scheduler 20–40% more CPU per RPC at the same or lower throughput
+    /// (the peer benchmark in `docs/benchmarks.md`). Raise it on nodes
+    /// where the agent's own process saturates one core.
+    #[arg(long, env = "TIDEPOOL_WORKER_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub worker_threads: u16,
 
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -260,7 +261,7 @@ impl Config {
                 keepalive_interval: args.keepalive_interval,
                 keepalive_timeout: args.keepalive_timeout,
             },
-            worker_threads: args.worker_threads.map(usize::from),
+            worker_threads: (args.worker_threads > 0).then(|| usize::from(args.worker_threads)),
             log_format: args.log_format,
         })
     }

@@ -188,7 +188,14 @@ fn write(path: &Path, text: &str) {
 
 #[tokio::test]
 async fn the_binary_serves_a_file_and_drains_on_sigterm() {
+    // The default: one worker thread.
     serves_a_file_and_drains_on_sigterm(None).await;
+}
+
+/// `--worker-threads 0`: one per CPU, on the work-stealing scheduler.
+#[tokio::test]
+async fn the_binary_on_a_thread_per_cpu_serves_and_drains_on_sigterm() {
+    serves_a_file_and_drains_on_sigterm(Some("0")).await;
 }
 
 /// One worker thread runs on tokio's current-thread scheduler (see

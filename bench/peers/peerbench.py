@@ -319,10 +319,12 @@ def report(results, reps, seconds):
                 cpu = [cpu_per_1000(paths[ours][r]) / cpu_per_1000(paths[peer][r])
                        for r in paths[ours] if cpu_per_1000(paths[ours][r]) and cpu_per_1000(paths[peer][r])]
                 rps = [paths[ours][r]["rps"] / paths[peer][r]["rps"] for r in paths[ours]]
-                p99 = [(paths[ours][r]["p99"] - direct[r]["p99"]) / max(paths[peer][r]["p99"] - direct[r]["p99"], 1e-3)
+                # p99 added over direct, ours minus the peer's, in ms: a
+                # ratio of two small differences is noise.
+                p99 = [(paths[ours][r]["p99"] - direct[r]["p99"]) - (paths[peer][r]["p99"] - direct[r]["p99"])
                        for r in paths[ours] if paths[ours][r]["p99"] and paths[peer][r]["p99"]]
                 lines.append(f"- {ours} ÷ {peer}, same repetition: CPU per RPC {span(cpu, '{:.2f}')}×, "
-                             f"RPS {span(rps, '{:.2f}')}×, p99 added over direct {span(p99, '{:.2f}')}×")
+                             f"RPS {span(rps, '{:.2f}')}×, p99 added over direct {span(p99, '{:+.2f}')} ms against the peer's")
         lines.append("")
     return "\n".join(lines)
 

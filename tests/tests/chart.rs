@@ -124,10 +124,11 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
         "http://tp-tidepool-operator.tidepool-system.svc:15010"
     );
 
-    assert!(
-        env.iter().all(|e| e["name"] != "TIDEPOOL_WORKER_THREADS"),
-        "the default leaves the thread count to the agent (one per CPU)"
-    );
+    let threads = env
+        .iter()
+        .find(|e| e["name"] == "TIDEPOOL_WORKER_THREADS")
+        .expect("TIDEPOOL_WORKER_THREADS");
+    assert_eq!(threads["value"], "1", "the default is one worker thread");
 
     // Tolerations are configurable.
     let docs = render(&["--set", "agent.tolerations=null"]).await?;
@@ -135,8 +136,8 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
         find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["tolerations"].is_null()
     );
 
-    // So is the number of worker threads.
-    let docs = render(&["--set", "agent.workerThreads=1"]).await?;
+    // So is the number of worker threads (0: one per CPU).
+    let docs = render(&["--set", "agent.workerThreads=0"]).await?;
     let env =
         &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]["env"];
     let threads = env
@@ -145,7 +146,7 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
         .iter()
         .find(|e| e["name"] == "TIDEPOOL_WORKER_THREADS")
         .expect("TIDEPOOL_WORKER_THREADS");
-    assert_eq!(threads["value"], "1");
+    assert_eq!(threads["value"], "0");
     Ok(())
 }
 
