@@ -123,6 +123,14 @@ impl App {
                 connector: options.connector,
                 proxy: options.proxy,
             },
+            Arc::new(|listener, port, runtime, stop| {
+                tokio::spawn(proxy::serve(
+                    listener,
+                    proxy::Target::Dedicated(port),
+                    runtime,
+                    stop,
+                ));
+            }),
             metrics,
             pool_metrics,
             drain.clone(),

@@ -9,11 +9,13 @@
 //! - [`standalone`]: pools from a file of ConnectionPool manifests.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/pools`.
 //! - [`metrics`]: the proxy's Prometheus metrics.
+//! - [`code`]: gRPC status codes.
 //! - [`shutdown`]: drain on SIGTERM.
 //! - [`app`]: wiring all of it together, for `main` and tests.
 
 pub mod admin;
 pub mod app;
+pub mod code;
 pub mod config;
 pub mod control;
 pub mod metrics;

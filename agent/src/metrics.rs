@@ -22,7 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::proxy::Code;
+use crate::code::Code;
 
 /// Labels `{pool, code}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

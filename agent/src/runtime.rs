@@ -23,7 +23,6 @@ use crate::config::{PoolConfig, ProxyOptions};
 use crate::metrics::{Metrics, PoolStreamMetrics};
 use crate::pool::h2::H2Connector;
 use crate::pool::{self, AddressOccupancy, Pool, PoolMetrics, SettingsError};
-use crate::proxy;
 use crate::router::Routes;
 use crate::shutdown::Drain;
 
@@ -178,6 +177,9 @@ impl std::fmt::Debug for Runtime {
 ///   when their last stream ends (leases keep the pool state alive).
 struct Inner {
     options: RuntimeOptions,
+    /// Serves a pool's dedicated listener (the app passes the proxy's):
+    /// the runtime decides which listeners exist, not how they are served.
+    serve: ServeListener,
     /// Read on every request without a lock or a reference count
     /// ([`Runtime::with_table`]); replaced whole by `apply`.
     table: ArcSwap<Table>,
@@ -189,10 +191,17 @@ struct Inner {
     drain: Drain,
 }
 
+/// Starts serving a dedicated listener: the listener, its port, the runtime
+/// whose pools it serves, and the token that stops it.
+pub type ServeListener =
+    Arc<dyn Fn(tokio::net::TcpListener, u16, Runtime, CancellationToken) + Send + Sync>;
+
 impl Runtime {
-    /// A runtime with no pool. Listeners it starts stop with `drain`.
+    /// A runtime with no pool. Dedicated listeners are served by `serve`
+    /// and stop with `drain`.
     pub fn new(
         options: RuntimeOptions,
+        serve: ServeListener,
         metrics: Metrics,
         pool_metrics: PoolMetrics,
         drain: Drain,
@@ -201,6 +210,7 @@ impl Runtime {
         Self {
             inner: Arc::new(Inner {
                 options,
+                serve,
                 table: ArcSwap::from_pointee(Table::default()),
                 applying: Mutex::new(()),
                 listeners: Mutex::new(HashMap::new()),
@@ -417,12 +427,7 @@ impl Runtime {
                 let stop = self.inner.drain.token().child_token();
                 running.insert(port, stop.clone());
                 tracing::info!(port, pool = %table.ports[&port], "dedicated listener started");
-                tokio::spawn(proxy::serve(
-                    listener,
-                    proxy::Target::Dedicated(port),
-                    self.clone(),
-                    stop,
-                ));
+                (self.inner.serve)(listener, port, self.clone(), stop);
             }
         }
         self.inner.changes.send_modify(|n| *n += 1);

@@ -11,13 +11,13 @@ use tokio::time::Instant;
 
 use super::connector::{ConnEvent, Connected};
 use super::error::Error;
-use super::lease::Outcome;
 use super::list::{Linked, Links, List};
 use super::load::AddressLoad;
 use super::metrics::{AddressCounts, AddressMetrics};
 use super::occupancy::{
     AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions,
 };
+use super::outcome::Outcome;
 use super::settings::{Settings, WhenFull};
 
 /// TTL jitter: each connection lives `ttl × U(1 − JITTER, 1 + JITTER)`, so

@@ -49,6 +49,7 @@ pub mod load;
 pub mod memory;
 pub mod metrics;
 mod occupancy;
+mod outcome;
 mod settings;
 
 use std::collections::HashMap;
@@ -63,8 +64,9 @@ use address::{Address, Effects, Hooks, Miss, WaiterMsg};
 
 pub use connector::{CloseReason, ConnEvent, Connected, Connector};
 pub use error::{Error, Result};
-pub use lease::{Lease, Outcome};
+pub use lease::Lease;
 pub use metrics::PoolMetrics;
+pub use outcome::Outcome;
 
 use metrics::{AddressCounts, Source};
 pub use occupancy::{AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions};
