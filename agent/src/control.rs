@@ -86,7 +86,6 @@ impl From<&ApplyError> for Rejection {
 
 impl Apply for Runtime {
     fn apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), Rejection> {
-        let pools = pools.into_iter().map(Arc::unwrap_or_clone).collect();
         Runtime::apply(self, pools).map_err(|e| Rejection::from(&e))
     }
 

@@ -103,7 +103,7 @@ pub struct RuntimeOptions {
 /// One running pool.
 pub struct PoolEntry {
     /// The configuration it runs.
-    pub config: PoolConfig,
+    pub config: Arc<PoolConfig>,
     /// `namespace/name`.
     pub key: String,
     /// The settings in force, from the spec.
@@ -268,8 +268,10 @@ impl Runtime {
     /// is cut), new pools start, removed pools and their listeners drain.
     ///
     /// Must be called inside a Tokio runtime (listeners are spawned on it).
-    pub fn apply(&self, pools: Vec<PoolConfig>) -> Result<(), ApplyError> {
-        let result = self.try_apply(pools);
+    pub fn apply<P: Into<Arc<PoolConfig>>>(&self, pools: Vec<P>) -> Result<(), ApplyError> {
+        // Shared, not copied: the control client keeps the same pools as
+        // the base of the next delta.
+        let result = self.try_apply(pools.into_iter().map(Into::into).collect());
         let pools = self.table().pools.len();
         self.inner.metrics.applied(result.is_ok(), pools);
         if let Err(error) = &result {
@@ -278,7 +280,7 @@ impl Runtime {
         result
     }
 
-    fn try_apply(&self, pools: Vec<PoolConfig>) -> Result<(), ApplyError> {
+    fn try_apply(&self, pools: Vec<Arc<PoolConfig>>) -> Result<(), ApplyError> {
         let _applying = self
             .inner
             .applying
@@ -384,7 +386,7 @@ impl Runtime {
             entries.insert(key, Arc::new(entry));
         }
         let table = Table {
-            routes: Routes::new(entries.values().map(|e| &e.config)),
+            routes: Routes::new(entries.values().map(|e| &*e.config)),
             pools: entries,
             ports,
         };

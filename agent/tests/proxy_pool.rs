@@ -483,3 +483,17 @@ async fn a_slower_backend_gets_proportionally_fewer_calls() {
     .await
     .unwrap();
 }
+
+/// A configuration handed to the runtime is shared, not deep-copied: the
+/// control client keeps the same `Arc`s as the base of its next delta.
+#[tokio::test]
+async fn applied_pools_are_shared_with_the_caller_not_copied() {
+    let app = agent().await;
+    let config = std::sync::Arc::new(pool("echo", &["127.0.0.1:1".to_owned()]).build());
+    app.runtime().apply(vec![config.clone()]).unwrap();
+    let table = app.runtime().table();
+    assert!(std::sync::Arc::ptr_eq(
+        &table.pools["default/echo"].config,
+        &config
+    ));
+}
