@@ -27,9 +27,10 @@ gen-check: ## fail when the committed CRD differs from the code
 	$(CARGO) run -q -p tidepool-crds --bin crdgen -- --check
 
 .PHONY: lint
-lint: ## rustfmt and clippy, warnings denied
+lint: ## rustfmt, clippy (with clippy.toml's disallowed types and methods) and rustdoc, warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
 
 .PHONY: peers
 peers: ## build (once) the real gRPC peers the agent's tests run: grpc-go interop and route_guide, ghz

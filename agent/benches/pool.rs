@@ -20,6 +20,7 @@
 //!
 //! Run with `make bench` (or `cargo bench -p tidepool-agent --bench pool`).
 //! A benchmark measures; it asserts no time.
+#![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock timing of OS threads, outside any tokio runtime.
 
 use std::hint::black_box;
 use std::sync::Barrier;

@@ -23,6 +23,7 @@
 //! and `1`) the load generator and backend run on one set of cores and the
 //! proxies on another, in every phase — the proxy on cores of its own, as
 //! on a node whose clients and backends run elsewhere.
+#![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock timing of whole processes.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]

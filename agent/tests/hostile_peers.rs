@@ -5,6 +5,7 @@
 //!
 //! The well-behaved traffic beside them is grpc-go's route_guide server and
 //! ghz (`tests/peers/build.sh`, `TIDEPOOL_PEERS_BIN`).
+#![allow(clippy::disallowed_types)] // std::time::Instant: deadlines in plain threads, outside any tokio runtime.
 
 mod peers;
 

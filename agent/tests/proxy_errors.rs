@@ -118,7 +118,7 @@ async fn a_full_wait_pool_times_out_with_resource_exhausted_naming_the_pool() {
             .hold(request(Bytes::from_static(b"x"), &[]))
             .await
             .unwrap();
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let status = client
             .unary(request(Bytes::from_static(b"y"), &[]))
             .await

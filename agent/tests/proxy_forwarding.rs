@@ -254,7 +254,7 @@ async fn grpc_timeout_is_honoured_and_the_backend_gets_what_is_left() {
         // A slow handler past the deadline, called by a client that does
         // not enforce deadlines itself: the agent answers DEADLINE_EXCEEDED
         // on time and cancels the backend's handler.
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let response = raw_call(
             _app.proxy_addr(),
             "POST",
@@ -386,7 +386,7 @@ async fn a_long_lived_stream_outlives_the_connection_ttl() {
             .await
             .unwrap();
         let mut stream = response.into_inner();
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let mut i = 0;
         while started.elapsed() < Duration::from_millis(2500) {
             let message = Bytes::from(format!("{i}"));

@@ -285,7 +285,7 @@ async fn ten_thousand_concurrent_streams_complete() {
         let clients: Vec<Client> =
             futures::future::join_all((0..4).map(|_| Client::connect(app.proxy_addr(), "echo")))
                 .await;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         // Streams open as fast as they reach the backend, at most 500 on the
         // way at a time (a cold pool dials one connection per address at a
         // time and queues at most 1024 callers per address meanwhile; a

@@ -39,7 +39,7 @@ pub struct Snapshot {
     /// change-to-ack convergence histogram.
     pub changed_at: Instant,
     /// Deltas to this snapshot already computed, by base version, newest
-    /// last (at most [`DELTA_CACHE`]): agents mostly run the same base, so
+    /// last (at most `DELTA_CACHE`): agents mostly run the same base, so
     /// one computation serves every session.
     pub deltas: Mutex<Vec<(String, Arc<Delta>)>>,
 }

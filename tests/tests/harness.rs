@@ -1,5 +1,6 @@
 //! The control-plane harness fails with a message that says what went wrong
 //! and what to do, instead of hanging.
+#![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock deadlines against real processes.
 
 use std::process::Command;
 

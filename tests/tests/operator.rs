@@ -3,6 +3,7 @@
 //! gRPC backends on 127.0.0.x behind a Service whose EndpointSlices the test
 //! manages. Each test has its own namespace, nodes (labelled for its
 //! operator's node selector), operator and Lease.
+#![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock deadlines against real processes.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

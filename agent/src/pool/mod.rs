@@ -3,7 +3,7 @@
 //!
 //! Per address the pool keeps go-micro's `streamsPool`: an *available* list
 //! of connections below their stream cap and a *busy* list of connections at
-//! it, index-linked in a slab ([`list`]), so taking a stream and moving a
+//! it, index-linked in a slab (`list`), so taking a stream and moving a
 //! connection between the lists are O(1). The settings keep go-micro's
 //! meanings ([`Settings`]). What tidepool changes:
 //!

@@ -1,7 +1,7 @@
 //! Forwarding one gRPC stream to a pooled backend connection.
 //!
 //! The request goes out on a stream of an h2 connection leased from the
-//! pool. One task per stream then moves both directions with a [`Relay`]
+//! pool. One task per stream then moves both directions with a `Relay`
 //! each: the client's request frames to the backend, the backend's
 //! response frames to the client. Each relay empties h2's receive buffer
 //! at once and releases flow-control capacity only as it sends, so each

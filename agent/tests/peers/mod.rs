@@ -1,7 +1,7 @@
 //! Real processes for the peer tests: the agent binary, grpc-go's servers
 //! and client, and ghz (built by `tests/peers/build.sh`), each killed when
 //! its handle drops.
-
+#![allow(clippy::disallowed_types)] // std::time::Instant: deadlines in plain threads, outside any tokio runtime.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

@@ -11,6 +11,7 @@
 //! - status writes per minute while every agent reports changing occupancy.
 //!
 //! It measures; it asserts nothing about time.
+#![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock timing of whole processes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
