@@ -174,6 +174,17 @@ pub async fn run(
         let handle = tokio::spawn(lock.run(leading_tx.clone(), leader_stop.clone()));
         (handle, leader_stop)
     });
+    if let Some(l) = &config.leader
+        && let Some(pod) = &l.pod
+    {
+        tokio::spawn(crate::role::run(
+            client.clone(),
+            l.namespace.clone(),
+            pod.clone(),
+            leading.clone(),
+            stop.clone(),
+        ));
+    }
     {
         let metrics = metrics.clone();
         let mut leading = leading.clone();
