@@ -108,8 +108,9 @@ mirror=${mirror:-http://deb.debian.org/debian}
 rootfs_tar="$cache_dir/kind-rootfs-$( (echo "$DEBIAN_SUITE $NODE_PACKAGES recipe=1") | sha256sum | cut -c1-16).tar"
 if [ ! -f "$rootfs_tar" ]; then
   scratch_dir "$cache_dir/kind-rootfs"
-  if ! timed "debootstrap $DEBIAN_SUITE" debootstrap --variant=minbase --include="$NODE_PACKAGES" \
-    "$DEBIAN_SUITE" "$tmp/root" "$mirror" >"$tmp/debootstrap.log" 2>&1; then
+  debootstrap_quietly() { debootstrap "$@" >"$tmp/debootstrap.log" 2>&1; }
+  if ! timed "debootstrap $DEBIAN_SUITE" debootstrap_quietly --variant=minbase --include="$NODE_PACKAGES" \
+    "$DEBIAN_SUITE" "$tmp/root" "$mirror"; then
     tail -n 20 "$tmp/debootstrap.log" >&2
     die "debootstrap $DEBIAN_SUITE from $mirror failed (set DEBIAN_MIRROR to another mirror); the end of its log is above"
   fi
@@ -131,7 +132,7 @@ timed "docker import rootfs" docker import - "$base" <"$rootfs_tar" >/dev/null
 g="$work/glibc"
 mkdir -p "$g/etc/ssl/certs" "$g/tmp"
 for lib in $(ldd "$cluster_bins/kube-apiserver" "$cluster_bins/etcd" "$k8s_bins/kube-controller-manager" \
-  "$k8s_bins/kube-scheduler" | awk '$1 ~ /^\// { print $1 } $3 ~ /^\// { print $3 }' | sort -u); do
+  "$k8s_bins/kube-scheduler" | awk '$1 ~ /^\// && $1 !~ /:$/ { print $1 } $3 ~ /^\// { print $3 }' | sort -u); do
   mkdir -p "$g${lib%/*}"
   cp -L "$lib" "$g$lib"
 done
@@ -156,7 +157,7 @@ component() {
   cp "$bin" "$ctx/"
   printf 'FROM %s\nCOPY %s /usr/local/bin/%s\nENTRYPOINT ["/usr/local/bin/%s"]\n' \
     "$from" "${bin##*/}" "${bin##*/}" "${bin##*/}" >"$ctx/Dockerfile"
-  docker build -q -t "$local_name" "$ctx" >/dev/null || die "building the image $upstream failed"
+  docker build -q -t "$local_name" "$ctx" >/dev/null 2>&1 || die "building the image $upstream failed"
   local_images+=("$local_name")
   preload+=("$local_name=$upstream")
 }

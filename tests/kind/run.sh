@@ -57,6 +57,9 @@ if [ "$mode" = e2e ]; then
     [ -n "${1:-}" ] && [ "$failed" = 0 ] && [ "$passed" = 0 ] && failed=1
     echo "e2e-kind: ${passed:-0} passed, ${failed:-0} failed$([ -n "${1:-}" ] && echo " ($1)") in $(($(date +%s) - t_start)) s"
   }
+  # kind bind-mounts /lib/modules; Docker creates it, empty, when the host
+  # has none. Remove it again if this run caused it.
+  [ -e /lib/modules ] && had_modules=1 || had_modules=0
   cleanup() {
     local rc=$?
     # Only the cluster this run created (the name was free when it started).
@@ -64,6 +67,7 @@ if [ "$mode" = e2e ]; then
       say "deleting kind cluster $name"
       "$kind" delete cluster --name "$name" >/dev/null 2>&1 || say "kind delete cluster --name $name failed; delete it by hand"
     fi
+    if [ "$had_modules" = 0 ] && [ -d /lib/modules ]; then rmdir /lib/modules 2>/dev/null || true; fi
     [ -n "${TIDEPOOL_KIND_KEEP_RESULTS:-}" ] && cp "$results" "$TIDEPOOL_KIND_KEEP_RESULTS" 2>/dev/null
     if [ "$rc" != 0 ] && ! grep -q . "$results"; then summary "stopped before the scenarios, exit $rc"; fi
     rm -rf "$work"

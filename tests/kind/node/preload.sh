@@ -26,7 +26,14 @@ for pair in "$@"; do
   echo "preload: $name" >&2
 done
 # Stop containerd cleanly (its metadata database must be closed), then
-# commit with the node's entrypoint back in place.
-docker exec "$c" sh -c 'p=$(cat /tmp/containerd.pid); kill "$p"; for _ in $(seq 1 60); do kill -0 "$p" 2>/dev/null || exit 0; sleep 0.5; done; exit 1'
+# commit with the node's entrypoint back in place. Its parent is `sleep`,
+# which reaps nobody: a stopped containerd stays a zombie (state Z).
+docker exec "$c" sh -c 'p=$(cat /tmp/containerd.pid); kill "$p"
+  for _ in $(seq 1 60); do
+    state=$(awk "{ print \$3 }" "/proc/$p/stat" 2>/dev/null || true)
+    [ -z "$state" ] || [ "$state" = Z ] && exit 0
+    sleep 0.5
+  done
+  exit 1' || { echo "preload: containerd in the node image did not stop within 30 s" >&2; exit 1; }
 docker exec "$c" rm -f /tmp/containerd.log /tmp/containerd.pid
 docker commit --change 'ENTRYPOINT ["/usr/local/bin/entrypoint", "/sbin/init"]' --change 'CMD []' "$c" "$out" >/dev/null
