@@ -44,7 +44,15 @@ else
     say "the capability bounding set lacks some of the kernel's capabilities: dockerd runs containers through $engine/runc-wrap"
   fi
   say "starting dockerd (log: $engine/dockerd.log)"
-  setsid nohup dockerd "${args[@]}" >"$engine/dockerd.log" 2>&1 </dev/null &
+  # The daemon outlives this script: it must not inherit its open files (a
+  # caller's lock, make's jobserver pipe), or it would hold them for ever.
+  (
+    for fd in /proc/self/fd/*; do
+      n=${fd##*/}
+      [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null
+    done
+    exec setsid nohup dockerd "${args[@]}" >"$engine/dockerd.log" 2>&1 </dev/null
+  ) &
 fi
 for _ in $(seq 1 60); do
   docker info >/dev/null 2>&1 && exit 0
