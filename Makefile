@@ -99,11 +99,21 @@ release-check: release ## build the release binaries and check they are static (
 	scripts/check-static.sh
 
 .PHONY: images
-images: ## container images tidepool-operator:$(TAG) and tidepool-agent:$(TAG) (needs a Docker engine)
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images needs a running Docker engine" >&2; exit 1; }
-	docker build -f operator/Dockerfile -t tidepool-operator:$(TAG) .
-	docker build -f agent/Dockerfile -t tidepool-agent:$(TAG) .
+images: ## images tidepool-operator, tidepool-agent, tidepool-demo :$(TAG), built without pulling (needs a Docker engine)
+	@TAG=$(TAG) scripts/images.sh
+
+.PHONY: node-image
+node-image: ## build (once, cached) the offline kind node image for Kubernetes v1.36
+	@tests/kind/engine.sh && tests/kind/node-image.sh
 
 .PHONY: e2e-kind
-e2e-kind: ## the e2e suite and the chart on a kind cluster (needs Docker and kind)
-	scripts/e2e-kind.sh
+e2e-kind: ## tidepool on pods: a 3-node kind cluster built offline, the scenarios, then the cluster deleted
+	@tests/kind/run.sh e2e
+
+.PHONY: kind-up
+kind-up: ## a 3-node kind cluster with tidepool installed, for a person; prints `export KUBECONFIG=...` last
+	@tests/kind/run.sh up
+
+.PHONY: kind-down
+kind-down: ## delete the cluster kind-up made
+	@tests/kind/run.sh down

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Checks that the release binaries are statically linked, so they run in a
 # distroless/static image that has no libc: `file` must say so and `ldd`
-# must find no shared libraries.
+# must find no shared libraries. Arguments name the binaries (default: the
+# operator and the agent); CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 target=${TARGET:-x86_64-unknown-linux-gnu}
 status=0
-for bin in tidepool-operator tidepool-agent; do
-  path="target/$target/release/$bin"
+bins=("$@")
+[ ${#bins[@]} -gt 0 ] || bins=(tidepool-operator tidepool-agent)
+for bin in "${bins[@]}"; do
+  path="${CARGO_TARGET_DIR:-target}/$target/release/$bin"
   if [ ! -x "$path" ]; then
     echo "check-static: $path is missing; run make release first" >&2
     exit 1

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, ValueEnum};
 use tidepool_crds::ConnectionPoolSpec;
-use tidepool_crds::validate::parse_duration;
+use tidepool_crds::validate::{check_log_filter, parse_duration};
 
 use crate::pool::h2::H2Connector;
 
@@ -118,6 +118,12 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// What to log: a level (`trace`, `debug`, `info`, `warn`, `error`,
+    /// `off`) or `target=level` directives (`tidepool_agent=debug,h2=warn`).
+    /// A value that is not one is refused at start.
+    #[arg(long = "log", env = "TIDEPOOL_LOG", default_value = "info", value_parser = log_filter)]
+    pub log_filter: String,
 }
 
 /// The flags that choose where pools come from; exactly one is required.
@@ -206,6 +212,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Log format.
     pub log_format: LogFormat,
+    /// The log filter, checked ([`check_log_filter`]).
+    pub log_filter: String,
 }
 
 /// A configuration clap could not check by itself.
@@ -263,6 +271,7 @@ impl Config {
             },
             worker_threads: (args.worker_threads > 0).then(|| usize::from(args.worker_threads)),
             log_format: args.log_format,
+            log_filter: args.log_filter,
         })
     }
 }
@@ -271,6 +280,14 @@ impl Config {
 /// ConnectionPool fields use.
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s or 1m30s"))
+}
+
+/// Checks a `--log` (`TIDEPOOL_LOG`) filter; the message names the
+/// variable as well, since the chart sets it there.
+fn log_filter(s: &str) -> Result<String, String> {
+    check_log_filter(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("TIDEPOOL_LOG {e}"))
 }
 
 #[cfg(test)]
@@ -312,5 +329,31 @@ mod tests {
     #[test]
     fn a_source_of_pools_is_required() {
         assert!(Args::try_parse_from(["tidepool-agent"]).is_err());
+    }
+
+    #[test]
+    fn a_bad_log_level_is_refused_naming_it() {
+        let err = Args::try_parse_from([
+            "tidepool-agent",
+            "--standalone",
+            "p.yaml",
+            "--log",
+            "verbose",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--log") && err.contains("TIDEPOOL_LOG") && err.contains("\"verbose\""),
+            "{err}"
+        );
+        let ok = Args::try_parse_from([
+            "tidepool-agent",
+            "--standalone",
+            "p.yaml",
+            "--log",
+            "tidepool_agent=debug,warn",
+        ])
+        .unwrap();
+        assert_eq!(ok.log_filter, "tidepool_agent=debug,warn");
     }
 }

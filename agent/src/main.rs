@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
-    init_tracing(config.log_format);
+    init_tracing(config.log_format, &config.log_filter)?;
     runtime_builder(config.worker_threads)
         .build()
         .context("starting the async runtime")?
@@ -47,11 +47,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs with the filter the configuration checked (`--log`, `TIDEPOOL_LOG`);
+/// a filter `tracing` still cannot parse fails the start with its value.
+fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .with_context(|| format!("TIDEPOOL_LOG {filter:?} is not a log filter"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }

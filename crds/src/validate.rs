@@ -90,6 +90,36 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
+/// The levels a log filter may name.
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a log filter (`TIDEPOOL_LOG`, `--log`): comma-separated
+/// directives, each a level (`debug`) or `target=level`
+/// (`tidepool_agent=debug,h2=warn`). A bare word that is not a level is
+/// refused: `tracing`'s own parser would read `verbose` as a target name and
+/// silently log at its default level instead.
+pub fn check_log_filter(s: &str) -> Result<(), String> {
+    let accepted = format!(
+        "must be a level ({}) or comma-separated target=level directives, such as info or tidepool_agent=debug,h2=warn",
+        LOG_LEVELS.join(", ")
+    );
+    if s.trim().is_empty() {
+        return Err(format!("{s:?} is empty: {accepted}"));
+    }
+    for directive in s.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.is_empty() => level,
+            _ => directive,
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{s:?}: {level:?} is not a log level; the filter {accepted}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a `host:port` address: a DNS name or IPv4 address, or an IPv6
 /// address in brackets, and a port from 1 to 65535.
 pub fn check_address(a: &str) -> Result<(), String> {
@@ -257,6 +287,32 @@ impl ConnectionPoolSpec {
 mod tests {
     use super::*;
     use crate::v1alpha1::{Address, ServiceTarget, Target, WhenFull};
+
+    #[test]
+    fn log_filters_name_the_bad_level() {
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "tidepool_agent=debug,h2=warn",
+            "warn, tower=error",
+        ] {
+            assert_eq!(check_log_filter(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "verbose",
+            "",
+            "info,loud",
+            "tidepool_agent=chatty",
+            "=debug",
+        ] {
+            let err = check_log_filter(bad).unwrap_err();
+            assert!(
+                err.contains(&format!("{bad:?}")) && err.contains("trace, debug"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     fn spec() -> ConnectionPoolSpec {
         serde_yaml::from_str("target: {addresses: ['10.0.0.1:50051']}").unwrap()

@@ -2,8 +2,10 @@
 //!
 //! - `/metrics`: Prometheus text format ([`crate::metrics::Metrics`]).
 //! - `/healthz`: 200 while the process serves.
-//! - `/readyz`: 200 when this replica leads and knows every pool, so a
-//!   Service in front of the replicas routes agents to the leader only.
+//! - `/readyz`: 200 when this replica knows every pool: the leader serving
+//!   agents, or a warm standby ready to take over (the body says which).
+//!   Readiness does not keep agents off a standby; the role label does
+//!   ([`crate::role`]), and a standby refuses control streams.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,10 +60,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    match (*state.leading.borrow(), *state.initialized.borrow()) {
-        (true, true) => (StatusCode::OK, "ok\n"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not the leader\n"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "still reading the pools\n"),
+    match (*state.initialized.borrow(), *state.leading.borrow()) {
+        (true, true) => (StatusCode::OK, "ok: leader\n"),
+        (true, false) => (StatusCode::OK, "ok: standby, ready to take over\n"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "still reading the pools\n"),
     }
 }
 
@@ -96,8 +98,25 @@ mod tests {
             .status()
     }
 
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt as _;
+        let response = router
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A standby that has read every pool is ready, so two replicas are
+    /// both Ready; the body says which role answered.
     #[tokio::test]
-    async fn readyz_needs_leadership_and_every_pool() {
+    async fn readyz_needs_every_pool_and_is_ready_on_a_warm_standby() {
         let (lead_tx, leading) = watch::channel(false);
         let (init_tx, initialized) = watch::channel(false);
         let state = AdminState {
@@ -109,15 +128,25 @@ mod tests {
         assert_eq!(get_status(r.clone(), "/healthz").await, StatusCode::OK);
         assert_eq!(
             get_status(r.clone(), "/readyz").await,
-            StatusCode::SERVICE_UNAVAILABLE
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a replica still reading the pools is not ready"
         );
         lead_tx.send_replace(true);
         assert_eq!(
             get_status(r.clone(), "/readyz").await,
-            StatusCode::SERVICE_UNAVAILABLE
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nor is a leader still reading them"
         );
         init_tx.send_replace(true);
-        assert_eq!(get_status(r.clone(), "/readyz").await, StatusCode::OK);
+        assert_eq!(
+            get(r.clone(), "/readyz").await,
+            (StatusCode::OK, "ok: leader\n".into())
+        );
+        lead_tx.send_replace(false);
+        assert_eq!(
+            get(r.clone(), "/readyz").await,
+            (StatusCode::OK, "ok: standby, ready to take over\n".into())
+        );
         assert_eq!(get_status(r, "/metrics").await, StatusCode::OK);
     }
 }

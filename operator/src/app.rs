@@ -171,9 +171,36 @@ pub async fn run(
             l.duration,
         );
         let leader_stop = stop.child_token();
-        let handle = tokio::spawn(lock.run(leading_tx.clone(), leader_stop.clone()));
+        // A replica first campaigns once it is warm (every pool read and
+        // reconciled; one lease duration at the latest), and one retry
+        // period after that: when a leader stops and releases the lease,
+        // the standby that was already waiting (and retries every period)
+        // takes it, not the replica the Deployment starts in its place,
+        // which would otherwise win the race about half the time and lead
+        // cold.
+        let mut warm = initialized.clone();
+        let (leading_tx, run_stop) = (leading_tx.clone(), leader_stop.clone());
+        let handle = tokio::spawn(async move {
+            let _ = tokio::time::timeout(l.duration, warm.wait_for(|w| *w)).await;
+            tokio::select! {
+                _ = run_stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(lock.retry_every()) => {}
+            }
+            lock.run(leading_tx, run_stop).await
+        });
         (handle, leader_stop)
     });
+    if let Some(l) = &config.leader
+        && let Some(pod) = &l.pod
+    {
+        tokio::spawn(crate::role::run(
+            client.clone(),
+            l.namespace.clone(),
+            pod.clone(),
+            leading.clone(),
+            stop.clone(),
+        ));
+    }
     {
         let metrics = metrics.clone();
         let mut leading = leading.clone();

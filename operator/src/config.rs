@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use tidepool_crds::validate::parse_duration;
+use tidepool_crds::validate::{check_log_filter, parse_duration};
 
 use crate::resolve::AddressMap;
 
@@ -70,6 +70,14 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_IDENTITY")]
     pub identity: Option<String>,
 
+    /// This replica's pod (the downward API's `metadata.name` in the
+    /// chart). When set, with leader election, the pod's label
+    /// `tidepool.dev/role` says `leader` or `standby`, so a Service that
+    /// selects `tidepool.dev/role: leader` routes agents to the leader only.
+    /// Its namespace is the Lease's.
+    #[arg(long, env = "TIDEPOOL_POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// Rewrite endpoint IPv4 addresses from one network to another, such as
     /// `192.0.2.0/24=127.0.0.0/24` (comma-separated rules). Only for local
     /// control planes, whose API server refuses loopback endpoints while
@@ -80,6 +88,12 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// What to log: a level (`trace`, `debug`, `info`, `warn`, `error`,
+    /// `off`) or `target=level` directives (`tidepool_operator=debug,h2=warn`).
+    /// A value that is not one is refused at start.
+    #[arg(long = "log", env = "TIDEPOOL_LOG", default_value = "info", value_parser = log_filter)]
+    pub log_filter: String,
 }
 
 /// Log output format.
@@ -102,6 +116,8 @@ pub struct LeaderConfig {
     pub identity: String,
     /// The lease duration.
     pub duration: Duration,
+    /// The pod whose role label follows the leadership, if any.
+    pub pod: Option<String>,
 }
 
 /// The operator's configuration, checked and typed.
@@ -127,6 +143,8 @@ pub struct Config {
     pub address_map: AddressMap,
     /// Log format.
     pub log_format: LogFormat,
+    /// The log filter, checked ([`check_log_filter`]).
+    pub log_filter: String,
 }
 
 /// A flag value clap could not check by itself.
@@ -154,6 +172,7 @@ impl Config {
             name: args.lease_name,
             identity: args.identity.unwrap_or_else(hostname),
             duration: args.lease_duration,
+            pod: args.pod_name.filter(|p| !p.is_empty()),
         });
         Ok(Self {
             control_listen: args.control_listen,
@@ -166,6 +185,7 @@ impl Config {
             leader,
             address_map: args.endpoint_address_map,
             log_format: args.log_format,
+            log_filter: args.log_filter,
         })
     }
 }
@@ -182,6 +202,14 @@ fn hostname() -> String {
 /// Parses a flag's Go-style duration (`100ms`, `5s`, `1m`).
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 100ms, 5s or 1m"))
+}
+
+/// Checks a `--log` (`TIDEPOOL_LOG`) filter; the message names the
+/// variable as well, since the chart sets it there.
+fn log_filter(s: &str) -> Result<String, String> {
+    check_log_filter(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("TIDEPOOL_LOG {e}"))
 }
 
 #[cfg(test)]
@@ -225,5 +253,20 @@ mod tests {
         )
         .unwrap();
         assert!(c.leader.is_none());
+    }
+
+    #[test]
+    fn a_bad_log_level_is_refused_naming_it() {
+        let err = Args::try_parse_from(["tidepool-operator", "--log", "verbose"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--log") && err.contains("TIDEPOOL_LOG") && err.contains("\"verbose\""),
+            "{err}"
+        );
+        let ok =
+            Args::try_parse_from(["tidepool-operator", "--log", "tidepool_operator=debug,warn"])
+                .unwrap();
+        assert_eq!(ok.log_filter, "tidepool_operator=debug,warn");
     }
 }

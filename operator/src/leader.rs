@@ -163,6 +163,11 @@ impl LeaseLock {
             .map(|_| ())
     }
 
+    /// How often a replica that does not hold the lease tries to take it.
+    pub fn retry_every(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
+
     /// Campaigns for and holds the lease until `stop`, publishing whether
     /// this replica leads on `leading`. Returns an error when a held lease
     /// was lost; releases it on stop.
@@ -172,7 +177,7 @@ impl LeaseLock {
         stop: CancellationToken,
     ) -> Result<(), LeaderError> {
         let renew_every = self.duration / 3;
-        let retry_every = (self.duration / 5).max(Duration::from_millis(200));
+        let retry_every = self.retry_every();
         let mut last_renew: Option<tokio::time::Instant> = None;
         loop {
             let held = match self.try_acquire().await {

@@ -8,7 +8,8 @@
 //! - [`control`]: the gRPC control service agents connect to.
 //! - [`status`]: status aggregation (capped address list), conditions,
 //!   Events, rate-limited server-side apply.
-//! - [`leader`]: leader election on a Lease.
+//! - [`leader`]: leader election on a Lease; [`role`]: the replica's role
+//!   as a label on its own pod, which the chart's control Service selects.
 //! - [`admin`], [`metrics`], [`config`], [`app`] (the wiring `main` runs).
 //!
 //! # API calls the operator makes (for least-privilege RBAC)
@@ -21,6 +22,7 @@
 //! | `discovery.k8s.io` | `endpointslices` | list, watch |
 //! | `""` (core) | `nodes` (cluster-scoped) | list, watch |
 //! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |
+//! | `""` (core) | `pods` (its own namespace, with `--pod-name`) | patch |
 //! | `events.k8s.io` | `events` | create, patch |
 //!
 //! Every read comes from a watch cache; the only direct reads are the
@@ -39,4 +41,5 @@ pub mod metrics;
 pub mod push;
 pub mod reconcile;
 pub mod resolve;
+pub mod role;
 pub mod status;

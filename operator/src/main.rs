@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
-    init_tracing(config.log_format);
+    init_tracing(config.log_format, &config.log_filter)?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (KUBECONFIG or in-cluster)")?;
@@ -41,11 +41,15 @@ async fn signal() -> &'static str {
     }
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs with the filter the configuration checked (`--log`, `TIDEPOOL_LOG`);
+/// a filter `tracing` still cannot parse fails the start with its value.
+fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .with_context(|| format!("TIDEPOOL_LOG {filter:?} is not a log filter"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }

@@ -300,13 +300,15 @@ impl Operator {
         })
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until `/readyz` answers 200 as the leader (a warm standby is
+    /// ready too, but serves no agent).
     pub async fn wait_ready(&self) -> Result<()> {
         eventually(
             Duration::from_secs(30),
-            "the operator becoming ready",
+            "the operator becoming ready as the leader",
             || async {
-                matches!(http_get(self.admin, "/readyz").await, Ok((200, _))).then_some(())
+                matches!(http_get(self.admin, "/readyz").await, Ok((200, body)) if body.contains("leader") && !body.contains("standby"))
+                    .then_some(())
             },
         )
         .await

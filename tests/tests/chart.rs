@@ -150,6 +150,94 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
     Ok(())
 }
 
+/// The chart's `logLevel` values must reach the binaries: the variable the
+/// chart sets is the one each binary reads, so a bad value there stops the
+/// binary at start, naming the value (a variable the binary ignored would
+/// let it start, logging at its default).
+#[tokio::test]
+async fn log_levels_reach_the_binaries_and_a_bad_one_stops_them() -> Result<()> {
+    let docs = render(&[
+        "--set",
+        "operator.logLevel=debug",
+        "--set",
+        "agent.logLevel=warn",
+    ])
+    .await?;
+    let bins = tidepool_e2e::procs::bin_dir().await?;
+    for (kind, suffix, level, binary, args) in [
+        (
+            "Deployment",
+            "-operator",
+            "debug",
+            "tidepool-operator",
+            &[][..],
+        ),
+        (
+            "DaemonSet",
+            "-agent",
+            "warn",
+            "tidepool-agent",
+            &["--standalone", "/nonexistent/pools.yaml"][..],
+        ),
+    ] {
+        let env = find(&docs, kind, suffix)["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .expect("env")
+            .clone();
+        let var = env
+            .iter()
+            .find(|e| e["value"] == level)
+            .and_then(|e| e["name"].as_str())
+            .with_context(|| format!("the {kind} sets no variable to its logLevel {level:?}"))?
+            .to_string();
+        // Only the chart's variable is set; a binary that ignored it would
+        // go on and fail later (no pools file, no cluster), or run: the
+        // timeout ends that.
+        let run = tokio::process::Command::new(bins.join(binary))
+            .args(args)
+            .env_remove("TIDEPOOL_LOG")
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env(&var, "verbose")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+            .await
+            .with_context(|| format!("{binary} with {var}=verbose still ran after 20 s"))?
+            .with_context(|| format!("running {binary}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("\"verbose\""),
+            "{binary} with {var}=verbose (the variable the chart sets for logLevel) should refuse to start naming the value; exit {:?}, stderr:\n{stderr}",
+            out.status.code()
+        );
+    }
+    Ok(())
+}
+
+/// Both operator replicas are Ready when warm, so the control Service must
+/// not route by readiness alone: it selects the leader's role label, which
+/// the operator writes on its own pod (`TIDEPOOL_POD_NAME`).
+#[tokio::test]
+async fn the_control_service_routes_agents_to_the_leader_only() -> Result<()> {
+    let docs = render(&[]).await?;
+    let svc = find(&docs, "Service", "-operator");
+    assert_eq!(svc["spec"]["selector"]["tidepool.dev/role"], "leader");
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    let env =
+        &find(&docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["env"];
+    let pod = env
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "TIDEPOOL_POD_NAME")
+        .context("the operator is not told its pod name, so it cannot label its role")?;
+    assert_eq!(pod["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    Ok(())
+}
+
 #[tokio::test]
 async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
     let docs = render(&[]).await?;
@@ -202,7 +290,10 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
     );
     assert_eq!(
         rules(find(&docs, "Role", "-operator-leader")),
-        ["coordination.k8s.io/leases: get,create,update"]
+        [
+            "coordination.k8s.io/leases: get,create,update",
+            "/pods: patch"
+        ]
     );
     // No wildcard anywhere.
     let all = serde_yaml::to_string(&docs)?;

@@ -3,8 +3,12 @@
 //! - `backend --listen ADDR`: the gRPC health service, naming itself in an
 //!   `x-backend` response header.
 //! - `load --agent ADDR --authority NAME`: unary calls through an agent at a
-//!   steady rate plus long-lived watch streams, printing which backends
-//!   answered.
+//!   steady rate plus long-lived watch streams, printing every `--every`
+//!   (5s) how many calls succeeded and failed and which backends answered,
+//!   stamped with the Unix time in milliseconds (the kind e2e reads these
+//!   lines to measure recovery).
+//!
+//! Both stop on SIGTERM or SIGINT (a pod's PID 1 gets SIGTERM).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -51,6 +55,9 @@ enum Cmd {
         /// Long-lived watch streams kept open.
         #[arg(long, env = "TIDEPOOL_DEMO_WATCHERS", default_value_t = 6)]
         watchers: usize,
+        /// How often to print the counts.
+        #[arg(long, env = "TIDEPOOL_DEMO_EVERY", default_value = "5s", value_parser = every)]
+        every: Duration,
     },
 }
 
@@ -63,7 +70,7 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("backend serving on {listen}");
             grpc::serve_backend(listener, Duration::from_secs(1), stop.clone());
-            tokio::signal::ctrl_c().await?;
+            shutdown().await;
             stop.cancel();
         }
         Cmd::Load {
@@ -71,6 +78,7 @@ async fn main() -> Result<()> {
             authority,
             callers,
             watchers,
+            every,
         } => {
             let channel = grpc::channel(agent, &authority)?;
             let streaming = grpc::streaming_channel(agent, &authority)?;
@@ -99,13 +107,13 @@ async fn main() -> Result<()> {
                     }
                 });
             }
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut tick = tokio::time::interval(every);
             tick.tick().await;
             let (mut ok, mut failed, mut by_backend, mut last_error) =
                 (0u64, 0u64, BTreeMap::new(), None);
             loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = shutdown() => return Ok(()),
                     r = rx.recv() => match r {
                         Some(Ok(b)) => { ok += 1; *by_backend.entry(b).or_insert(0u64) += 1; }
                         Some(Err(e)) => { failed += 1; last_error = Some(e); }
@@ -113,7 +121,11 @@ async fn main() -> Result<()> {
                     },
                     _ = tick.tick() => {
                         let spread: Vec<String> = by_backend.iter().map(|(b, n)| format!("{b}={n}")).collect();
-                        println!("load: {ok} ok, {failed} failed in 5s via {agent} ({}){}", spread.join(" "),
+                        let at = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_millis();
+                        println!("load: {ok} ok, {failed} failed in {every:?} via {agent} at {at} ({}){}", spread.join(" "),
                             last_error.take().map(|e| format!("; last error: {e}")).unwrap_or_default());
                         (ok, failed) = (0, 0);
                         by_backend.clear();
@@ -123,4 +135,27 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Parses `--every` (`1s`, `500ms`).
+fn every(s: &str) -> Result<Duration, String> {
+    tidepool_crds::validate::parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a positive duration such as 1s or 500ms"))
 }
