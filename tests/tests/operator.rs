@@ -90,6 +90,23 @@ impl World {
                 .await?,
             );
         }
+        // Every agent's control stream is open before a test starts its
+        // clock: an agent that dialed while the operator was still settling
+        // redials after a backoff, which is not what "apply reaches every
+        // agent within 2 s" measures.
+        eventually(
+            Duration::from_secs(30),
+            "every agent connected to the operator",
+            || async {
+                let connected = operator
+                    .metric("tidepool_operator_connected_agents")
+                    .await
+                    .ok()?;
+                (connected == 3.0).then_some(())
+            },
+        )
+        .await
+        .with_context(|| operator.proc.log())?;
         Ok(Self {
             ns,
             block,
