@@ -220,7 +220,6 @@ pub(crate) struct State<Conn> {
     waiters: Slab<Waiter<Conn>>,
     queue: List,
     next_id: u64,
-    backoff_until: Option<Instant>,
     failures_in_row: u32,
     dials: u64,
     dial_failures: u64,
@@ -277,7 +276,6 @@ impl<Conn: Clone> Address<Conn> {
                 waiters: Slab::new(),
                 queue: List::default(),
                 next_id: 0,
-                backoff_until: None,
                 failures_in_row: 0,
                 dials: 0,
                 dial_failures: 0,
@@ -312,10 +310,6 @@ impl<Conn: Clone> State<Conn> {
 
     pub(crate) fn has_waiters(&self) -> bool {
         self.queue.len() > 0
-    }
-
-    pub(crate) fn in_backoff(&self, now: Instant) -> bool {
-        self.backoff_until.is_some_and(|until| now < until)
     }
 
     fn pooled(&self) -> usize {
@@ -492,7 +486,6 @@ impl<Conn: Clone> State<Conn> {
         self.dials += 1;
         m.cx.inc();
         self.failures_in_row = 0;
-        self.backoff_until = None;
         address.load.clear_backoff();
         let (stop_tx, stop_rx) = oneshot::channel();
         let jitter = rand::random_range((1.0 - JITTER)..=(1.0 + JITTER));
@@ -583,7 +576,6 @@ impl<Conn: Clone> State<Conn> {
             .saturating_mul(1 << self.failures_in_row.min(16))
             .min(BACKOFF_MAX);
         self.failures_in_row += 1;
-        self.backoff_until = Some(now + backoff);
         address.load.set_backoff(now + backoff);
     }
 

@@ -384,7 +384,7 @@ impl<C: Connector> Pool<C> {
     /// successful dial).
     pub fn in_backoff(&self, addr: &str) -> bool {
         self.inner
-            .with_address(addr, |a| a.lock().in_backoff(Instant::now()))
+            .with_address(addr, |a| a.load.in_backoff(load::now_nanos()))
             .unwrap_or(false)
     }
 
