@@ -23,6 +23,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::Agents;
+use crate::auth::{Authenticator, KubeReviewer};
+use crate::ca::Keeper;
 use crate::config::Config;
 use crate::control::ControlService;
 use crate::desired::Desired;
@@ -31,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, pools_targeting, reconcile};
 use crate::resolve::SERVICE_NAME_LABEL;
 use crate::status::StatusWriter;
+use crate::tls::Resolver;
 use crate::{admin, push};
 
 /// Why the operator stopped other than by a signal.
@@ -59,6 +62,12 @@ pub enum Error {
     /// Leadership was lost.
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    /// The control CA could not be read or made.
+    #[error("the control CA: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    /// The TLS configuration could not be built.
+    #[error("the control port's TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
@@ -153,6 +162,37 @@ pub async fn run(
         .unwrap_or(config.control_listen);
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
     tracing::info!(control = %control_addr, admin = %admin::describe(admin_addr), "listening");
+
+    // The control CA and this replica's serving certificate, before
+    // anything is served: a CA Secret with garbage in it stops the start.
+    let tls_config = match &config.security {
+        Some(sec) => {
+            let keeper = Keeper::new(client.clone(), sec.ca.clone());
+            let signer = keeper.sync().await?;
+            let resolver = Resolver::new(&signer, &sec.leaf, &metrics)?;
+            let server_config = resolver.server_config()?;
+            let (signer_tx, signer_rx) = watch::channel(signer);
+            tokio::spawn(keeper.run(signer_tx, stop.clone()));
+            tokio::spawn(resolver.renew(
+                signer_rx,
+                sec.leaf.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+            tracing::info!(
+                dns_names = ?sec.leaf.dns_names,
+                ca_secret = %format!("{}/{}", sec.ca.namespace, sec.ca.secret),
+                "control port serves TLS; agents authenticate with TokenReview"
+            );
+            Some((server_config, sec.handshake_timeout))
+        }
+        None => {
+            tracing::warn!(
+                "--insecure-control: the control port is plain text and accepts any agent; for tests only"
+            );
+            None
+        }
+    };
 
     let admin_state = admin::AdminState {
         registry: registry.clone(),
@@ -391,6 +431,12 @@ pub async fn run(
         });
     }
 
+    let auth = config.security.as_ref().map(|sec| {
+        Arc::new(Authenticator::new(
+            sec.auth.clone(),
+            Arc::new(KubeReviewer::new(client.clone(), sec.review_timeout)),
+        ))
+    });
     let service = ControlService {
         agents,
         desired,
@@ -398,18 +444,38 @@ pub async fn run(
         leading,
         initialized,
         fanout: Arc::new(Semaphore::new(config.push_concurrency)),
-        metrics,
+        metrics: metrics.clone(),
         stop: stop.clone(),
+        auth,
+        max_session: config.max_session,
     };
     let serve_stop = stop.clone();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(ControlServer::new(service))
-        .serve_with_incoming_shutdown(
+        .add_service(ControlServer::new(service));
+    let shutdown = async move { serve_stop.cancelled().await };
+    let server: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls_config {
+        Some(tls) => {
+            let incoming = crate::tls::accept(
+                control_listener,
+                tls.0,
+                tls.1,
+                metrics.clone(),
+                stop.clone(),
+            );
+            Box::pin(router.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                shutdown,
+            ))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(control_listener),
-            async move { serve_stop.cancelled().await },
-        );
+            shutdown,
+        )),
+    };
 
     let (leader_handle, _leader_stop) = match leader_task {
         Some((h, s)) => (Some(h), Some(s)),

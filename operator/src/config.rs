@@ -17,7 +17,7 @@ use crate::resolve::AddressMap;
     about = "tidepool's operator: reconciles ConnectionPools and pushes them to agents"
 )]
 pub struct Args {
-    /// Address of the control service agents connect to (gRPC, h2c).
+    /// Address of the control service agents connect to (gRPC over TLS).
     #[arg(long, env = "TIDEPOOL_CONTROL_LISTEN", default_value = "0.0.0.0:15010")]
     pub control_listen: SocketAddr,
 
@@ -85,6 +85,83 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_ENDPOINT_ADDRESS_MAP", default_value = "")]
     pub endpoint_address_map: AddressMap,
 
+    /// Serve the control port in plain text and accept agents without a
+    /// token. For in-process tests and benchmarks only: anyone who reaches
+    /// the port can then claim any node. The chart has no value for it.
+    #[arg(long, env = "TIDEPOOL_INSECURE_CONTROL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_control: bool,
+
+    /// The audience agents' projected tokens are minted for.
+    #[arg(
+        long,
+        env = "TIDEPOOL_CONTROL_AUDIENCE",
+        default_value = "control.tidepool.dev"
+    )]
+    pub control_audience: String,
+
+    /// The agents' ServiceAccount, as `namespace/name` or
+    /// `system:serviceaccount:namespace:name`: only its tokens are accepted.
+    #[arg(long, env = "TIDEPOOL_AGENT_SERVICE_ACCOUNT")]
+    pub agent_service_account: Option<String>,
+
+    /// Most TokenReviews in flight at once (a reconnect storm queues behind
+    /// them; successes are cached until the token expires).
+    #[arg(long, env = "TIDEPOOL_TOKEN_REVIEW_CONCURRENCY", default_value_t = 16)]
+    pub token_review_concurrency: usize,
+
+    /// Limit for one TokenReview call.
+    #[arg(long, env = "TIDEPOOL_TOKEN_REVIEW_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub token_review_timeout: Duration,
+
+    /// The longest a control session lasts even when its token lives
+    /// longer (sessions always end at the token's expiry).
+    #[arg(long, env = "TIDEPOOL_CONTROL_MAX_SESSION", value_parser = duration)]
+    pub control_max_session: Option<Duration>,
+
+    /// The Secret holding the control CA (in `--ca-namespace`). The chart
+    /// creates it empty; the operator fills it.
+    #[arg(
+        long,
+        env = "TIDEPOOL_CA_SECRET",
+        default_value = "tidepool-control-ca"
+    )]
+    pub ca_secret: String,
+
+    /// The ConfigMap the CA certificates are published in, for agents.
+    #[arg(
+        long,
+        env = "TIDEPOOL_CA_CONFIGMAP",
+        default_value = "tidepool-control-ca"
+    )]
+    pub ca_configmap: String,
+
+    /// The namespace of the CA Secret and ConfigMap; the Lease's when unset.
+    #[arg(long, env = "TIDEPOOL_CA_NAMESPACE")]
+    pub ca_namespace: Option<String>,
+
+    /// How often the CA Secret is checked (renewal, rollover, another
+    /// replica's writes).
+    #[arg(long, env = "TIDEPOOL_CA_CHECK_INTERVAL", default_value = "1m", value_parser = duration)]
+    pub ca_check_interval: Duration,
+
+    /// How long a new CA is trusted (published to agents) before it signs.
+    #[arg(long, env = "TIDEPOOL_CA_ROLLOVER_OVERLAP", default_value = "10m", value_parser = duration)]
+    pub ca_rollover_overlap: Duration,
+
+    /// The DNS names of the control port's serving certificate
+    /// (comma-separated), which agents verify: the control Service's
+    /// `<svc>.<ns>.svc` and `<svc>.<ns>.svc.cluster.local`.
+    #[arg(long, env = "TIDEPOOL_CONTROL_DNS_NAMES", value_delimiter = ',')]
+    pub control_dns_names: Vec<String>,
+
+    /// The serving certificate's lifetime; it is renewed at half of it.
+    #[arg(long, env = "TIDEPOOL_CONTROL_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub control_cert_ttl: Duration,
+
+    /// Limit for a TLS handshake on the control port.
+    #[arg(long, env = "TIDEPOOL_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -120,6 +197,21 @@ pub struct LeaderConfig {
     pub pod: Option<String>,
 }
 
+/// How the control port is secured.
+#[derive(Debug, Clone)]
+pub struct ControlSecurity {
+    /// What agents' tokens must be.
+    pub auth: crate::auth::AuthConfig,
+    /// Limit for one TokenReview.
+    pub review_timeout: Duration,
+    /// The CA's objects and timing.
+    pub ca: crate::ca::CaConfig,
+    /// The serving certificate.
+    pub leaf: crate::tls::LeafConfig,
+    /// Limit for a handshake.
+    pub handshake_timeout: Duration,
+}
+
 /// The operator's configuration, checked and typed.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -141,6 +233,11 @@ pub struct Config {
     pub leader: Option<LeaderConfig>,
     /// Endpoint address rewrites.
     pub address_map: AddressMap,
+    /// TLS and authentication on the control port; `None` only with
+    /// `--insecure-control`.
+    pub security: Option<ControlSecurity>,
+    /// The cap on a session's length.
+    pub max_session: Option<Duration>,
     /// Log format.
     pub log_format: LogFormat,
     /// The log filter, checked ([`check_log_filter`]).
@@ -156,6 +253,52 @@ pub enum ConfigError {
     /// A lease shorter than a second.
     #[error("--lease-duration (TIDEPOOL_LEASE_DURATION) = {0:?}: must be at least 1s")]
     ShortLease(Duration),
+    /// No agent ServiceAccount, so no token could be accepted.
+    #[error(
+        "--agent-service-account (TIDEPOOL_AGENT_SERVICE_ACCOUNT) is required: the agents' ServiceAccount as namespace/name (or pass --insecure-control for an unauthenticated test setup)"
+    )]
+    NoAgentServiceAccount,
+    /// A ServiceAccount that is not `namespace/name`.
+    #[error(
+        "--agent-service-account (TIDEPOOL_AGENT_SERVICE_ACCOUNT) = {0:?}: expected namespace/name or system:serviceaccount:namespace:name"
+    )]
+    BadServiceAccount(String),
+    /// No DNS names for the serving certificate.
+    #[error(
+        "--control-dns-names (TIDEPOOL_CONTROL_DNS_NAMES) is required: the control Service's names agents verify, such as tidepool-operator.tidepool.svc"
+    )]
+    NoDnsNames,
+    /// A zero concurrency or a too short certificate life.
+    #[error("{flag} = {value}: {expected}")]
+    Bad {
+        /// The flag and its variable.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+/// `namespace/name` or `system:serviceaccount:namespace:name` as the user
+/// name the API server gives the ServiceAccount's tokens.
+fn service_account_user(s: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::BadServiceAccount(s.to_string());
+    let rest = s.strip_prefix("system:serviceaccount:");
+    let (ns, name) = match rest {
+        Some(r) => r.split_once(':').ok_or_else(bad)?,
+        None => s.split_once('/').ok_or_else(bad)?,
+    };
+    let label = |x: &str| {
+        !x.is_empty()
+            && x.len() <= 253
+            && x.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    if !label(ns) || !label(name) {
+        return Err(bad());
+    }
+    Ok(format!("system:serviceaccount:{ns}:{name}"))
 }
 
 impl Config {
@@ -167,6 +310,66 @@ impl Config {
         if args.leader_elect && args.lease_duration < Duration::from_secs(1) {
             return Err(ConfigError::ShortLease(args.lease_duration));
         }
+        let security = if args.insecure_control {
+            None
+        } else {
+            let sa = args
+                .agent_service_account
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .ok_or(ConfigError::NoAgentServiceAccount)?;
+            let agent_user = service_account_user(sa)?;
+            let dns_names: Vec<String> = args
+                .control_dns_names
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect();
+            if dns_names.is_empty() {
+                return Err(ConfigError::NoDnsNames);
+            }
+            if args.token_review_concurrency == 0 {
+                return Err(ConfigError::Bad {
+                    flag: "--token-review-concurrency (TIDEPOOL_TOKEN_REVIEW_CONCURRENCY)",
+                    value: "0".into(),
+                    expected: "must be at least 1",
+                });
+            }
+            if args.control_cert_ttl < Duration::from_secs(10) {
+                return Err(ConfigError::Bad {
+                    flag: "--control-cert-ttl (TIDEPOOL_CONTROL_CERT_TTL)",
+                    value: format!("{:?}", args.control_cert_ttl),
+                    expected: "must be at least 10s (24h is the default)",
+                });
+            }
+            Some(ControlSecurity {
+                auth: crate::auth::AuthConfig {
+                    audience: args.control_audience.clone(),
+                    agent_user,
+                    max_concurrent_reviews: args.token_review_concurrency,
+                },
+                review_timeout: args.token_review_timeout,
+                ca: crate::ca::CaConfig {
+                    namespace: args
+                        .ca_namespace
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| args.lease_namespace.clone()),
+                    secret: args.ca_secret.clone(),
+                    configmap: args.ca_configmap.clone(),
+                    check_interval: args.ca_check_interval,
+                    timing: crate::ca::Timing {
+                        overlap: args.ca_rollover_overlap,
+                        retire_after: args.control_cert_ttl,
+                    },
+                },
+                leaf: crate::tls::LeafConfig {
+                    dns_names,
+                    ttl: args.control_cert_ttl,
+                },
+                handshake_timeout: args.tls_handshake_timeout,
+            })
+        };
         let leader = args.leader_elect.then(|| LeaderConfig {
             namespace: args.lease_namespace,
             name: args.lease_name,
@@ -184,6 +387,8 @@ impl Config {
             push_concurrency: args.push_concurrency,
             leader,
             address_map: args.endpoint_address_map,
+            security,
+            max_session: args.control_max_session,
             log_format: args.log_format,
             log_filter: args.log_filter,
         })
@@ -219,9 +424,27 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::from_args(
-            Args::try_parse_from(["tidepool-operator", "--identity", "me"]).unwrap(),
+            Args::try_parse_from([
+                "tidepool-operator",
+                "--identity",
+                "me",
+                "--agent-service-account",
+                "tidepool/tp-agent",
+                "--control-dns-names",
+                "op.tidepool.svc,op.tidepool.svc.cluster.local",
+            ])
+            .unwrap(),
         )
         .unwrap();
+        let sec = c.security.as_ref().unwrap();
+        assert_eq!(
+            sec.auth.agent_user,
+            "system:serviceaccount:tidepool:tp-agent"
+        );
+        assert_eq!(sec.auth.audience, "control.tidepool.dev");
+        assert_eq!(sec.leaf.dns_names.len(), 2);
+        assert_eq!(sec.leaf.ttl, Duration::from_secs(86400));
+        assert_eq!(sec.ca.namespace, "default");
         assert_eq!(c.control_listen.port(), 15010);
         assert_eq!(c.admin_listen.port(), 15020);
         assert_eq!(c.status_interval, Duration::from_secs(5));
@@ -249,10 +472,51 @@ mod tests {
         .to_string();
         assert!(err.contains("--push-concurrency"), "{err}");
         let c = Config::from_args(
-            Args::try_parse_from(["tidepool-operator", "--leader-elect", "false"]).unwrap(),
+            Args::try_parse_from([
+                "tidepool-operator",
+                "--leader-elect",
+                "false",
+                "--insecure-control",
+                "true",
+            ])
+            .unwrap(),
         )
         .unwrap();
         assert!(c.leader.is_none());
+        assert!(c.security.is_none());
+    }
+
+    #[test]
+    fn security_flags_are_required_and_checked() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tidepool-operator"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv).unwrap()).map(|_| ())
+        };
+        let err = parse(&[]).unwrap_err().to_string();
+        assert!(err.contains("--agent-service-account"), "{err}");
+        let err = parse(&["--agent-service-account", "tp-agent"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"tp-agent\"") && err.contains("namespace/name"),
+            "{err}"
+        );
+        let err = parse(&["--agent-service-account", "system:serviceaccount:ns:a"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--control-dns-names"), "{err}");
+        let err = parse(&[
+            "--agent-service-account",
+            "ns/a",
+            "--control-dns-names",
+            "x.ns.svc",
+            "--control-cert-ttl",
+            "1s",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--control-cert-ttl"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,12 @@
 //! until either ends: the writer sends what the registry queues for the
 //! node (holding a fan-out permit while it does), the reader records Acks,
 //! Nacks and Reports. A malformed message ends that session only.
+//!
+//! With an [`Authenticator`] (always, outside in-process tests), the
+//! stream's bearer token is reviewed after the Hello is read, and the Hello
+//! must claim the token's node ([`crate::auth`]); a session then lasts no
+//! longer than its token, and the agent redials with the refreshed one
+//! (naming the version it runs, so nothing is resent).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +31,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::agents::{Agents, Answer};
+use crate::auth::{Authenticator, Identity, Lookup, Refusal};
 use crate::desired::Desired;
 use crate::metrics::Metrics;
 
@@ -51,6 +58,11 @@ pub struct ControlService {
     pub metrics: Metrics,
     /// Ends every session.
     pub stop: CancellationToken,
+    /// Checks each stream's token; `None` accepts any (in-process tests
+    /// and `--insecure-control` only).
+    pub auth: Option<Arc<Authenticator>>,
+    /// The longest a session lasts even when its token lives longer.
+    pub max_session: Option<Duration>,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -120,6 +132,53 @@ impl ControlService {
     }
 }
 
+impl ControlService {
+    /// Counts, logs and answers an authentication refusal. The log names
+    /// the peer, the claimed node and pod, never the token.
+    fn refuse_auth(
+        &self,
+        refusal: &Refusal,
+        peer: &str,
+        node: &str,
+        pod: &str,
+        auth: &Authenticator,
+    ) -> Status {
+        self.metrics.refused_streams.inc();
+        self.metrics
+            .auth_refusals
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: refusal.reason(),
+            })
+            .inc();
+        let status = refusal.status();
+        tracing::warn!(
+            %peer,
+            claimed_node = node,
+            claimed_pod = pod,
+            reason = refusal.reason(),
+            audience = %auth.config().audience,
+            code = ?status.code(),
+            message = status.message(),
+            "control stream refused: authentication"
+        );
+        status
+    }
+
+    /// How long a session may last: until its token expires (less a random
+    /// part of up to a tenth, at most 30 s, so agents whose tokens were
+    /// minted together do not all redial at once), and no longer than
+    /// `max_session`.
+    fn lifetime(&self, identity: Option<&Identity>) -> Option<Duration> {
+        let token = identity.and_then(|i| i.remaining(std::time::SystemTime::now()));
+        let cap = match (token, self.max_session) {
+            (Some(t), Some(m)) => t.min(m),
+            (t, m) => t.or(m)?,
+        };
+        let spread = (cap / 10).min(Duration::from_secs(30));
+        Some(cap.saturating_sub(spread.mul_f64(rand::random::<f64>())))
+    }
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::OperatorMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -130,27 +189,69 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
+        // A stream without a well-formed token is refused for that first,
+        // whatever it sends after.
+        if let Some(auth) = &self.auth
+            && let Err(refusal) = crate::auth::bearer(&metadata)
+        {
+            return Err(self.refuse_auth(&refusal, &peer, "", "", auth));
+        }
         let hello = match self.hello(&mut inbound).await {
             Ok(h) => h,
             Err(status) => {
                 self.metrics.refused_streams.inc();
-                tracing::warn!(code = ?status.code(), message = status.message(), "control stream refused");
+                tracing::warn!(%peer, code = ?status.code(), message = status.message(), "control stream refused");
                 return Err(status);
             }
         };
+        let identity = match &self.auth {
+            Some(auth) => {
+                let checked = auth
+                    .authenticate(&metadata)
+                    .await
+                    .and_then(|(id, lookup)| id.check_node(&hello.node).map(|()| (id, lookup)));
+                match checked {
+                    Ok((id, lookup)) => {
+                        match lookup {
+                            Lookup::Cached => self.metrics.token_review_cache_hits.inc(),
+                            Lookup::Reviewed => self.metrics.token_reviews.inc(),
+                        };
+                        Some(id)
+                    }
+                    Err(refusal) => {
+                        if !matches!(refusal, Refusal::ReviewFailed(_)) {
+                            self.metrics.token_reviews.inc();
+                        }
+                        return Err(self.refuse_auth(
+                            &refusal,
+                            &peer,
+                            &hello.node,
+                            &hello.pod,
+                            auth,
+                        ));
+                    }
+                }
+            }
+            None => None,
+        };
+        let pod = identity
+            .as_ref()
+            .map_or(hello.pod.as_str(), |i| i.pod.as_str());
         let current = self.initialized.borrow().then(|| self.desired.snapshot());
-        let reg = self.agents.register(
-            &hello.node,
-            &hello.pod,
-            &hello.version,
-            hello.deltas,
-            current,
-        );
+        let reg = self
+            .agents
+            .register(&hello.node, pod, &hello.version, hello.deltas, current);
         self.metrics.connected_agents.set(self.agents.len() as i64);
         tracing::info!(
             node = %hello.node,
-            pod = %hello.pod,
+            pod,
+            %peer,
+            credential = identity.as_ref().map_or("", |i| i.credential.as_str()),
             running = %hello.version,
             agent = %hello.agent_version,
             deltas = hello.deltas,
@@ -162,6 +263,7 @@ impl pb::control_server::Control for ControlService {
             service: self.clone(),
             node: hello.node,
             id: reg.session,
+            lifetime: self.lifetime(identity.as_ref()),
         };
         let span = tracing::info_span!("session", node = %session.node, session = session.id);
         tokio::spawn(session.run(inbound, reg.outbox, tx).instrument(span));
@@ -174,6 +276,8 @@ struct Session {
     service: ControlService,
     node: String,
     id: u64,
+    /// When the session ends on its own (token expiry).
+    lifetime: Option<Duration>,
 }
 
 impl Session {
@@ -183,8 +287,23 @@ impl Session {
         outbox: watch::Receiver<Option<Arc<crate::desired::Snapshot>>>,
         tx: mpsc::Sender<Result<pb::OperatorMessage, Status>>,
     ) {
+        let expiry = async {
+            match self.lifetime {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         let reason = tokio::select! {
             r = self.write(outbox, tx.clone()) => r,
+            _ = expiry => {
+                self.service.metrics.sessions_expired.inc();
+                let _ = tx
+                    .send(Err(Status::unauthenticated(
+                        "the session's token has expired: reconnect with the refreshed token (this is routine)",
+                    )))
+                    .await;
+                "its token expired"
+            }
             r = self.read(&mut inbound) => {
                 if let Err(status) = &r.1 {
                     let _ = tx.send(Err(status.clone())).await;

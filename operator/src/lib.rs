@@ -33,6 +33,8 @@
 pub mod admin;
 pub mod agents;
 pub mod app;
+pub mod auth;
+pub mod ca;
 pub mod config;
 pub mod control;
 pub mod desired;
@@ -43,3 +45,4 @@ pub mod reconcile;
 pub mod resolve;
 pub mod role;
 pub mod status;
+pub mod tls;

@@ -15,6 +15,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Why something was refused or failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A fixed word per reason (see where it is counted).
+    pub reason: &'static str,
+}
+
 /// Every metric the operator exports (prefix `tidepool_operator_`).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -49,6 +56,22 @@ pub struct Metrics {
     pub status_write_errors: Counter,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Control streams refused by authentication, by reason
+    /// ([`crate::auth::Refusal::reason`]).
+    pub auth_refusals: Family<ReasonLabel, Counter>,
+    /// TokenReviews made (cache misses).
+    pub token_reviews: Counter,
+    /// Authentications answered from the review cache.
+    pub token_review_cache_hits: Counter,
+    /// TLS handshakes on the control port that failed (`handshake`) or did
+    /// not finish in time (`timeout`).
+    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    /// When this replica's serving certificate expires (Unix seconds).
+    pub control_cert_expiry: Gauge,
+    /// Serving certificates issued after the first.
+    pub control_cert_renewals: Counter,
+    /// Sessions ended because their token expired (or the session cap).
+    pub sessions_expired: Counter,
 }
 
 impl Metrics {
@@ -71,6 +94,13 @@ impl Metrics {
             status_writes: Counter::default(),
             status_write_errors: Counter::default(),
             leader: Gauge::default(),
+            auth_refusals: Family::default(),
+            token_reviews: Counter::default(),
+            token_review_cache_hits: Counter::default(),
+            tls_handshake_failures: Family::default(),
+            control_cert_expiry: Gauge::default(),
+            control_cert_renewals: Counter::default(),
+            sessions_expired: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("operator");
         r.register(
@@ -143,6 +173,41 @@ impl Metrics {
             "leader",
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Control streams refused by authentication, by reason",
+            m.auth_refusals.clone(),
+        );
+        r.register(
+            "token_reviews",
+            "TokenReviews made to authenticate agents (cache misses)",
+            m.token_reviews.clone(),
+        );
+        r.register(
+            "token_review_cache_hits",
+            "Agent authentications answered from the review cache",
+            m.token_review_cache_hits.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the control port that failed or timed out",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "control_cert_expiry_timestamp_seconds",
+            "When this replica's control-port serving certificate expires",
+            m.control_cert_expiry.clone(),
+        );
+        r.register(
+            "control_cert_renewals",
+            "Control-port serving certificates issued after the first",
+            m.control_cert_renewals.clone(),
+        );
+        r.register(
+            "sessions_expired",
+            "Control sessions ended at their token's expiry",
+            m.sessions_expired.clone(),
         );
         m
     }

@@ -105,6 +105,8 @@ async fn server() -> Server {
         fanout: Arc::new(Semaphore::new(4)),
         metrics: Metrics::new(&mut Registry::default()),
         stop: stop.clone(),
+        auth: None,
+        max_session: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
