@@ -105,6 +105,28 @@ pub struct Args {
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
 
+    /// With an `https://` operator: the projected ServiceAccount token
+    /// (audience `control.tidepool.dev`) sent to the operator; read at
+    /// every dial.
+    #[arg(long, env = "TIDEPOOL_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// With an `https://` operator: the operator's CA bundle (PEM), read at
+    /// every dial.
+    #[arg(long, env = "TIDEPOOL_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// The name the operator's certificate must carry (`<svc>.<ns>.svc`);
+    /// the operator URL's host when unset.
+    #[arg(long, env = "TIDEPOOL_OPERATOR_SERVER_NAME")]
+    pub operator_server_name: Option<String>,
+
+    /// Allow an `http://` operator URL: plain text, no token sent. For
+    /// in-process tests and benchmarks against `--insecure-control`
+    /// operators only.
+    #[arg(long, env = "TIDEPOOL_INSECURE_CONTROL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_control: bool,
+
     /// Threads that run the proxy; 0 for one per CPU. With 1 (the
     /// default) the agent runs on tokio's current-thread scheduler: no
     /// cross-thread wake-ups, which on a 2-core node cost the work-stealing
@@ -160,6 +182,8 @@ pub enum Mode {
     Operator {
         /// The operator's control URL.
         url: String,
+        /// TLS and the token (`None`: `--insecure-control`).
+        security: Option<crate::control::ClientSecurity>,
         /// The node this agent runs on.
         node: String,
         /// This agent's pod name.
@@ -229,6 +253,24 @@ pub enum ConfigError {
         "--operator needs the node's name: pass --node-name or set NODE_NAME (the downward API's spec.nodeName)"
     )]
     NoNodeName,
+    /// A plain-text operator URL without `--insecure-control`.
+    #[error(
+        "--operator {0:?} is plain text: use https:// (with --token-file and --ca-file), or pass --insecure-control for a test operator started with it"
+    )]
+    Plaintext(String),
+    /// An operator URL that is neither `https://` nor `http://`.
+    #[error(
+        "--operator {0:?}: expected an https:// URL such as https://tidepool-operator.tidepool.svc:15010"
+    )]
+    BadScheme(String),
+    /// TLS without one of its files.
+    #[error("--operator {url:?} is TLS and needs {flag}")]
+    Missing {
+        /// The URL.
+        url: String,
+        /// The missing flag and variable.
+        flag: &'static str,
+    },
     /// `--max-concurrent-streams` was zero.
     #[error("--max-concurrent-streams (TIDEPOOL_MAX_CONCURRENT_STREAMS) = 0: must be at least 1")]
     ZeroStreams,
@@ -239,11 +281,18 @@ impl Config {
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let mode = match (args.mode.standalone, args.mode.operator) {
             (_, Some(url)) => Mode::Operator {
-                url,
                 node: args
                     .node_name
                     .filter(|n| !n.is_empty())
                     .ok_or(ConfigError::NoNodeName)?,
+                security: client_security(
+                    &url,
+                    args.token_file,
+                    args.ca_file,
+                    args.operator_server_name,
+                    args.insecure_control,
+                )?,
+                url,
                 pod: args.pod_name,
             },
             (Some(file), None) => Mode::Standalone {
@@ -274,6 +323,53 @@ impl Config {
             log_filter: args.log_filter,
         })
     }
+}
+
+/// The control client's TLS settings for `url`.
+fn client_security(
+    url: &str,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    server_name: Option<String>,
+    insecure: bool,
+) -> Result<Option<crate::control::ClientSecurity>, ConfigError> {
+    if url.starts_with("http://") {
+        return if insecure {
+            Ok(None)
+        } else {
+            Err(ConfigError::Plaintext(url.into()))
+        };
+    }
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(ConfigError::BadScheme(url.into()));
+    };
+    let missing = |flag| ConfigError::Missing {
+        url: url.into(),
+        flag,
+    };
+    let token_file = token_file.ok_or_else(|| missing("--token-file (TIDEPOOL_TOKEN_FILE)"))?;
+    let ca_file = ca_file.ok_or_else(|| missing("--ca-file (TIDEPOOL_CA_FILE)"))?;
+    let host = rest
+        .split(['/', '?'])
+        .next()
+        .unwrap_or_default()
+        .rsplit_once(':')
+        .map_or(rest, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let server_name = server_name
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| host.to_string());
+    if server_name.is_empty() {
+        return Err(missing(
+            "--operator-server-name (TIDEPOOL_OPERATOR_SERVER_NAME)",
+        ));
+    }
+    Ok(Some(crate::control::ClientSecurity {
+        token_file,
+        ca_file,
+        server_name,
+    }))
 }
 
 /// Parses a flag's Go-style duration (`500ms`, `30s`, `1m30s`), the syntax
@@ -324,6 +420,82 @@ mod tests {
             err.contains("--drain-timeout") && err.contains("soon"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_operator_url_must_be_tls_with_its_files() {
+        let parse = |argv: &[&str]| {
+            let mut all = vec!["tidepool-agent", "--node-name", "n1"];
+            all.extend_from_slice(argv);
+            Config::from_args(Args::try_parse_from(all).unwrap())
+        };
+        let err = parse(&["--operator", "http://op:15010"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plain text") && err.contains("--insecure-control"),
+            "{err}"
+        );
+        assert!(matches!(
+            parse(&[
+                "--operator",
+                "http://op:15010",
+                "--insecure-control",
+                "true"
+            ])
+            .unwrap()
+            .mode,
+            Mode::Operator { security: None, .. }
+        ));
+        let err = parse(&["--operator", "grpc://op"]).unwrap_err().to_string();
+        assert!(err.contains("https://"), "{err}");
+        let err = parse(&["--operator", "https://op.ns.svc:15010"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--token-file"), "{err}");
+        let err = parse(&[
+            "--operator",
+            "https://op.ns.svc:15010",
+            "--token-file",
+            "/t",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--ca-file"), "{err}");
+        let c = parse(&[
+            "--operator",
+            "https://op.ns.svc:15010",
+            "--token-file",
+            "/t",
+            "--ca-file",
+            "/c",
+        ])
+        .unwrap();
+        let Mode::Operator {
+            security: Some(s), ..
+        } = c.mode
+        else {
+            panic!("TLS expected")
+        };
+        assert_eq!(s.server_name, "op.ns.svc");
+        let c = parse(&[
+            "--operator",
+            "https://127.0.0.1:15010",
+            "--token-file",
+            "/t",
+            "--ca-file",
+            "/c",
+            "--operator-server-name",
+            "op.ns.svc",
+        ])
+        .unwrap();
+        let Mode::Operator {
+            security: Some(s), ..
+        } = c.mode
+        else {
+            panic!("TLS expected")
+        };
+        assert_eq!(s.server_name, "op.ns.svc");
     }
 
     #[test]

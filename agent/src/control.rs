@@ -13,11 +13,20 @@
 //! unreachable, the agent keeps serving what it has and redials with
 //! exponential backoff and jitter.
 //!
+//! The stream runs over TLS, verified against the operator's CA bundle
+//! (a file the chart mounts from the operator's ConfigMap) for a fixed
+//! server name, and carries the agent's projected ServiceAccount token as
+//! `authorization: Bearer …`. Both files are read again at every dial, so a
+//! refreshed token or a rolled CA needs no restart; the token is sent only
+//! after the operator's certificate is verified, so a fake operator never
+//! sees it.
+//!
 //! The protocol logic is generic over [`Apply`], implemented by the
 //! [`Runtime`]; tests and the operator benchmark drive it with simpler
 //! appliers.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +37,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::config::PoolConfig;
 use crate::runtime::{ApplyError, PoolReport, Runtime};
@@ -123,11 +133,26 @@ pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
     }
 }
 
+/// How the client proves who it is and checks who it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSecurity {
+    /// The projected ServiceAccount token, read at every dial.
+    pub token_file: PathBuf,
+    /// The operator's CA bundle (PEM), read at every dial.
+    pub ca_file: PathBuf,
+    /// The name the operator's certificate must carry, whatever address is
+    /// dialed (`<svc>.<ns>.svc`).
+    pub server_name: String,
+}
+
 /// Where and how the client connects.
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
-    /// The operator's control URL, such as `http://tidepool-operator:15010`.
+    /// The operator's control URL, such as `https://tidepool-operator:15010`.
     pub operator: String,
+    /// TLS and the token; `None` dials plain text and sends no token
+    /// (`--insecure-control`, for tests).
+    pub security: Option<ClientSecurity>,
     /// The node the agent runs on.
     pub node: String,
     /// The agent's pod name.
@@ -153,6 +178,7 @@ impl ControlOptions {
     ) -> Self {
         Self {
             operator: operator.into(),
+            security: None,
             node: node.into(),
             pod: pod.into(),
             report_interval: Duration::from_secs(5),
@@ -178,6 +204,37 @@ pub enum ControlError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The CA bundle is not there (yet) or unreadable.
+    #[error(
+        "waiting for the operator's CA bundle at {}: {reason} (the chart mounts the operator's ConfigMap <release>-control-ca there; the operator fills it at its first start)",
+        .path.display()
+    )]
+    WaitingForCa {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The token file is not there or unreadable.
+    #[error(
+        "cannot read the agent's token at {}: {reason} (the chart projects the ServiceAccount token there)",
+        .path.display()
+    )]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS settings could not be applied.
+    #[error("the TLS settings for {url} are unusable: {source}")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// What failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// The operator could not be reached.
     #[error("dialing the operator at {url} failed: {source}")]
     Connect {
@@ -196,6 +253,56 @@ pub enum ControlError {
     /// The operator ended the stream.
     #[error("the operator closed the control stream")]
     Closed,
+}
+
+impl ControlError {
+    /// Whether this is the routine end of a session at its token's expiry
+    /// (logged at info, not as a warning).
+    pub fn is_token_expiry(&self) -> bool {
+        matches!(self, Self::Stream(s) | Self::Refused(s)
+            if s.code() == tonic::Code::Unauthenticated && s.message().contains("token has expired: reconnect"))
+    }
+}
+
+/// Reads a file the kubelet keeps up to date, refusing an empty one.
+fn read_fresh(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().is_empty() => Err("the file is empty".into()),
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("no such file yet".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The TLS settings and the `authorization` value for one dial.
+fn credentials(
+    security: &ClientSecurity,
+) -> Result<(ClientTlsConfig, MetadataValue<tonic::metadata::Ascii>), ControlError> {
+    let bundle = read_fresh(&security.ca_file).map_err(|reason| ControlError::WaitingForCa {
+        path: security.ca_file.clone(),
+        reason,
+    })?;
+    if !bundle.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ControlError::WaitingForCa {
+            path: security.ca_file.clone(),
+            reason: "no PEM certificate in it".into(),
+        });
+    }
+    let token = read_fresh(&security.token_file).map_err(|reason| ControlError::Token {
+        path: security.token_file.clone(),
+        reason,
+    })?;
+    let mut value = MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|_| {
+        ControlError::Token {
+            path: security.token_file.clone(),
+            reason: "the token is not printable ASCII".into(),
+        }
+    })?;
+    value.set_sensitive(true);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(bundle))
+        .domain_name(security.server_name.clone());
+    Ok((tls, value))
 }
 
 /// What the client keeps across sessions: the configuration in force, the
@@ -384,6 +491,11 @@ pub async fn run<A: Apply>(options: ControlOptions, applier: A, stop: Cancellati
         let delay = backoff_delay(options.backoff_min, options.backoff_max, failures);
         match result {
             Ok(()) => return,
+            Err(error) if error.is_token_expiry() => {
+                tracing::info!(operator = %options.operator, "the session reached its token's expiry; redialing with the refreshed token");
+                failures = 0;
+                continue;
+            }
             Err(error) => tracing::warn!(
                 operator = %options.operator,
                 %error,
@@ -409,7 +521,8 @@ pub async fn session<A: Apply>(
 ) -> Result<(), ControlError> {
     use pb::agent_message::Kind;
     let url = options.operator.clone();
-    let endpoint = Endpoint::from_shared(url.clone())
+    let credentials = options.security.as_ref().map(credentials).transpose()?;
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|source| ControlError::BadUrl {
             url: url.clone(),
             source,
@@ -418,6 +531,16 @@ pub async fn session<A: Apply>(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
+    let mut authorization = None;
+    if let Some((tls, token)) = credentials {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|source| ControlError::Tls {
+                url: url.clone(),
+                source,
+            })?;
+        authorization = Some(token);
+    }
     let channel = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
         c = endpoint.connect() => c.map_err(|source| ControlError::Connect { url: url.clone(), source })?,
@@ -438,7 +561,13 @@ pub async fn session<A: Apply>(
     let _ = tx.send(hello).await;
     let mut inbound = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
-        r = client.session(ReceiverStream::new(rx)) => r.map_err(ControlError::Refused)?.into_inner(),
+        r = client.session({
+            let mut request = tonic::Request::new(ReceiverStream::new(rx));
+            if let Some(token) = authorization {
+                request.metadata_mut().insert("authorization", token);
+            }
+            request
+        }) => r.map_err(ControlError::Refused)?.into_inner(),
     };
     tracing::info!(operator = %url, node = %options.node, "control stream open");
 

@@ -21,8 +21,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::start(AppOptions::from(&config)).await?;
     let sources = app.runtime().drain().token().child_token();
     match &config.mode {
-        Mode::Operator { url, node, pod } => {
-            let options = control::ControlOptions::new(url.clone(), node.clone(), pod.clone());
+        Mode::Operator {
+            url,
+            security,
+            node,
+            pod,
+        } => {
+            let mut options = control::ControlOptions::new(url.clone(), node.clone(), pod.clone());
+            options.security = security.clone();
             tokio::spawn(control::run(options, app.runtime().clone(), sources));
         }
         Mode::Standalone {

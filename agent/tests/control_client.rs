@@ -268,7 +268,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
 #[test]
 fn operator_mode_needs_a_node_name() {
     let parse = |args: &[&str]| Config::from_args(Args::try_parse_from(args).unwrap());
-    let err = parse(&["tidepool-agent", "--operator", "http://op:15010"])
+    let err = parse(&["tidepool-agent", "--operator", "https://op:15010"])
         .unwrap_err()
         .to_string();
     assert!(err.contains("NODE_NAME"), "{err}");
@@ -276,6 +276,8 @@ fn operator_mode_needs_a_node_name() {
         "tidepool-agent",
         "--operator",
         "http://op:15010",
+        "--insecure-control",
+        "true",
         "--node-name",
         "n1",
     ])
@@ -284,6 +286,7 @@ fn operator_mode_needs_a_node_name() {
         config.mode,
         Mode::Operator {
             url: "http://op:15010".into(),
+            security: None,
             node: "n1".into(),
             pod: String::new()
         }

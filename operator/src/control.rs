@@ -122,13 +122,19 @@ impl ControlService {
                 "Hello.node is empty; set it to the agent's node name (NODE_NAME)",
             ));
         }
+        Ok(hello)
+    }
+
+    /// Checks that the Hello's node is one this operator serves (after the
+    /// token, so an unauthenticated client learns nothing about nodes).
+    fn served(&self, hello: &pb::Hello) -> Result<(), Status> {
         if self.nodes.get(&ObjectRef::new(&hello.node)).is_none() {
             return Err(Status::not_found(format!(
                 "node {:?} is not a node this operator serves: no Node of that name matches its node selector",
                 hello.node
             )));
         }
-        Ok(hello)
+        Ok(())
     }
 }
 
@@ -239,6 +245,11 @@ impl pb::control_server::Control for ControlService {
             }
             None => None,
         };
+        if let Err(status) = self.served(&hello) {
+            self.metrics.refused_streams.inc();
+            tracing::warn!(%peer, node = %hello.node, code = ?status.code(), message = status.message(), "control stream refused");
+            return Err(status);
+        }
         let pod = identity
             .as_ref()
             .map_or(hello.pod.as_str(), |i| i.pod.as_str());

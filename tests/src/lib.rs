@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod grpc;
 pub mod helm;
+pub mod identity;
 pub mod kubectl;
 pub mod namespace;
 pub mod objects;

@@ -245,6 +245,43 @@ pub struct OperatorOptions {
     pub node_selector: String,
     /// The least time between status writes of a pool.
     pub status_interval: String,
+    /// The name of the CA Secret and ConfigMap (in `namespace`).
+    pub ca_name: String,
+    /// The agents' ServiceAccount (in `namespace`).
+    pub agent_sa: String,
+    /// More flags.
+    pub extra: Vec<String>,
+}
+
+impl OperatorOptions {
+    /// An operator for `namespace`'s nodes (those labelled
+    /// `tidepool.dev/e2e-group=<namespace>`), with TLS and TokenReview as
+    /// in a cluster, status written every second.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            node_selector: format!("tidepool.dev/e2e-group={namespace}"),
+            status_interval: "1s".into(),
+            ca_name: "tidepool-control-ca".into(),
+            agent_sa: crate::identity::AGENT_SA.into(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The name the operator's certificate carries.
+    pub fn server_name(&self) -> String {
+        format!("tidepool-operator.{}.svc", self.namespace)
+    }
+}
+
+/// What an agent needs to join an operator: where it is, and for TLS the
+/// CA bundle file and the certificate's name.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// The control URL.
+    pub url: String,
+    /// The CA bundle file and the server name; `None` for plain text.
+    pub tls: Option<(PathBuf, String)>,
 }
 
 /// A running operator process.
@@ -256,6 +293,12 @@ pub struct Operator {
     pub control: SocketAddr,
     /// Its admin server.
     pub admin: SocketAddr,
+    /// What it was started with.
+    pub options: OperatorOptions,
+    /// Where agents find its CA bundle (filled by [`Operator::refresh_ca`],
+    /// as the kubelet fills a ConfigMap volume).
+    pub ca_file: PathBuf,
+    _files: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Operator {
@@ -274,7 +317,7 @@ impl Operator {
         let control: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
         let kubeconfig = kubeconfig.display().to_string();
-        let args = vec![
+        let mut args = vec![
             format!("--control-listen={control}"),
             format!("--admin-listen={admin}"),
             format!("--watch-namespace={}", options.namespace),
@@ -286,23 +329,86 @@ impl Operator {
             // EndpointSlices cannot hold loopback addresses: tests publish
             // backends on 127.0.0.x as 192.0.2.x (RFC 5737).
             format!("--endpoint-address-map={LOOPBACK_MAP}"),
+            format!(
+                "--agent-service-account={}/{}",
+                options.namespace, options.agent_sa
+            ),
+            format!("--control-dns-names={}", options.server_name()),
+            format!("--ca-secret={}", options.ca_name),
+            format!("--ca-configmap={}", options.ca_name),
         ];
+        args.extend(options.extra.iter().cloned());
         let proc = Proc::spawn(
             "operator",
             bin,
             args,
             vec![("KUBECONFIG".into(), kubeconfig)],
         )?;
+        let files = std::sync::Arc::new(tempfile::tempdir()?);
         Ok(Self {
             proc,
             control,
             admin,
+            ca_file: files.path().join("ca.crt"),
+            options: options.clone(),
+            _files: files,
         })
     }
 
+    /// Whether the operator serves TLS (not `--insecure-control`).
+    pub fn secure(&self) -> bool {
+        !self
+            .options
+            .extra
+            .iter()
+            .any(|a| a == "--insecure-control=true" || a == "--insecure-control")
+    }
+
+    /// Copies the CA ConfigMap's bundle to [`Operator::ca_file`]; returns it.
+    pub async fn refresh_ca(&self) -> Result<String> {
+        let client = cluster()?.client().await?;
+        let cm = kube::api::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+            client,
+            &self.options.namespace,
+        )
+        .get(&self.options.ca_name)
+        .await
+        .with_context(|| format!("reading ConfigMap {}", self.options.ca_name))?;
+        let bundle = cm
+            .data
+            .and_then(|d| d.get("ca.crt").cloned())
+            .context("the CA ConfigMap has no ca.crt")?;
+        std::fs::write(&self.ca_file, &bundle)?;
+        Ok(bundle)
+    }
+
+    /// How agents join it.
+    pub fn join(&self) -> Join {
+        if self.secure() {
+            Join {
+                url: format!("https://{}", self.control),
+                tls: Some((self.ca_file.clone(), self.options.server_name())),
+            }
+        } else {
+            Join {
+                url: self.url(),
+                tls: None,
+            }
+        }
+    }
+
     /// Waits until `/readyz` answers 200 as the leader (a warm standby is
-    /// ready too, but serves no agent).
+    /// ready too, but serves no agent), and copies its CA bundle for agents.
     pub async fn wait_ready(&self) -> Result<()> {
+        self.wait_leading().await?;
+        if self.secure() {
+            self.refresh_ca().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `/readyz` answers 200 as the leader.
+    pub async fn wait_leading(&self) -> Result<()> {
         eventually(
             Duration::from_secs(30),
             "the operator becoming ready as the leader",
@@ -315,7 +421,7 @@ impl Operator {
         .with_context(|| format!("operator log:\n{}", self.proc.log()))
     }
 
-    /// The control URL agents dial.
+    /// The control URL agents dial in plain text.
     pub fn url(&self) -> String {
         format!("http://{}", self.control)
     }
@@ -342,30 +448,71 @@ pub struct Agent {
     pub proxy: SocketAddr,
     /// Its admin server.
     pub admin: SocketAddr,
+    /// The token file it reads at every dial (rewrite it to rotate).
+    pub token_file: PathBuf,
+    _files: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Agent {
-    /// Starts an agent for `node` dialing `operator`, listening on loopback
+    /// Starts an agent for `node` joining `operator`, listening on loopback
     /// address `ip` (its own, as a node's IP is: dedicated pool ports of
-    /// different agents do not clash).
-    pub async fn start(operator: &str, node: &str, ip: &str) -> Result<Self> {
+    /// different agents do not clash). Against a secure operator it has
+    /// what the chart gives it: a token of the agent ServiceAccount bound
+    /// to a Pod on `node`, and the CA bundle.
+    pub async fn start(operator: &Operator, node: &str, ip: &str) -> Result<Self> {
+        let token = if operator.secure() {
+            let client = cluster()?.client().await?;
+            let (ns, sa) = (&operator.options.namespace, &operator.options.agent_sa);
+            crate::identity::apply_service_account(&client, ns, sa).await?;
+            Some(crate::identity::agent_token(&client, ns, sa, node).await?)
+        } else {
+            None
+        };
+        Self::start_with(&operator.join(), node, ip, token.as_deref(), &[]).await
+    }
+
+    /// Starts an agent for `node` joining by `join` with `token` (none: no
+    /// token file at all) and more flags.
+    pub async fn start_with(
+        join: &Join,
+        node: &str,
+        ip: &str,
+        token: Option<&str>,
+        extra: &[String],
+    ) -> Result<Self> {
         let bin = bin_dir().await?.join("tidepool-agent");
         let proxy: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
         let admin: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse()?;
-        let args = vec![
-            format!("--operator={operator}"),
+        let files = std::sync::Arc::new(tempfile::tempdir()?);
+        let token_file = files.path().join("token");
+        if let Some(token) = token {
+            std::fs::write(&token_file, token)?;
+        }
+        let mut args = vec![
+            format!("--operator={}", join.url),
             format!("--node-name={node}"),
             format!("--pod-name=agent-{node}"),
             format!("--listen={proxy}"),
             format!("--admin-listen={admin}"),
             "--drain-timeout=2s".into(),
         ];
+        match &join.tls {
+            Some((ca, name)) => args.extend([
+                format!("--ca-file={}", ca.display()),
+                format!("--operator-server-name={name}"),
+                format!("--token-file={}", token_file.display()),
+            ]),
+            None => args.push("--insecure-control=true".into()),
+        }
+        args.extend(extra.iter().cloned());
         let proc = Proc::spawn(&format!("agent-{node}"), bin, args, vec![])?;
         Ok(Self {
             proc,
             node: node.into(),
             proxy,
             admin,
+            token_file,
+            _files: files,
         })
     }
 

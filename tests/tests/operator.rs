@@ -66,12 +66,7 @@ impl World {
             )
             .await?;
         }
-        let operator = Operator::start(&OperatorOptions {
-            namespace: ns.clone(),
-            node_selector: format!("tidepool.dev/e2e-group={ns}"),
-            status_interval: "1s".into(),
-        })
-        .await?;
+        let operator = Operator::start(&OperatorOptions::new(&ns)).await?;
         // Each test's agents get their own loopback block, as nodes have
         // their own IPs.
         let block = 10
@@ -83,7 +78,7 @@ impl World {
         for n in 1..=3 {
             agents.push(
                 Agent::start(
-                    &operator.url(),
+                    &operator,
                     &format!("{ns}-n{n}"),
                     &format!("127.0.{block}.{n}"),
                 )
@@ -619,12 +614,8 @@ async fn bad_targets_say_why_in_conditions_and_unknown_nodes_are_refused() -> Re
 
     // An agent on a node the operator does not serve is refused, clearly,
     // and the others stay connected.
-    let stranger = Agent::start(
-        &w.operator.url(),
-        "no-such-node",
-        &format!("127.0.{}.9", w.block),
-    )
-    .await?;
+    let stranger =
+        Agent::start(&w.operator, "no-such-node", &format!("127.0.{}.9", w.block)).await?;
     eventually(
         Duration::from_secs(10),
         "the stranger's refusal in its log",

@@ -115,22 +115,17 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
     .await?;
 
     let options = OperatorOptions {
-        namespace: ns.clone(),
-        node_selector: format!("tidepool.dev/e2e-group={ns}"),
-        status_interval: "1s".into(),
+        // The chart's own objects and ServiceAccount.
+        ca_name: "tp-tidepool-control-ca".into(),
+        agent_sa: "tp-tidepool-agent".into(),
+        ..OperatorOptions::new(&ns)
     };
     let operator = Operator::spawn_as(&options, &kubeconfig).await?;
     operator.wait_ready().await?;
     let mut agents = Vec::new();
     for n in 1..=2 {
-        agents.push(
-            Agent::start(
-                &operator.url(),
-                &format!("{ns}-n{n}"),
-                &format!("127.0.250.{n}"),
-            )
-            .await?,
-        );
+        agents
+            .push(Agent::start(&operator, &format!("{ns}-n{n}"), &format!("127.0.250.{n}")).await?);
     }
     let manifest = format!(
         "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: api, namespace: {ns}}}\nspec:\n  target: {{service: {{name: api, port: grpc}}}}\n"

@@ -277,6 +277,9 @@ async fn main() -> Result<()> {
             format!("--node-selector={selector}"),
             format!("--lease-namespace={ns}"),
             "--identity=bench".into(),
+            // This benchmark measures pushes and status; authentication's
+            // cost is `failover-bench`'s.
+            "--insecure-control=true".into(),
         ],
         vec![(
             "KUBECONFIG".into(),
