@@ -235,8 +235,10 @@ pub enum ControlError {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The operator could not be reached.
-    #[error("dialing the operator at {url} failed: {source}")]
+    /// The operator could not be reached (the cause is spelled out: a
+    /// refused connection, or TLS: `UnknownIssuer` for a certificate from
+    /// another CA, `NotValidForName` for another name).
+    #[error("dialing the operator at {url} failed: {}", chain(.source))]
     Connect {
         /// The URL.
         url: String,
@@ -245,10 +247,10 @@ pub enum ControlError {
         source: tonic::transport::Error,
     },
     /// The operator refused the stream (unknown node, not the leader, …).
-    #[error("the operator refused the control stream: {}: {}", .0.code(), .0.message())]
+    #[error("the operator refused the control stream: {:?}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
     /// The stream failed after it was accepted.
-    #[error("the control stream failed: {}: {}", .0.code(), .0.message())]
+    #[error("the control stream failed: {:?}: {}", .0.code(), .0.message())]
     Stream(tonic::Status),
     /// The operator ended the stream.
     #[error("the operator closed the control stream")]
@@ -262,6 +264,22 @@ impl ControlError {
         matches!(self, Self::Stream(s) | Self::Refused(s)
             if s.code() == tonic::Code::Unauthenticated && s.message().contains("token has expired: reconnect"))
     }
+}
+
+/// An error and its causes, `: `-separated (tonic's transport error alone
+/// says only "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Reads a file the kubelet keeps up to date, refusing an empty one.

@@ -18,7 +18,9 @@
 //! message never contains the token.
 //!
 //! Reviews are bounded ([`Authenticator`] holds a semaphore) and successes
-//! are cached by the token's SHA-256 until the token expires, so a storm of
+//! are cached by the token's SHA-256 until the token expires (or for the
+//! cache TTL, if sooner, which bounds how long a revoked token still
+//! works), so a storm of
 //! reconnecting agents (after a leader failover) costs one review per agent
 //! at most, and a second connection with the same token none.
 
@@ -237,6 +239,10 @@ pub struct AuthConfig {
     pub agent_user: String,
     /// Most reviews in flight at once.
     pub max_concurrent_reviews: usize,
+    /// How long an accepted token is taken on trust without a new review
+    /// (never past its expiry): bounds how long a revoked token (its pod
+    /// deleted) still opens streams.
+    pub cache_ttl: Duration,
 }
 
 /// Authenticates control streams: parses the header, reviews the token
@@ -245,8 +251,9 @@ pub struct Authenticator {
     config: AuthConfig,
     reviewer: Arc<dyn TokenReviewer>,
     reviews: Semaphore,
-    /// Accepted tokens by SHA-256: their identity, until they expire.
-    cache: Mutex<HashMap<[u8; 32], Identity>>,
+    /// Accepted tokens by SHA-256: their identity, and until when it is
+    /// trusted (the token's expiry, or the cache TTL if sooner).
+    cache: Mutex<HashMap<[u8; 32], (Identity, SystemTime)>>,
     /// Reviews in flight by token: a second stream with the same token
     /// waits for the first one's answer instead of asking again.
     inflight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
@@ -333,7 +340,11 @@ impl Authenticator {
                 .map_err(|e| Refusal::ReviewFailed(e.0))?
         };
         let identity = self.judge(&status, jwt_expiry(token))?;
-        self.remember(*key, identity.clone());
+        self.remember(
+            *key,
+            identity.clone(),
+            SystemTime::now() + self.config.cache_ttl,
+        );
         Ok((identity, Lookup::Reviewed))
     }
 
@@ -389,25 +400,27 @@ impl Authenticator {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache
             .get(key)
-            .filter(|i| i.expires.is_some_and(|e| e > now))
-            .cloned()
+            .filter(|(_, until)| *until > now)
+            .map(|(i, _)| i.clone())
     }
 
-    /// Caches an accepted token until it expires (one with no expiry is not
-    /// cached: every stream on it is reviewed).
-    fn remember(&self, key: [u8; 32], identity: Identity) {
-        if identity.expires.is_none() {
+    /// Caches an accepted token until it expires or `until`, whichever is
+    /// first (one with no expiry is not cached: every stream on it is
+    /// reviewed).
+    fn remember(&self, key: [u8; 32], identity: Identity, until: SystemTime) {
+        let Some(expires) = identity.expires else {
             return;
-        }
+        };
+        let until = until.min(expires);
         let now = SystemTime::now();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_LIMIT {
-            cache.retain(|_, i| i.expires.is_some_and(|e| e > now));
+            cache.retain(|_, (_, u)| *u > now);
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
             }
         }
-        cache.insert(key, identity);
+        cache.insert(key, (identity, until));
     }
 
     /// Tokens cached now.
@@ -534,6 +547,7 @@ mod tests {
                 audience: AUD.into(),
                 agent_user: AGENT.into(),
                 max_concurrent_reviews: 4,
+                cache_ttl: Duration::from_secs(600),
             },
             canned.clone(),
         );

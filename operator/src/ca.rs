@@ -135,6 +135,15 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
+/// Which half of a stored CA is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The certificate.
+    Cert,
+    /// The key.
+    Key,
+}
+
 /// One CA: its certificate and key.
 pub struct Authority {
     /// The certificate (PEM).
@@ -144,6 +153,8 @@ pub struct Authority {
     key: KeyPair,
     /// When the certificate expires (Unix seconds).
     pub not_after: i64,
+    /// Its common name.
+    name: String,
 }
 
 impl std::fmt::Debug for Authority {
@@ -160,10 +171,17 @@ impl PartialEq for Authority {
     }
 }
 
-fn ca_params(now: i64) -> Result<CertificateParams, rcgen::Error> {
+/// A new CA's common name: [`CA_NAME`] and a random suffix, so two CAs (a
+/// rollover's, or another install's) are told apart by name, in tools and
+/// in verification ("unknown issuer" rather than "bad signature").
+fn new_ca_name() -> String {
+    format!("{CA_NAME} {:08x}", rand::random::<u32>())
+}
+
+fn ca_params(now: i64, name: &str) -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, CA_NAME);
+    params.distinguished_name.push(DnType::CommonName, name);
     params
         .distinguished_name
         .push(DnType::OrganizationName, "tidepool");
@@ -179,7 +197,8 @@ impl Authority {
     pub fn generate(now: i64) -> Result<Self, CaError> {
         let gen_err = |source| CaError::Generate { what: "CA", source };
         let key = KeyPair::generate().map_err(gen_err)?;
-        let cert = ca_params(now)
+        let name = new_ca_name();
+        let cert = ca_params(now, &name)
             .and_then(|p| p.self_signed(&key))
             .map_err(gen_err)?;
         Ok(Self {
@@ -188,18 +207,19 @@ impl Authority {
             cert_der: cert.der().clone(),
             key,
             not_after: now + secs(CA_LIFETIME),
+            name,
         })
     }
 
     /// The same key with a fresh ten-year certificate.
     pub fn renewed(&self, now: i64) -> Result<Self, CaError> {
-        let cert = ca_params(now)
+        let cert = ca_params(now, &self.name)
             .and_then(|p| p.self_signed(&self.key))
             .map_err(|source| CaError::Generate {
                 what: "renewed CA",
                 source,
             })?;
-        Self::parse(&cert.pem(), &self.key_pem).map_err(|reason| CaError::Garbage {
+        Self::parse(&cert.pem(), &self.key_pem).map_err(|(_, reason)| CaError::Garbage {
             namespace: String::new(),
             secret: String::new(),
             key: CA_CRT,
@@ -208,29 +228,42 @@ impl Authority {
     }
 
     /// Reads a stored CA; the error says what is wrong.
-    pub fn parse(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("the key does not parse: {e}"))?;
-        let der = pem_certs(cert_pem)?
+    pub fn parse(cert_pem: &str, key_pem: &str) -> Result<Self, (Part, String)> {
+        let der = pem_certs(cert_pem)
+            .map_err(|r| (Part::Cert, r))?
             .into_iter()
             .next()
-            .ok_or("no CERTIFICATE block")?;
+            .ok_or((Part::Cert, "no CERTIFICATE block".to_string()))?;
         let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| format!("the certificate does not parse: {e}"))?;
+            .map_err(|e| (Part::Cert, format!("the certificate does not parse: {e}")))?;
         if !x509.is_ca() {
-            return Err("the certificate is not a CA (basicConstraints CA:FALSE)".into());
+            return Err((
+                Part::Cert,
+                "the certificate is not a CA (basicConstraints CA:FALSE)".into(),
+            ));
         }
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| (Part::Key, format!("the key does not parse: {e}")))?;
         if x509.public_key().subject_public_key.data.as_ref()
             != rcgen::PublicKeyData::der_bytes(&key)
         {
-            return Err("the key does not match the certificate".into());
+            return Err((Part::Key, "the key does not match the certificate".into()));
         }
         let not_after = x509.validity().not_after.timestamp();
+        let name = x509
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or(CA_NAME)
+            .to_string();
         Ok(Self {
             cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
             cert_der: der,
             key,
             not_after,
+            name,
         })
     }
 
@@ -328,9 +361,10 @@ pub fn read(secret: &Secret) -> Result<Option<Stored>, (&'static str, String)> {
         return Ok(None);
     };
     let key = key.ok_or((CA_KEY, "ca.crt is set but ca.key is empty".to_string()))?;
-    let current = Authority::parse(&cert, &key).map_err(|r| (CA_CRT, r))?;
+    let named = |crt, key| move |(part, r)| (if part == Part::Cert { crt } else { key }, r);
+    let current = Authority::parse(&cert, &key).map_err(named(CA_CRT, CA_KEY))?;
     let next = match (text(secret, NEXT_CRT), text(secret, NEXT_KEY)) {
-        (Some(c), Some(k)) => Some(Authority::parse(&c, &k).map_err(|r| (NEXT_CRT, r))?),
+        (Some(c), Some(k)) => Some(Authority::parse(&c, &k).map_err(named(NEXT_CRT, NEXT_KEY))?),
         (None, None) => None,
         _ => {
             return Err((
@@ -727,6 +761,15 @@ mod tests {
         ]));
         let (key, reason) = read(&secret).unwrap_err();
         assert_eq!(key, CA_CRT);
+        assert!(reason.contains("no CERTIFICATE block"), "{reason}");
+        // A good certificate with a bad key names the key.
+        let a = Authority::generate(0).unwrap();
+        secret.data = Some(BTreeMap::from([
+            (CA_CRT.into(), ByteString(a.cert_pem.clone().into_bytes())),
+            (CA_KEY.into(), ByteString(b"world".to_vec())),
+        ]));
+        let (key, reason) = read(&secret).unwrap_err();
+        assert_eq!(key, CA_KEY);
         assert!(reason.contains("key does not parse"), "{reason}");
         // A key without a certificate is not "empty": nothing is minted over it.
         let mut secret = Secret::default();
@@ -740,7 +783,9 @@ mod tests {
             (CA_CRT.into(), ByteString(a.cert_pem.into_bytes())),
             (CA_KEY.into(), ByteString(b.key_pem.into_bytes())),
         ]));
-        assert!(read(&secret).unwrap_err().1.contains("does not match"));
+        let (key, reason) = read(&secret).unwrap_err();
+        assert_eq!(key, CA_KEY);
+        assert!(reason.contains("does not match"));
     }
 
     #[test]
@@ -808,6 +853,10 @@ mod tests {
         assert_eq!(c, Change::Renewed);
         assert_ne!(r.current.cert_pem, s.current.cert_pem);
         assert_eq!(r.current.key_pem, s.current.key_pem);
+        assert_eq!(
+            r.current.name, s.current.name,
+            "a renewal keeps the subject"
+        );
         assert!(r.current.not_after > s.current.not_after);
     }
 

@@ -109,6 +109,12 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_TOKEN_REVIEW_CONCURRENCY", default_value_t = 16)]
     pub token_review_concurrency: usize,
 
+    /// How long an accepted token is trusted without a new review (never
+    /// past its expiry). A revoked token (its pod deleted) may open streams
+    /// for this long; a reconnect storm within it costs no reviews.
+    #[arg(long, env = "TIDEPOOL_TOKEN_REVIEW_CACHE_TTL", default_value = "10m", value_parser = duration)]
+    pub token_review_cache_ttl: Duration,
+
     /// Limit for one TokenReview call.
     #[arg(long, env = "TIDEPOOL_TOKEN_REVIEW_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub token_review_timeout: Duration,
@@ -347,6 +353,7 @@ impl Config {
                     audience: args.control_audience.clone(),
                     agent_user,
                     max_concurrent_reviews: args.token_review_concurrency,
+                    cache_ttl: args.token_review_cache_ttl,
                 },
                 review_timeout: args.token_review_timeout,
                 ca: crate::ca::CaConfig {

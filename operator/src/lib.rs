@@ -10,6 +10,8 @@
 //!   Events, rate-limited server-side apply.
 //! - [`leader`]: leader election on a Lease; [`role`]: the replica's role
 //!   as a label on its own pod, which the chart's control Service selects.
+//! - [`auth`]: agents' tokens checked by TokenReview; [`ca`]: the control
+//!   CA in a Secret; [`tls`]: the control port's serving certificate.
 //! - [`admin`], [`metrics`], [`config`], [`app`] (the wiring `main` runs).
 //!
 //! # API calls the operator makes (for least-privilege RBAC)
@@ -24,9 +26,13 @@
 //! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |
 //! | `""` (core) | `pods` (its own namespace, with `--pod-name`) | patch |
 //! | `events.k8s.io` | `events` | create, patch |
+//! | `authentication.k8s.io` | `tokenreviews` | create |
+//! | `""` (core) | `secrets`, `configmaps` named `<fullname>-control-ca` (its own namespace) | get, update |
 //!
 //! Every read comes from a watch cache; the only direct reads are the
-//! Lease's. With `--watch-namespace`, every
+//! Lease's and the control CA's (a Secret and a ConfigMap, by name). Out of
+//! a chart, the operator also creates the two when they are missing (if
+//! allowed). With `--watch-namespace`, every
 //! namespaced rule can be a Role in that namespace; nodes always need a
 //! ClusterRole.
 

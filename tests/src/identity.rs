@@ -61,9 +61,9 @@ pub async fn apply_pod(
     pod.metadata.uid.context("a Pod without a UID")
 }
 
-/// A token of `sa` for `audience`, bound to Pod `pod` (with its UID) when
-/// given, else unbound; valid for `seconds` (at least 600, the API
-/// server's minimum).
+/// A token of `sa` for `audience` (empty: the API server's own), bound to
+/// Pod `pod` (with its UID) when given, else unbound; valid for `seconds`
+/// (at least 600, the API server's minimum).
 pub async fn token(
     client: &kube::Client,
     ns: &str,
@@ -74,7 +74,11 @@ pub async fn token(
 ) -> Result<String> {
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![audience.into()],
+            audiences: if audience.is_empty() {
+                vec![]
+            } else {
+                vec![audience.into()]
+            },
             bound_object_ref: pod.map(|(name, uid)| BoundObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("Pod".into()),

@@ -249,6 +249,8 @@ pub struct OperatorOptions {
     pub ca_name: String,
     /// The agents' ServiceAccount (in `namespace`).
     pub agent_sa: String,
+    /// Its name in the Lease.
+    pub identity: String,
     /// More flags.
     pub extra: Vec<String>,
 }
@@ -264,6 +266,7 @@ impl OperatorOptions {
             status_interval: "1s".into(),
             ca_name: "tidepool-control-ca".into(),
             agent_sa: crate::identity::AGENT_SA.into(),
+            identity: format!("operator-{namespace}"),
             extra: Vec::new(),
         }
     }
@@ -323,7 +326,7 @@ impl Operator {
             format!("--watch-namespace={}", options.namespace),
             format!("--node-selector={}", options.node_selector),
             format!("--lease-namespace={}", options.namespace),
-            format!("--identity=operator-{}", options.namespace),
+            format!("--identity={}", options.identity),
             "--lease-duration=3s".into(),
             format!("--status-interval={}", options.status_interval),
             // EndpointSlices cannot hold loopback addresses: tests publish
@@ -405,6 +408,11 @@ impl Operator {
             self.refresh_ca().await?;
         }
         Ok(())
+    }
+
+    /// Whether `/readyz` says it leads, now.
+    pub async fn wait_leading_once(&self) -> bool {
+        matches!(http_get(self.admin, "/readyz").await, Ok((200, body)) if body.contains("leader") && !body.contains("standby"))
     }
 
     /// Waits until `/readyz` answers 200 as the leader.

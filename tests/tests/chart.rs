@@ -121,7 +121,7 @@ async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<
         .expect("TIDEPOOL_OPERATOR");
     assert_eq!(
         operator["value"],
-        "http://tp-tidepool-operator.tidepool-system.svc:15010"
+        "https://tp-tidepool-operator.tidepool-system.svc:15010"
     );
 
     let threads = env
@@ -265,10 +265,19 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
                     .iter()
                     .map(|g| g.as_str().unwrap().to_owned())
                     .collect();
+                let names: Vec<_> = r["resourceNames"]
+                    .as_sequence()
+                    .map(|n| n.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
+                    .unwrap_or_default();
+                let names = if names.is_empty() {
+                    String::new()
+                } else {
+                    format!("[{}]", names.join(","))
+                };
                 let mut out = Vec::new();
                 for g in &groups {
                     for res in &resources {
-                        out.push(format!("{g}/{res}: {}", verbs.join(",")));
+                        out.push(format!("{g}/{res}{names}: {}", verbs.join(",")));
                     }
                 }
                 out
@@ -282,6 +291,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
         [
             "/nodes: list,watch",
             "/services: list,watch",
+            "authentication.k8s.io/tokenreviews: create",
             "discovery.k8s.io/endpointslices: list,watch",
             "events.k8s.io/events: create,patch",
             "tidepool.dev/connectionpools/status: patch",
@@ -292,7 +302,9 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
         rules(find(&docs, "Role", "-operator-leader")),
         [
             "coordination.k8s.io/leases: get,create,update",
-            "/pods: patch"
+            "/pods: patch",
+            "/secrets[tp-tidepool-control-ca]: get,update",
+            "/configmaps[tp-tidepool-control-ca]: get,update",
         ]
     );
     // No wildcard anywhere.
@@ -300,6 +312,89 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
     assert!(
         !all.contains("'*'") && !all.contains("\"*\""),
         "a wildcard rule crept in"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_control_stream_is_secured_by_the_chart_and_renders_reproducibly() -> Result<()> {
+    // Two renders are byte-identical: no certificate or key is generated
+    // at render time (the operator makes them).
+    let chart = chart();
+    let args = ["template", "tp", chart.as_str(), "--namespace", "tp"];
+    let (a, b) = (helm(&args, false).await?, helm(&args, false).await?);
+    assert!(a.success, "{}", a.stderr);
+    assert_eq!(a.stdout, b.stdout, "helm template is not reproducible");
+    let docs = render_in("tp", &[]).await?;
+    // The CA objects exist, empty.
+    for kind in ["Secret", "ConfigMap"] {
+        let d = find(&docs, kind, "-control-ca");
+        assert!(
+            d.get("data").is_none() && d.get("stringData").is_none(),
+            "{kind} has data"
+        );
+    }
+    let spec = &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"];
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let sources = spec["volumes"]
+        .as_sequence()
+        .context("agent volumes")?
+        .iter()
+        .find(|v| v["name"] == "control")
+        .context("no control volume")?["projected"]["sources"]
+        .clone();
+    let token = &sources[0]["serviceAccountToken"];
+    assert_eq!(token["audience"], "control.tidepool.dev");
+    assert_eq!(token["expirationSeconds"], 3600);
+    assert_eq!(sources[1]["configMap"]["name"], "tp-tidepool-control-ca");
+    let container = &spec["containers"][0];
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .context("mounts")?
+        .iter()
+        .find(|m| m["name"] == "control")
+        .context("control not mounted")?;
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never updates"
+    );
+    let env = |name: &str| -> Option<String> {
+        container["env"]
+            .as_sequence()?
+            .iter()
+            .find(|e| e["name"] == name)?["value"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        env("TIDEPOOL_OPERATOR").as_deref(),
+        Some("https://tp-tidepool-operator.tp.svc:15010")
+    );
+    assert_eq!(
+        env("TIDEPOOL_OPERATOR_SERVER_NAME").as_deref(),
+        Some("tp-tidepool-operator.tp.svc")
+    );
+    assert!(env("TIDEPOOL_INSECURE_CONTROL").is_none());
+    // Settings follow values.
+    let docs = render(&[
+        "--set",
+        "control.auth.audience=ctl.example",
+        "--set",
+        "control.auth.tokenExpirationSeconds=7200",
+    ])
+    .await?;
+    let spec = &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"];
+    let token = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], "ctl.example");
+    assert_eq!(token["expirationSeconds"], 7200);
+    let op_env =
+        &find(&docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        op_env
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "TIDEPOOL_CONTROL_AUDIENCE" && e["value"] == "ctl.example")
     );
     Ok(())
 }
@@ -327,6 +422,17 @@ async fn bad_values_fail_naming_the_value() -> Result<()> {
             vec!["--set", "operator.podDisruptionBudget.minAvailable=2"],
             "operator.podDisruptionBudget.minAvailable",
         ),
+        (
+            vec!["--set", "control.auth.tokenExpirationSeconds=60"],
+            "/control/auth/tokenExpirationSeconds",
+        ),
+        (
+            vec!["--set", "control.auth.audience="],
+            "/control/auth/audience",
+        ),
+        // No value turns TLS or authentication off.
+        (vec!["--set", "control.tls.enabled=false"], "tls"),
+        (vec!["--set", "control.auth.enabled=false"], "enabled"),
     ];
     for (args, named) in cases {
         let chart = chart();

@@ -41,3 +41,8 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The name the control port's certificate carries, which agents verify. */}}
+{{- define "tidepool.controlHost" -}}
+{{ include "tidepool.fullname" . }}-operator.{{ .Release.Namespace }}.svc
+{{- end }}
