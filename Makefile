@@ -79,7 +79,7 @@ demo: ## the main job on an embedded default (see README)
 .PHONY: bench
 bench: bench-peers ## benchmarks; figures go to docs/benchmarks.md by hand
 	$(CARGO) bench -p tidepool-agent
-	@tools=$$(scripts/install-tools.sh); bins=$$(tests/cluster/build.sh); $(CARGO) build -q --release -p tidepool-operator -p tidepool-e2e --bin tidepool-operator --bin operator-bench && PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $$($(CARGO) metadata -q --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/operator-bench
+	@tools=$$(scripts/install-tools.sh); bins=$$(tests/cluster/build.sh); $(CARGO) build -q --release -p tidepool-operator -p tidepool-e2e --bin tidepool-operator --bin operator-bench --bin failover-bench && target=$$($(CARGO) metadata -q --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])') && PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $$target/release/operator-bench && PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $$target/release/failover-bench
 
 .PHONY: bench-peers
 bench-peers: ## tidepool against HAProxy, Envoy and nginx, side by side (installs them; prints the peer table)

@@ -104,11 +104,39 @@ endpoints:
     conditions: {ready: true}
 YAML
 
+# The agent's identity, as a cluster gives it: a ServiceAccount, a Pod of
+# it on demo-node (no kubelet runs here; the API server binds tokens to the
+# Pod all the same), and a token bound to that Pod with the control
+# audience. The operator reviews it and serves TLS from its own CA.
+kubectl apply --server-side -f - >/dev/null <<YAML
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: tidepool-agent, namespace: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: demo-agent, namespace: default}
+spec:
+  nodeName: demo-node
+  serviceAccountName: tidepool-agent
+  automountServiceAccountToken: false
+  containers: [{name: agent, image: tidepool-agent:demo}]
+YAML
+kubectl create token tidepool-agent -n default --audience control.tidepool.dev \
+  --bound-object-kind Pod --bound-object-name demo-agent --duration 1h >"$dir/agent-token"
+
 say "starting the operator, the agent and two backends"
 start operator "$target/tidepool-operator" --control-listen "$OPERATOR_CONTROL" --admin-listen "$OPERATOR_ADMIN" \
-  --lease-namespace default --identity demo-operator --endpoint-address-map 192.0.2.0/24=127.0.0.0/24
+  --lease-namespace default --identity demo-operator --endpoint-address-map 192.0.2.0/24=127.0.0.0/24 \
+  --agent-service-account default/tidepool-agent --control-dns-names tidepool-operator.default.svc
+for _ in $(seq 1 60); do
+  kubectl get configmap tidepool-control-ca -n default -o jsonpath='{.data.ca\.crt}' >"$dir/ca.crt" 2>/dev/null && [ -s "$dir/ca.crt" ] && break
+  sleep 0.5
+done
+[ -s "$dir/ca.crt" ] || { say "the operator did not publish its CA; see $dir/operator.log"; exit 1; }
 for b in "${BACKENDS[@]}"; do start "backend-${b%%:*}" "$target/tidepool-demo" backend --listen "$b"; done
-start agent "$target/tidepool-agent" --operator "http://$OPERATOR_CONTROL" --node-name demo-node --pod-name demo-agent \
+start agent "$target/tidepool-agent" --operator "https://$OPERATOR_CONTROL" --node-name demo-node --pod-name demo-agent \
+  --operator-server-name tidepool-operator.default.svc --token-file "$dir/agent-token" --ca-file "$dir/ca.crt" \
   --listen "$AGENT_PROXY" --admin-listen "$AGENT_ADMIN"
 
 say "kubectl apply -f examples/connectionpool.yaml"

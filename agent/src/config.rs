@@ -462,40 +462,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--ca-file"), "{err}");
-        let c = parse(&[
-            "--operator",
-            "https://op.ns.svc:15010",
-            "--token-file",
-            "/t",
-            "--ca-file",
-            "/c",
-        ])
-        .unwrap();
-        let Mode::Operator {
-            security: Some(s), ..
-        } = c.mode
-        else {
-            panic!("TLS expected")
-        };
-        assert_eq!(s.server_name, "op.ns.svc");
-        let c = parse(&[
-            "--operator",
-            "https://127.0.0.1:15010",
-            "--token-file",
-            "/t",
-            "--ca-file",
-            "/c",
-            "--operator-server-name",
-            "op.ns.svc",
-        ])
-        .unwrap();
-        let Mode::Operator {
-            security: Some(s), ..
-        } = c.mode
-        else {
-            panic!("TLS expected")
-        };
-        assert_eq!(s.server_name, "op.ns.svc");
+        // The server name is the URL's host unless given.
+        for (url, name) in [
+            ("https://op.ns.svc:15010", None),
+            ("https://127.0.0.1:15010", Some("op.ns.svc")),
+        ] {
+            let mut argv = vec!["--operator", url, "--token-file", "/t", "--ca-file", "/c"];
+            if let Some(n) = name {
+                argv.extend(["--operator-server-name", n]);
+            }
+            let Mode::Operator {
+                security: Some(s), ..
+            } = parse(&argv).unwrap().mode
+            else {
+                panic!("TLS expected for {url}")
+            };
+            assert_eq!(s.server_name, "op.ns.svc", "{url}");
+        }
     }
 
     #[test]

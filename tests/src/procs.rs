@@ -434,15 +434,32 @@ impl Operator {
         format!("http://{}", self.control)
     }
 
-    /// The value of a metric line starting with `name` (first match).
+    /// The value of metric `name` (the sum of its samples; with labels in
+    /// `name`, that sample's).
     pub async fn metric(&self, name: &str) -> Result<f64> {
         let (_, body) = http_get(self.admin, "/metrics").await?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no metric {name} in:\n{body}"))
+        metric_in(&body, name).with_context(|| format!("no metric {name} in:\n{body}"))
     }
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text body
+/// (`name` may carry labels, `name{reason="x"}`, to pick one); `None` when
+/// it has none.
+pub fn metric_in(body: &str, name: &str) -> Option<f64> {
+    let samples: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
+/// The 1-minute load average, for benchmark tables.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// A running agent process.

@@ -90,6 +90,23 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
     ])
     .await?;
     assert_eq!(can.stdout.trim(), "no");
+    // What the control stream needs, and not a byte more: reviews, and the
+    // one CA Secret and ConfigMap by name.
+    let me = format!("system:serviceaccount:{ns}:{SA}");
+    for (verb, what, want) in [
+        ("create", "tokenreviews.authentication.k8s.io", "yes"),
+        ("get", "secret/tp-tidepool-control-ca", "yes"),
+        ("update", "secret/tp-tidepool-control-ca", "yes"),
+        ("get", "configmap/tp-tidepool-control-ca", "yes"),
+        ("get", "secret/some-other-secret", "no"),
+        ("update", "secret/some-other-secret", "no"),
+        ("create", "secrets", "no"),
+        ("delete", "secret/tp-tidepool-control-ca", "no"),
+        ("list", "configmaps", "no"),
+    ] {
+        let can = kubectl(&["auth", "can-i", verb, what, "-n", &ns, "--as", &me]).await?;
+        assert_eq!(can.stdout.trim(), want, "can-i {verb} {what}");
+    }
 
     // The world: two nodes, one backend behind Service `api`.
     let group = ("tidepool.dev/e2e-group", ns.as_str());
@@ -221,5 +238,106 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
         )
         .await?;
     }
+
+    // helm upgrade leaves the CA the operator wrote (the chart never sets
+    // its data), and the agents stay connected.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let ca_before = secrets.get("tp-tidepool-control-ca").await?.data;
+    assert!(
+        ca_before.as_ref().is_some_and(|d| d.contains_key("ca.crt")),
+        "the operator did not fill the CA Secret"
+    );
+    helm(
+        &[
+            "upgrade",
+            "tp",
+            &chart_dir(),
+            "--namespace",
+            &ns,
+            "--set",
+            "operator.logLevel=debug",
+        ],
+        true,
+    )
+    .await?
+    .ok()
+    .context("helm upgrade failed")?;
+    assert_eq!(
+        secrets.get("tp-tidepool-control-ca").await?.data,
+        ca_before,
+        "helm upgrade changed the CA"
+    );
+    let cm: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cm.get("tp-tidepool-control-ca")
+            .await?
+            .data
+            .is_some_and(|d| d.contains_key("ca.crt"))
+    );
+    assert_eq!(
+        operator
+            .metric("tidepool_operator_connected_agents")
+            .await?,
+        2.0
+    );
+
+    // Take away the tokenreviews rule: a new agent is refused, and the
+    // operator says which permission it lacks; the agents already in stay.
+    let role = kubectl(&["get", "clusterrole", SA, "-o", "json"])
+        .await?
+        .ok()?;
+    let mut role: serde_json::Value = serde_json::from_str(&role)?;
+    let rules = role["rules"].as_array_mut().context("rules")?;
+    let before = rules.len();
+    rules.retain(|r| r["resources"] != serde_json::json!(["tokenreviews"]));
+    assert_eq!(
+        rules.len(),
+        before - 1,
+        "the chart's ClusterRole has no tokenreviews rule"
+    );
+    kubectl_stdin(&["replace", "-f", "-"], Some(&role.to_string()))
+        .await?
+        .ok()?;
+    apply_node(&client, &format!("{ns}-n3"), &[group]).await?;
+    let late = Agent::start(&operator, &format!("{ns}-n3"), "127.0.250.3").await?;
+    eventually(
+        Duration::from_secs(30),
+        "the late agent refused for lack of a review",
+        || async {
+            let log = late.proc.log();
+            (log.contains("Unavailable")
+                && log.contains("could not be reviewed")
+                && log.contains("forbidden"))
+            .then_some(())
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "agent log:\n{}\noperator log:\n{}",
+            late.proc.log(),
+            operator.proc.log()
+        )
+    })?;
+    assert_eq!(
+        operator
+            .metric("tidepool_operator_connected_agents")
+            .await?,
+        2.0
+    );
+
+    // helm uninstall removes the CA objects with the release.
+    helm(&["uninstall", "tp", "--namespace", &ns], true)
+        .await?
+        .ok()
+        .context("helm uninstall failed")?;
+    assert!(
+        secrets.get_opt("tp-tidepool-control-ca").await?.is_none(),
+        "the CA Secret outlived the release"
+    );
+    assert!(
+        cm.get_opt("tp-tidepool-control-ca").await?.is_none(),
+        "the CA ConfigMap outlived the release"
+    );
     Ok(())
 }

@@ -171,13 +171,9 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The first sample of metric `name` in a Prometheus text body.
+/// Metric `name` in a Prometheus text body (0 when absent).
 fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    tidepool_e2e::procs::metric_in(body, name).unwrap_or(0.0)
 }
 
 /// The mean of histogram `name` over what was observed between two
