@@ -95,9 +95,9 @@ pub enum CaError {
         namespace: String,
         /// Its name.
         name: String,
-        /// The API error.
+        /// The API error (boxed: it is large, and errors travel by value).
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// Generating or signing failed.
     #[error("generating the {what} failed: {source}")]
@@ -530,7 +530,7 @@ impl Keeper {
             kind,
             namespace: namespace.clone(),
             name: name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -754,11 +754,13 @@ mod tests {
 
     #[test]
     fn garbage_names_the_key() {
-        let mut secret = Secret::default();
-        secret.data = Some(BTreeMap::from([
-            (CA_CRT.into(), ByteString(b"hello".to_vec())),
-            (CA_KEY.into(), ByteString(b"world".to_vec())),
-        ]));
+        let mut secret = Secret {
+            data: Some(BTreeMap::from([
+                (CA_CRT.into(), ByteString(b"hello".to_vec())),
+                (CA_KEY.into(), ByteString(b"world".to_vec())),
+            ])),
+            ..Secret::default()
+        };
         let (key, reason) = read(&secret).unwrap_err();
         assert_eq!(key, CA_CRT);
         assert!(reason.contains("no CERTIFICATE block"), "{reason}");
@@ -772,17 +774,21 @@ mod tests {
         assert_eq!(key, CA_KEY);
         assert!(reason.contains("key does not parse"), "{reason}");
         // A key without a certificate is not "empty": nothing is minted over it.
-        let mut secret = Secret::default();
-        secret.data = Some(BTreeMap::from([(CA_KEY.into(), ByteString(b"k".to_vec()))]));
+        let secret = Secret {
+            data: Some(BTreeMap::from([(CA_KEY.into(), ByteString(b"k".to_vec()))])),
+            ..Secret::default()
+        };
         assert_eq!(read(&secret).unwrap_err().0, CA_CRT);
         // A certificate and a key that do not match.
         let a = Authority::generate(0).unwrap();
         let b = Authority::generate(0).unwrap();
-        let mut secret = Secret::default();
-        secret.data = Some(BTreeMap::from([
-            (CA_CRT.into(), ByteString(a.cert_pem.into_bytes())),
-            (CA_KEY.into(), ByteString(b.key_pem.into_bytes())),
-        ]));
+        let secret = Secret {
+            data: Some(BTreeMap::from([
+                (CA_CRT.into(), ByteString(a.cert_pem.into_bytes())),
+                (CA_KEY.into(), ByteString(b.key_pem.into_bytes())),
+            ])),
+            ..Secret::default()
+        };
         let (key, reason) = read(&secret).unwrap_err();
         assert_eq!(key, CA_KEY);
         assert!(reason.contains("does not match"));

@@ -152,7 +152,49 @@ s_traffic() {
   pass traffic "pool Ready, SYNCED/DESIRED $counts, occupancy on [$got]; every node's client through its own agent, 0 failures; streams per agent:$per_node ($(($(date +%s) - t0)) s)"
 }
 
-# 3. Scale the backends 3 -> 6: the new pods get pooled connections (in
+# 3. The control stream is secured, with kubelet-projected tokens: the CA
+# is in the Secret and the ConfigMap, every agent was reviewed, and two
+# would-be agents with real tokens (another ServiceAccount; the agent's
+# ServiceAccount claiming another node) are refused while the real agents
+# stay connected.
+s_security() {
+  local bad="" leader crt pub reviews n a b before
+  leader=$(leader_pod)
+  leader=${leader#pod/}
+  crt=$(k -n "$ns" get secret "$release-control-ca" -o jsonpath='{.data.ca\.crt}' | base64 -d)
+  pub=$(k -n "$ns" get configmap "$release-control-ca" -o jsonpath='{.data.ca\.crt}')
+  grep -q 'BEGIN CERTIFICATE' <<<"$crt" || bad+=" the CA Secret holds no certificate;"
+  [ "$crt" = "$pub" ] || bad+=" the ConfigMap's bundle is not the Secret's CA;"
+  k -n "$ns" get secret "$release-control-ca" -o jsonpath='{.data.ca\.key}' | base64 -d | grep -q 'PRIVATE KEY' || bad+=" the CA Secret holds no key;"
+  reviews=$(metric "$leader" 15020 tidepool_operator_token_reviews_total)
+  [ "${reviews%.*}" -ge 1 ] 2>/dev/null || bad+=" the leader made $reviews TokenReviews;"
+  before=$(metric "$leader" 15020 tidepool_operator_auth_refusals_total)
+  n=$(nodes | head -n 1)
+  a=$n
+  b=$(nodes | sed -n 2p)
+  k -n shop create configmap stolen-ca --from-literal=ca.crt="$pub" >/dev/null
+  TAG=$tag NS=$ns RELEASE=$release NODE_A=$a NODE_B=$b envsubst '$TAG $NS $RELEASE $NODE_A $NODE_B' <"$kind_dir/manifests/rogue.yaml" | k apply -f - >/dev/null ||
+    { fail security "creating the rogue pods failed"; return 1; }
+  refused_sa() { k -n shop logs rogue-sa 2>/dev/null | grep -qF 'PermissionDenied: the token belongs to "system:serviceaccount:shop:default"'; }
+  refused_node() { k -n "$ns" logs rogue-node 2>/dev/null | grep -qF "PermissionDenied: the Hello claims node \"$b\""; }
+  eventually 60 refused_sa || bad+=" rogue-sa was not refused as another ServiceAccount: $(k -n shop logs rogue-sa 2>&1 | tail -n 2 | cut -c1-300);"
+  eventually 60 refused_node || bad+=" rogue-node was not refused for claiming $b: $(k -n "$ns" logs rogue-node 2>&1 | tail -n 2 | cut -c1-300);"
+  local sa_refusals node_refusals connected
+  sa_refusals=$(metric "$leader" 15020 'tidepool_operator_auth_refusals_total{reason="wrong_service_account"}')
+  node_refusals=$(metric "$leader" 15020 'tidepool_operator_auth_refusals_total{reason="node_mismatch"}')
+  connected=$(metric "$leader" 15020 tidepool_operator_connected_agents)
+  [ "${sa_refusals%.*}" -ge 1 ] 2>/dev/null || bad+=" no wrong_service_account refusal counted;"
+  [ "${node_refusals%.*}" -ge 1 ] 2>/dev/null || bad+=" no node_mismatch refusal counted;"
+  [ "$connected" = 3 ] || bad+=" the leader has $connected agents connected, want 3;"
+  [ "$(pool_counts)" = 3/3 ] || bad+=" SYNCED/DESIRED $(pool_counts), want 3/3;"
+  k -n shop delete pod rogue-sa --wait=false >/dev/null 2>&1
+  k -n "$ns" delete pod rogue-node --wait=false >/dev/null 2>&1
+  k -n shop delete configmap stolen-ca >/dev/null 2>&1
+  [ -z "$bad" ] || { fail security "${bad# }"; return 1; }
+  pass security "CA in the Secret, its certificate in the ConfigMap; $reviews TokenReviews by the leader; a pod of shop/default and an agent-ServiceAccount pod on $a claiming $b, both with kubelet-projected tokens, refused (PermissionDenied: wrong ServiceAccount, node mismatch); the 3 agents stayed connected, pool synced 3/3"
+}
+
+# 4. Scale the backends 3 -> 6: the new pods get pooled connections (in
 # the status) and answer every node's client within one TTL (30 s) of being
 # Ready.
 s_scale() {
@@ -190,7 +232,7 @@ s_scale() {
   return 1
 }
 
-# 4. Delete one worker's agent pod under load: the DaemonSet replaces it,
+# 5. Delete one worker's agent pod under load: the DaemonSet replaces it,
 # that node's client recovers (seconds measured), the other nodes see no
 # failure.
 s_agent_restart() {
@@ -225,7 +267,7 @@ s_agent_restart() {
   pass agent-restart "deleted $agent on $node: replacement Ready after ${ready_s} s; that node's client failed for ${rec} s (time from the delete to its last failing second); other nodes 0 failures"
 }
 
-# 5. Delete the leader operator pod under load: agents keep serving, the
+# 6. Delete the leader operator pod under load: agents keep serving, the
 # standby leads (Lease, label, Service), agents reconnect to it, status
 # resumes (a scale 6 -> 4 is written by the new leader).
 s_leader_failover() {
@@ -262,7 +304,7 @@ s_leader_failover() {
   pass leader-failover "deleted leader $old: $standby held the Lease, the label and the control Service after ${secs} s; 3 agents reconnected to it; 0 client failures on every node through it; then the status it wrote followed a scale to 4"
 }
 
-# 6. helm upgrade of a pool-affecting value: agent.poolPorts exposes the
+# 7. helm upgrade of a pool-affecting value: agent.poolPorts exposes the
 # pool's listenPort on every node; before it, $(HOST_IP):15100 is refused.
 s_upgrade() {
   local since node bad="" before=""
@@ -270,7 +312,8 @@ s_upgrade() {
     before+=$(client_lines clients-port "$node" 0 | awk '$2 > 0 { ok = 1 } END { print ok ? "ok " : "" }')
   done
   [ -z "$before" ] || { fail upgrade "clients on the listenPort succeeded before it was exposed ($before)"; return 1; }
-  local out
+  local out ca_before ca_after
+  ca_before=$(k -n "$ns" get secret "$release-control-ca" -o jsonpath='{.data.ca\.crt}')
   if ! out=$(h upgrade "$release" "$repo_dir/charts/tidepool" --namespace "$ns" --reuse-values \
     --set 'agent.poolPorts={15100}' --wait --timeout 5m 2>&1); then
     fail upgrade "helm upgrade --wait failed: $out"
@@ -281,10 +324,12 @@ s_upgrade() {
   eventually 60 served || { fail upgrade "after the upgrade the listenPort clients did not succeed on every node: $(for n in $(nodes); do client_lines clients-port "$n" "$since" | tail -n 1; done | tr '\n' '|')"; return 1; }
   local hp
   hp=$(k -n "$ns" get ds "$release-agent" -o json | jq -c '[.spec.template.spec.containers[0].ports[].hostPort | select(. != null)]')
-  pass upgrade "helm upgrade --set agent.poolPorts={15100}: agents rolled (hostPorts $hp); listenPort clients on every node went from refused to served"
+  ca_after=$(k -n "$ns" get secret "$release-control-ca" -o jsonpath='{.data.ca\.crt}')
+  [ -n "$ca_before" ] && [ "$ca_before" = "$ca_after" ] || { fail upgrade "the control CA changed across helm upgrade (or is empty)"; return 1; }
+  pass upgrade "helm upgrade --set agent.poolPorts={15100}: agents rolled (hostPorts $hp) and rejoined with the CA the operator kept (unchanged by the upgrade); listenPort clients on every node went from refused to served"
 }
 
-# 7. helm uninstall: every object of the release is gone, the CRD stays.
+# 8. helm uninstall: every object of the release is gone, the CRD stays.
 s_uninstall() {
   local out left
   if ! out=$(h uninstall "$release" --namespace "$ns" --wait --timeout 3m 2>&1); then
@@ -310,7 +355,7 @@ need jq "apt-get install jq"
 failed=0
 skip=""
 # E2E_ONLY narrows the scenarios (for working on one; the order stays).
-for s in ${E2E_ONLY:-install traffic scale agent_restart leader_failover upgrade uninstall}; do
+for s in ${E2E_ONLY:-install traffic security scale agent_restart leader_failover upgrade uninstall}; do
   name=${s//_/-}
   if [ -n "$skip" ]; then
     fail "$name" "not run: $skip failed"
