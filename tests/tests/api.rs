@@ -134,7 +134,10 @@ async fn explain_teaches_every_field() -> Result<()> {
         ),
         ("connectionpool.status.addresses", "at most 50 entries"),
         ("connectionpool.spec.clients", "PERMISSION_DENIED"),
-        ("connectionpool.spec.clients.namespaces", "an empty list is not"),
+        (
+            "connectionpool.spec.clients.namespaces",
+            "an empty list is not",
+        ),
     ];
     // The API server publishes a new CRD's OpenAPI a moment after it is
     // Established; wait for it (bounded) before reading descriptions.
