@@ -211,14 +211,25 @@ impl pb::PoolReport {
 /// so equal content always has the same version, across operator restarts
 /// too (an agent's `Hello.version` then says whether it is up to date).
 pub fn snapshot_version(pools: &[pb::Pool]) -> String {
+    content_version(pools)
+}
+
+/// The version of a node's pod map with these entries, as
+/// [`snapshot_version`] is of pools: equal content, equal version.
+pub fn clients_version(pods: &[pb::PodAddress]) -> String {
+    content_version(pods)
+}
+
+fn content_version<M: Message>(messages: &[M]) -> String {
     // FNV-1a, 64 bits: stable across builds and platforms, unlike std's
     // hasher, and collisions between two configurations of one node are
     // not a concern at this size.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut buf = Vec::new();
-    for pool in pools {
+    for message in messages {
         buf.clear();
-        pool.encode_length_delimited(&mut buf)
+        message
+            .encode_length_delimited(&mut buf)
             .expect("a Vec grows as needed");
         for b in &buf {
             hash ^= u64::from(*b);

@@ -45,6 +45,8 @@ pub struct ControlService {
     /// Whether every pool has been reconciled once (before, nothing is
     /// sent: a partial snapshot would remove pools from agents).
     pub initialized: watch::Receiver<bool>,
+    /// Each node's pod map, for `spec.clients`.
+    pub clients: Arc<crate::clients::NodeClients>,
     /// Bounds how many sessions write a snapshot at once.
     pub fanout: Arc<Semaphore>,
     /// Metrics.
@@ -183,8 +185,13 @@ impl Session {
         outbox: watch::Receiver<Option<Arc<crate::desired::Snapshot>>>,
         tx: mpsc::Sender<Result<pb::OperatorMessage, Status>>,
     ) {
+        // The node's pod map goes ahead of the first snapshot, so pools with
+        // spec.clients do not refuse clients for want of it.
+        let mut maps = self.service.clients.subscribe(&self.node);
+        crate::clients::send_current(&mut maps, &tx, &self.service.metrics).await;
         let reason = tokio::select! {
             r = self.write(outbox, tx.clone()) => r,
+            r = crate::clients::write(maps, tx.clone(), self.service.metrics.clone()) => r,
             r = self.read(&mut inbound) => {
                 if let Err(status) = &r.1 {
                     let _ = tx.send(Err(status.clone())).await;

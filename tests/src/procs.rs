@@ -322,13 +322,19 @@ impl Operator {
 
     /// The value of a metric line starting with `name` (first match).
     pub async fn metric(&self, name: &str) -> Result<f64> {
-        let (_, body) = http_get(self.admin, "/metrics").await?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no metric {name} in:\n{body}"))
+        metric(self.admin, name).await
     }
+}
+
+/// The value of the first metric line on `admin`'s `/metrics` that starts
+/// with `name` (a name, or a name and the start of its labels).
+async fn metric(admin: SocketAddr, name: &str) -> Result<f64> {
+    let (_, body) = http_get(admin, "/metrics").await?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{', ',', '}']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no metric {name} in:\n{body}"))
 }
 
 /// A running agent process.
@@ -383,6 +389,20 @@ impl Agent {
             },
             _ => vec![],
         }
+    }
+
+    /// The agent's `/clients` (its node's pod map), parsed; `Null` when it
+    /// cannot be read.
+    pub async fn clients(&self) -> serde_json::Value {
+        match http_get(self.admin, "/clients").await {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// The value of a metric line starting with `name` (first match).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        metric(self.admin, name).await
     }
 
     /// The pool `namespace/name` as `/pools` shows it.

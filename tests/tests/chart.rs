@@ -281,6 +281,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
         cluster_rules,
         [
             "/nodes: list,watch",
+            "/pods: list,watch",
             "/services: list,watch",
             "discovery.k8s.io/endpointslices: list,watch",
             "events.k8s.io/events: create,patch",
