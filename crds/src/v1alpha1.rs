@@ -150,8 +150,17 @@ pub struct Clients {
     /// 64, each listed once. Pods on the host network, pods of other nodes
     /// and addresses the agent does not know are refused. To refuse every
     /// client, delete the pool; an empty list is not accepted.
-    #[schemars(length(min = 1, max = 64))]
+    // "At least one" is a CEL rule rather than `minItems`, so the message
+    // can say what an empty list would have to be replaced with.
+    #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "size(self) >= 1",
+            "message": "spec.clients.namespaces must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
     pub namespaces: Vec<NamespaceName>,
 }
 

@@ -295,7 +295,7 @@ impl ConnectionPoolSpec {
             if namespaces.is_empty() {
                 err(
                     "spec.clients.namespaces",
-                    "must list at least one namespace; to refuse every client, delete the pool"
+                    "must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)"
                         .into(),
                 );
             }
