@@ -439,6 +439,7 @@ pub async fn session<A: Apply>(
             version: state.version.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             deltas: true,
+            clients: true,
         })),
     };
     // The channel has room: this cannot wait.

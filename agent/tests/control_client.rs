@@ -163,6 +163,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         ("node-a", "agent-a", "")
     );
     assert!(hello.deltas, "the agent says it understands deltas");
+    assert!(hello.clients, "the agent says it enforces spec.clients");
 
     // A good snapshot: applied and acked.
     tx.send(Ok(snapshot("v1", 3, "127.0.0.2:50051")))

@@ -3,7 +3,8 @@
 //! PERMISSION_DENIED naming the pool and is never forwarded (the backend
 //! sees no connection), while an allowed client on the same agent is
 //! served; a pool without a list serves everyone; a new pod map takes
-//! effect on connections already open. Clients bind their socket to a
+//! effect on connections already open; a pool's dedicated port checks the
+//! same way. Clients bind their socket to a
 //! chosen loopback address first, standing for a pod IP.
 
 mod support;
@@ -157,6 +158,40 @@ async fn a_new_pod_map_applies_to_open_connections_and_unknown_fails_closed() {
             ])
             .unwrap();
         assert_eq!(call(&mut client).await.unwrap(), "b");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_dedicated_listener_checks_clients_too() {
+    timeout(Duration::from_secs(20), async {
+        let backend = Backend::start("b").await;
+        let app = agent().await;
+        let port = free_port();
+        app.runtime()
+            .apply(vec![
+                pool("echo", &[backend.address()])
+                    .listen_port(port)
+                    .clients(&["shop"])
+                    .build(),
+            ])
+            .unwrap();
+        app.runtime()
+            .set_clients(map("v1", &[(SHOP, "shop"), (DEV, "dev")]));
+        let dedicated = std::net::SocketAddr::new(app.proxy_addr().ip(), port);
+        // Any authority: the port alone chooses the pool.
+        let mut dev = Client::connect_from(dedicated, "anything", DEV).await;
+        let status = call(&mut dev).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("pool default/echo"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(backend.accepts(), 0);
+        let mut shop = Client::connect_from(dedicated, "anything", SHOP).await;
+        assert_eq!(call(&mut shop).await.unwrap(), "b");
     })
     .await
     .unwrap();

@@ -159,6 +159,13 @@ impl pb::control_server::Control for ControlService {
             replaced = reg.replaced,
             "agent connected"
         );
+        if !hello.clients {
+            tracing::warn!(
+                node = %hello.node,
+                agent = %hello.agent_version,
+                "this agent predates spec.clients: on its node, pools with a client list serve every client until the agent is upgraded"
+            );
+        }
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             service: self.clone(),
