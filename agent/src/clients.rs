@@ -99,7 +99,9 @@ pub fn receive<A: crate::control::Apply>(applier: &A, message: pb::NodeClients) 
     if !skipped.is_empty() {
         tracing::warn!(version = %map.version, ?skipped, "pod map entries with an IP that does not parse were left out");
     }
-    tracing::info!(version = %map.version, pods = map.len(), "pod map applied");
+    // Debug: with pods coming and going this is frequent; the size is the
+    // metric tidepool_clients_pods, the map itself on /clients.
+    tracing::debug!(version = %map.version, pods = map.len(), "pod map applied");
     applier.set_clients(map);
 }
 

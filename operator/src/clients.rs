@@ -44,31 +44,50 @@ pub type MapReceiver = watch::Receiver<Option<Arc<pb::NodeClients>>>;
 
 /// Every node's latest map, as a channel its sessions watch.
 ///
-/// Invariants: `nodes` is locked only to subscribe or to hand out new
+/// Invariants: `inner` is locked only to subscribe or to hand out new
 /// maps (no await under it). A node has a channel while an agent session
-/// of it watches or while pods run on it; a channel's value is `None`
-/// until the pod watch has listed everything once, so no session is sent
-/// a map built from a partial list (which would refuse clients the agent
-/// still knows).
+/// of it watches or while pods run on it. Until the pod watch has listed
+/// everything once (`listed`), every channel's value is `None`, so no
+/// session is sent a map built from a partial list (which would refuse
+/// clients the agent still knows); after it, a node's value is always its
+/// map, empty for a node without pods.
 #[derive(Debug, Default)]
 pub struct NodeClients {
-    nodes: Mutex<HashMap<String, watch::Sender<Option<Arc<pb::NodeClients>>>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Whether [`NodeClients::update`] has run once.
+    listed: bool,
+    nodes: HashMap<String, watch::Sender<Option<Arc<pb::NodeClients>>>>,
+}
+
+/// A map of these pods, with its version.
+fn map_of(pods: Vec<pb::PodAddress>) -> Arc<pb::NodeClients> {
+    let version = clients_version(&pods);
+    Arc::new(pb::NodeClients { version, pods })
 }
 
 impl NodeClients {
-    /// The channel of `node`'s map, made if it has none.
+    /// The channel of `node`'s map, made if it has none (holding an empty
+    /// map once the pods have been listed: the node has none).
     pub fn subscribe(&self, node: &str) -> MapReceiver {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let listed = inner.listed;
+        inner
+            .nodes
             .entry(node.to_owned())
-            .or_insert_with(|| watch::Sender::new(None))
+            .or_insert_with(|| watch::Sender::new(listed.then(|| map_of(Vec::new()))))
             .subscribe()
     }
 
     /// Hands every node its map from `maps` (an empty one to a watched node
     /// that has no pod any more). Returns how many nodes' maps changed.
     pub fn update(&self, mut maps: BTreeMap<String, Vec<pb::PodAddress>>) -> usize {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.listed = true;
+        let nodes = &mut inner.nodes;
         let mut changed = 0;
         for (node, tx) in nodes.iter() {
             let pods = maps.remove(node).unwrap_or_default();
@@ -83,9 +102,7 @@ impl NodeClients {
             changed += usize::from(modified);
         }
         for (node, pods) in maps {
-            let version = clients_version(&pods);
-            let map = Arc::new(pb::NodeClients { version, pods });
-            nodes.insert(node, watch::Sender::new(Some(map)));
+            nodes.insert(node, watch::Sender::new(Some(map_of(pods))));
             changed += 1;
         }
         // Forget nodes no session watches and no pod runs on.
@@ -409,5 +426,9 @@ mod tests {
         let now = n1.borrow_and_update().clone().unwrap();
         assert!(now.pods.is_empty());
         assert_ne!(now.version, first.version);
+
+        // A node first seen after the list has no pods: an empty map at once.
+        let n3 = clients.subscribe("n3");
+        assert_eq!(n3.borrow().as_ref().unwrap().pods, []);
     }
 }
