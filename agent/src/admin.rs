@@ -4,8 +4,10 @@
 //! - `/healthz`: 200 while the process runs.
 //! - `/readyz`: 200 once a configuration is applied and until draining
 //!   starts, 503 otherwise.
-//! - `/pools`: JSON: every pool's settings, addresses and per-address
-//!   occupancy.
+//! - `/pools`: JSON: every pool's settings, who may use it, addresses and
+//!   per-address occupancy.
+//! - `/clients`: JSON: the pod map `spec.clients` is checked against (this
+//!   node's pod IPs and their namespaces, as the operator last sent them).
 
 use std::sync::Arc;
 
@@ -36,6 +38,7 @@ pub fn router(runtime: Runtime, registry: Arc<Registry>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/pools", get(pools))
+        .route("/clients", get(clients))
         .with_state(Admin { runtime, registry })
 }
 
@@ -102,6 +105,9 @@ pub struct PoolView {
     pub generation: i64,
     /// The settings in force, in the resource's words.
     pub settings: SettingsView,
+    /// `spec.clients.namespaces`; absent when every client may use it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<String>>,
     /// Per-address occupancy.
     pub addresses: Vec<AddressView>,
 }
@@ -190,10 +196,44 @@ impl From<&PoolReport> for PoolView {
                 acquire_timeout_seconds: s.acquire_timeout.as_secs_f64(),
             },
             addresses: r.addresses.iter().map(AddressView::from).collect(),
+            clients: r.clients.clone(),
         }
     }
 }
 
 async fn pools(State(admin): State<Admin>) -> Json<Vec<PoolView>> {
     Json(admin.runtime.report().iter().map(PoolView::from).collect())
+}
+
+/// `/clients`.
+#[derive(Debug, Serialize)]
+pub struct ClientsView {
+    /// The operator's version of the map; empty before the first.
+    pub version: String,
+    /// Pod IP to namespace, sorted by IP.
+    pub pods: Vec<PodView>,
+}
+
+/// One pod IP in `/clients`.
+#[derive(Debug, Serialize)]
+pub struct PodView {
+    /// The pod IP.
+    pub ip: String,
+    /// Its namespace.
+    pub namespace: String,
+}
+
+async fn clients(State(admin): State<Admin>) -> Json<ClientsView> {
+    let map = admin.runtime.clients();
+    Json(ClientsView {
+        version: map.version.clone(),
+        pods: map
+            .entries()
+            .into_iter()
+            .map(|(ip, namespace)| PodView {
+                ip: ip.to_string(),
+                namespace: namespace.to_owned(),
+            })
+            .collect(),
+    })
 }

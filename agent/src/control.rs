@@ -58,6 +58,9 @@ pub trait Apply: Send + Sync + 'static {
     fn report_version(&self) -> Option<u64> {
         None
     }
+    /// Replaces the pod map `spec.clients` is checked against
+    /// ([`crate::clients`]). The default ignores it.
+    fn set_clients(&self, _map: crate::clients::ClientMap) {}
 }
 
 /// The last report sent on a session.
@@ -104,6 +107,10 @@ impl Apply for Runtime {
             .into_iter()
             .map(report_to_pb)
             .collect()
+    }
+
+    fn set_clients(&self, map: crate::clients::ClientMap) {
+        Runtime::set_clients(self, map);
     }
 }
 
@@ -573,6 +580,7 @@ pub async fn session<A: Apply>(
             version: state.version.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             deltas: true,
+            clients: true,
         })),
     };
     // The channel has room: this cannot wait.
@@ -606,6 +614,9 @@ pub async fn session<A: Apply>(
                     // The new pools are reported at the next check, not at
                     // once: right after a push every agent would report
                     // together, while the operator still fans out.
+                }
+                Ok(Some(pb::OperatorMessage { kind: Some(pb::operator_message::Kind::Clients(clients)) })) => {
+                    crate::clients::receive(applier, clients);
                 }
                 Ok(Some(_)) => tracing::debug!("ignoring an operator message this agent does not know"),
                 Ok(None) => return Err(ControlError::Closed),

@@ -3,6 +3,7 @@
 //! - [`pool`]: go-micro's linked-list stream pool, made concurrent and observable.
 //! - [`proxy`]: the h2c gRPC proxy over the pools (listeners, forwarding).
 //! - [`router`]: `:authority` to pool, and load-aware address choice.
+//! - [`clients`]: who may use a pool (`spec.clients`), by the client's IP.
 //! - [`runtime`]: the pools in force, replaced atomically by [`runtime::Runtime::apply`].
 //! - [`config`]: flags and [`config::PoolConfig`].
 //! - [`control`]: the control stream to the operator (Kubernetes mode).
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clients;
 pub mod code;
 pub mod config;
 pub mod control;

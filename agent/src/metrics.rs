@@ -10,6 +10,8 @@
 //! | `proxy_rejected_total{reason}` | counter | streams or connections refused before reaching a pool (`unknown_authority`, `not_grpc`, `http1`, `bad_preface`) |
 //! | `proxy_connections_active{listener}` | gauge | client connections open, per listener (`shared` or the port) |
 //! | `proxy_client_goaway_total{reason}` | counter | client connections the agent closed for breaking HTTP/2's rules, by the GOAWAY's error code (`ENHANCE_YOUR_CALM` for a flood of small or empty DATA frames, `PROTOCOL_ERROR`, …) |
+//! | `proxy_refused_total{pool, reason}` | counter | streams refused because the pool's `spec.clients` does not admit the client (`namespace`: a pod of another namespace; `unknown_ip`: no pod of this node the agent knows); nothing is dialed |
+//! | `clients_pods` | gauge | pod IPs of this node in the pod map the operator sent (`spec.clients` is checked against it) |
 //! | `config_applies_total{result}` | counter | configurations applied (`ok`) or refused (`error`) |
 //! | `config_pools` | gauge | pools in force |
 
@@ -47,6 +49,15 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Labels `{pool, reason}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `namespace/name`.
+    pub pool: String,
+    /// `namespace` or `unknown_ip`.
+    pub reason: &'static str,
+}
+
 /// Labels `{listener}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -75,6 +86,8 @@ pub struct Metrics {
     streams_active: Family<PoolLabel, Gauge>,
     stream_duration: HistogramFamily<PoolLabel>,
     rejected: Family<ReasonLabel, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    client_pods: Gauge,
     connections_active: Family<ListenerLabel, Gauge>,
     client_goaway: Family<ReasonLabel, Counter>,
     applies: Family<ResultLabel, Counter>,
@@ -89,6 +102,8 @@ impl Metrics {
             streams_active: Family::default(),
             stream_duration: Family::new_with_constructor(duration_histogram),
             rejected: Family::default(),
+            refused: Family::default(),
+            client_pods: Gauge::default(),
             connections_active: Family::default(),
             client_goaway: Family::default(),
             applies: Family::default(),
@@ -116,6 +131,11 @@ impl Metrics {
             metrics.rejected.clone(),
         );
         proxy.register(
+            "refused",
+            "Streams refused because the pool's spec.clients does not admit the client",
+            metrics.refused.clone(),
+        );
+        proxy.register(
             "connections_active",
             "Client connections open, per listener",
             metrics.connections_active.clone(),
@@ -132,6 +152,11 @@ impl Metrics {
             metrics.applies.clone(),
         );
         config.register("pools", "Pools in force", metrics.pools.clone());
+        registry.sub_registry_with_prefix("clients").register(
+            "pods",
+            "Pod IPs of this node in the pod map the operator sent",
+            metrics.client_pods.clone(),
+        );
         metrics
     }
 
@@ -162,6 +187,12 @@ impl Metrics {
         };
         self.streams_active.remove(&label);
         self.stream_duration.remove(&label);
+        for reason in ["namespace", "unknown_ip"] {
+            self.refused.remove(&RefusedLabels {
+                pool: pool.to_owned(),
+                reason,
+            });
+        }
         for code in Code::ALL {
             self.streams.remove(&StreamLabels {
                 pool: pool.to_owned(),
@@ -173,6 +204,22 @@ impl Metrics {
     /// Counts a refusal.
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts a stream refused by a pool's `spec.clients`.
+    pub fn refused(&self, pool: &str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                pool: pool.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Records the size of the pod map in force.
+    pub fn client_map(&self, pods: usize) {
+        self.client_pods
+            .set(i64::try_from(pods).unwrap_or(i64::MAX));
     }
 
     /// Counts a client connection closed with a GOAWAY of the agent's own

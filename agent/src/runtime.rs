@@ -19,6 +19,7 @@ use tidepool_crds::validate::{SpecErrors, check_address};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::clients::ClientMap;
 use crate::config::{PoolConfig, ProxyOptions};
 use crate::metrics::{Metrics, PoolStreamMetrics};
 use crate::pool::h2::H2Connector;
@@ -150,6 +151,8 @@ pub struct PoolReport {
     /// Every declared address, sorted (all zero for an unused one), then
     /// any address still draining after it was removed.
     pub addresses: Vec<AddressOccupancy>,
+    /// `spec.clients.namespaces`; `None` when every client may use it.
+    pub clients: Option<Vec<String>>,
 }
 
 /// The running configuration. Cheap to clone: clones share it.
@@ -175,6 +178,9 @@ impl std::fmt::Debug for Runtime {
 /// - A removed pool leaves the table first, so no new stream finds it; its
 ///   addresses are then retired, so idle connections close now and busy ones
 ///   when their last stream ends (leases keep the pool state alive).
+/// - `clients` is replaced whole by [`Runtime::set_clients`], apart from
+///   the table (the pod map changes with pods, the table with pools); a
+///   stream reads it once, when it is admitted.
 struct Inner {
     options: RuntimeOptions,
     /// Serves a pool's dedicated listener (the app passes the proxy's):
@@ -183,6 +189,9 @@ struct Inner {
     /// Read on every request without a lock or a reference count
     /// ([`Runtime::with_table`]); replaced whole by `apply`.
     table: ArcSwap<Table>,
+    /// The pod IPs of this node and their namespaces
+    /// ([`crate::clients`]); empty until the operator sends one.
+    clients: ArcSwap<ClientMap>,
     applying: Mutex<()>,
     listeners: Mutex<HashMap<u16, CancellationToken>>,
     changes: watch::Sender<u64>,
@@ -212,6 +221,7 @@ impl Runtime {
                 options,
                 serve,
                 table: ArcSwap::from_pointee(Table::default()),
+                clients: ArcSwap::from_pointee(ClientMap::default()),
                 applying: Mutex::new(()),
                 listeners: Mutex::new(HashMap::new()),
                 changes,
@@ -231,6 +241,24 @@ impl Runtime {
     /// way in (no lock, no reference count in the common case).
     pub fn with_table<R>(&self, f: impl FnOnce(&Table) -> R) -> R {
         f(&self.inner.table.load())
+    }
+
+    /// Runs `f` on the pod map in force, borrowed (the request path's way
+    /// in, like [`Runtime::with_table`]).
+    pub fn with_clients<R>(&self, f: impl FnOnce(&ClientMap) -> R) -> R {
+        f(&self.inner.clients.load())
+    }
+
+    /// The pod map in force.
+    pub fn clients(&self) -> Arc<ClientMap> {
+        self.inner.clients.load_full()
+    }
+
+    /// Replaces the pod map: from now on new streams are admitted by it.
+    /// Streams already admitted carry on.
+    pub fn set_clients(&self, map: ClientMap) {
+        self.inner.metrics.client_map(map.len());
+        self.inner.clients.store(Arc::new(map));
     }
 
     /// The agent's metrics.
@@ -470,6 +498,12 @@ fn report(entry: &PoolEntry) -> PoolReport {
         generation: entry.config.generation,
         settings: entry.settings,
         addresses,
+        clients: entry
+            .config
+            .spec
+            .clients
+            .as_ref()
+            .map(|c| c.namespaces.iter().map(|n| n.0.clone()).collect()),
     }
 }
 

@@ -90,6 +90,17 @@ pub enum Error {
         /// `namespace/name`.
         pool: String,
     },
+    /// A ConnectionPool lists `spec.clients`, which needs the operator's
+    /// pod map: standalone, every client would be refused.
+    #[error(
+        "{file}: ConnectionPool {pool}: spec.clients needs the operator, which tells the agent the namespace of each pod IP; standalone mode would refuse every client, so remove spec.clients"
+    )]
+    Clients {
+        /// The file.
+        file: PathBuf,
+        /// `namespace/name`.
+        pool: String,
+    },
     /// The runtime refused the pools (duplicates, port clashes, binding).
     #[error("{file}: {source}")]
     Apply {
@@ -219,6 +230,12 @@ fn pool_config(file: &Path, document: usize, pool: ConnectionPool) -> Result<Poo
             pool: key,
         });
     };
+    if pool.spec.clients.is_some() {
+        return Err(Error::Clients {
+            file: file.to_owned(),
+            pool: key,
+        });
+    }
     Ok(PoolConfig {
         uid: pool
             .metadata
@@ -394,5 +411,18 @@ spec: {target: {service: {name: echo, port: 50051}}}
         );
         let err = parse_str("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n").unwrap_err();
         assert!(matches!(err, Error::Kind { document: 1, .. }), "{err}");
+        let err = parse_str(
+            "apiVersion: tidepool.dev/v1alpha1
+kind: ConnectionPool
+metadata: {name: echo, namespace: shop}
+spec: {target: {addresses: ['127.0.0.1:1']}, clients: {namespaces: [shop]}}
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("shop/echo") && err.contains("spec.clients needs the operator"),
+            "{err}"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! tonic server speaking the control protocol) and a real agent runtime:
 //! Hello, atomic apply with Ack, an invalid snapshot Nacked with the last
 //! good configuration kept, reports, deltas merged (or Nacked when their
-//! base is not what runs), and a redial that says which version the agent
-//! runs.
+//! base is not what runs), the node's pod map taken whole and kept across
+//! a redial, and a redial that says which version the agent runs.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -163,6 +163,7 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         ("node-a", "agent-a", "")
     );
     assert!(hello.deltas, "the agent says it understands deltas");
+    assert!(hello.clients, "the agent says it enforces spec.clients");
 
     // A good snapshot: applied and acked.
     tx.send(Ok(snapshot("v1", 3, "127.0.0.2:50051")))
@@ -191,6 +192,25 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
     );
     assert_eq!(report.pools[0].addresses[0].address, "127.0.0.2:50051");
 
+    // The node's pod map: not answered, so the Nack below (the agent reads
+    // in order) shows it was taken; a bad IP is left out.
+    let pod = |ip: &str, namespace: &str| pb::PodAddress {
+        ip: ip.into(),
+        namespace: namespace.into(),
+    };
+    tx.send(Ok(pb::OperatorMessage {
+        kind: Some(pb::operator_message::Kind::Clients(pb::NodeClients {
+            version: "c1".into(),
+            pods: vec![
+                pod("10.1.0.5", "shop"),
+                pod("fd00::5", "dev"),
+                pod("10.1.0.x", "dev"),
+            ],
+        })),
+    }))
+    .await
+    .unwrap();
+
     // An invalid one (size 0): nacked naming the field; nothing changed.
     tx.send(Ok(snapshot("v2", 0, "127.0.0.3:50051")))
         .await
@@ -206,6 +226,15 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
     assert_eq!(
         table.pools["shop/api"].config.addresses,
         ["127.0.0.2:50051"]
+    );
+    let clients = runtime.clients();
+    assert_eq!(clients.version, "c1");
+    assert_eq!(
+        clients.entries(),
+        [
+            ("10.1.0.5".parse().unwrap(), "shop"),
+            ("fd00::5".parse().unwrap(), "dev")
+        ]
     );
 
     // A delta for a version the agent does not run: nacked naming both
@@ -259,6 +288,10 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         panic!("the first message must be a Hello")
     };
     assert_eq!(hello.version, "v4");
+    // The pod map is kept meanwhile: the pods did not go away with the
+    // operator.
+    assert_eq!(runtime.clients().version, "c1");
+    assert_eq!(runtime.clients().len(), 2);
 
     stop.cancel();
     operator_stop.cancel();

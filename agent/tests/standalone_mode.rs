@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use support::*;
 use tidepool_agent::standalone;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
@@ -32,26 +31,6 @@ fn manifest(name: &str, addresses: &[String], extra: &str) -> String {
 }
 
 /// A plain HTTP/1.0 GET: status and body.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("0")
-        .parse()
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 async fn served_by(
     app: &tidepool_agent::app::App,
     authority: &str,

@@ -10,7 +10,9 @@
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use prost::Message;
 
-use crate::v1alpha1::{Address, ConnectionPoolSpec, ServiceTarget, Target, WhenFull};
+use crate::v1alpha1::{
+    Address, Clients, ConnectionPoolSpec, NamespaceName, ServiceTarget, Target, WhenFull,
+};
 
 /// The generated messages, client and server.
 #[allow(missing_docs, clippy::all)]
@@ -137,6 +139,9 @@ pub fn spec_to_pb(spec: &ConnectionPoolSpec) -> pb::PoolSpec {
         },
         acquire_timeout: spec.acquire_timeout.clone(),
         listen_port: spec.listen_port,
+        clients: spec.clients.as_ref().map(|c| pb::PoolClients {
+            namespaces: c.namespaces.iter().map(|n| n.0.clone()).collect(),
+        }),
     }
 }
 
@@ -181,6 +186,10 @@ pub fn spec_from_pb(pool: &str, spec: pb::PoolSpec) -> Result<ConnectionPoolSpec
         when_full,
         acquire_timeout: spec.acquire_timeout,
         listen_port: spec.listen_port,
+        // Absent (an operator built before the field): every client.
+        clients: spec.clients.map(|c| Clients {
+            namespaces: c.namespaces.into_iter().map(NamespaceName).collect(),
+        }),
     })
 }
 
@@ -202,14 +211,25 @@ impl pb::PoolReport {
 /// so equal content always has the same version, across operator restarts
 /// too (an agent's `Hello.version` then says whether it is up to date).
 pub fn snapshot_version(pools: &[pb::Pool]) -> String {
+    content_version(pools)
+}
+
+/// The version of a node's pod map with these entries, as
+/// [`snapshot_version`] is of pools: equal content, equal version.
+pub fn clients_version(pods: &[pb::PodAddress]) -> String {
+    content_version(pods)
+}
+
+fn content_version<M: Message>(messages: &[M]) -> String {
     // FNV-1a, 64 bits: stable across builds and platforms, unlike std's
     // hasher, and collisions between two configurations of one node are
     // not a concern at this size.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut buf = Vec::new();
-    for pool in pools {
+    for message in messages {
         buf.clear();
-        pool.encode_length_delimited(&mut buf)
+        message
+            .encode_length_delimited(&mut buf)
             .expect("a Vec grows as needed");
         for b in &buf {
             hash ^= u64::from(*b);
@@ -237,6 +257,7 @@ mod tests {
             spec(
                 "target: {addresses: ['10.0.0.1:50051', '[fd00::7]:80']}\nttl: 1h30m\nmaxStreams: 7",
             ),
+            spec("target: {service: {name: a, port: 1}}\nclients: {namespaces: [shop, billing]}"),
         ] {
             assert_eq!(spec_from_pb("ns/p", spec_to_pb(&s)).unwrap(), s);
         }

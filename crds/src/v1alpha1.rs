@@ -22,6 +22,13 @@ pub const ADDRESS_PATTERN: &str =
 /// The most addresses a static target may list.
 pub const MAX_STATIC_ADDRESSES: usize = 256;
 
+/// A namespace name: a DNS-1123 label (lower-case letters, digits and `-`,
+/// starting and ending with a letter or digit, at most 63 characters).
+pub const NAMESPACE_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// The most namespaces `spec.clients.namespaces` may list.
+pub const MAX_CLIENT_NAMESPACES: usize = 64;
+
 /// How a pool of gRPC connections to one target is kept.
 ///
 /// Field meanings follow go-micro's gRPC client pool (PoolSize, PoolTTL,
@@ -125,7 +132,49 @@ pub struct ConnectionPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub listen_port: Option<i32>,
+
+    /// Who may use the pool. Unset: pods of every namespace, as a Service
+    /// allows. Set: only pods of the namespaces listed, told apart by the
+    /// source IP of their connection to the agent (the pod IPs of the
+    /// agent's own node); any other client gets PERMISSION_DENIED and no
+    /// backend is dialed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Clients>,
 }
+
+/// The clients a pool serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Clients {
+    /// The namespaces whose pods may use the pool, at least one and at most
+    /// 64, each listed once. Pods on the host network, pods of other nodes
+    /// and addresses the agent does not know are refused. To refuse every
+    /// client, delete the pool; an empty list is not accepted.
+    // "At least one" is a CEL rule rather than `minItems`, so the message
+    // can say what an empty list would have to be replaced with.
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "size(self) >= 1",
+            "message": "spec.clients.namespaces must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
+    pub namespaces: Vec<NamespaceName>,
+}
+
+/// A namespace named in `spec.clients.namespaces`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(transparent)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "spec.clients.namespaces: each entry must be a namespace name (a DNS-1123 label: lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters), such as shop",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct NamespaceName(#[schemars(length(min = 1, max = 63))] pub String);
 
 /// Where a pool's connections go.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::v1alpha1::{ConnectionPoolSpec, MAX_STATIC_ADDRESSES, effective_max_idle};
+use crate::v1alpha1::{
+    ConnectionPoolSpec, MAX_CLIENT_NAMESPACES, MAX_STATIC_ADDRESSES, effective_max_idle,
+};
 
 /// One rule a field breaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +151,25 @@ pub fn check_address(a: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a namespace name: a DNS-1123 label, as the API server requires
+/// of `metadata.namespace`.
+pub fn check_namespace(ns: &str) -> Result<(), String> {
+    let b = ns.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ns:?} must be a namespace name (a DNS-1123 label: lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters), such as shop"
+        ))
+    }
+}
+
 fn is_port_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -269,6 +290,36 @@ impl ConnectionPoolSpec {
             );
         }
 
+        if let Some(clients) = &self.clients {
+            let namespaces = &clients.namespaces;
+            if namespaces.is_empty() {
+                err(
+                    "spec.clients.namespaces",
+                    "must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)"
+                        .into(),
+                );
+            }
+            if namespaces.len() > MAX_CLIENT_NAMESPACES {
+                err(
+                    "spec.clients.namespaces",
+                    format!(
+                        "lists {} namespaces; at most {MAX_CLIENT_NAMESPACES} are accepted",
+                        namespaces.len()
+                    ),
+                );
+            }
+            for (i, ns) in namespaces.iter().enumerate() {
+                if let Err(m) = check_namespace(&ns.0) {
+                    err(&format!("spec.clients.namespaces[{i}]"), m);
+                } else if namespaces[..i].contains(ns) {
+                    err(
+                        &format!("spec.clients.namespaces[{i}]"),
+                        format!("{:?} is listed twice; list each namespace once", ns.0),
+                    );
+                }
+            }
+        }
+
         if !errs.is_empty() {
             return Err(SpecErrors(errs));
         }
@@ -286,7 +337,7 @@ impl ConnectionPoolSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1alpha1::{Address, ServiceTarget, Target, WhenFull};
+    use crate::v1alpha1::{Address, Clients, NamespaceName, ServiceTarget, Target, WhenFull};
 
     #[test]
     fn log_filters_name_the_bad_level() {
@@ -394,6 +445,9 @@ mod tests {
             when_full: WhenFull::Wait,
             acquire_timeout: "soon".into(),
             listen_port: Some(70000),
+            clients: Some(Clients {
+                namespaces: vec![NamespaceName("Shop".into())],
+            }),
         };
         let errs = s.settings().unwrap_err().0;
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -409,8 +463,46 @@ mod tests {
                 "spec.ttl",
                 "spec.acquireTimeout",
                 "spec.listenPort",
+                "spec.clients.namespaces[0]",
             ]
         );
+    }
+
+    #[test]
+    fn client_namespaces_are_labels_listed_once() {
+        let with = |namespaces: &[&str]| {
+            let mut s = spec();
+            s.clients = Some(Clients {
+                namespaces: namespaces
+                    .iter()
+                    .map(|n| NamespaceName((*n).into()))
+                    .collect(),
+            });
+            s.settings().map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(with(&["shop", "billing-2", "a"]), Ok(()));
+        let err = with(&[]).unwrap_err();
+        assert!(
+            err.contains("spec.clients.namespaces: must list at least one"),
+            "{err}"
+        );
+        let err = with(&["shop", "billing", "shop"]).unwrap_err();
+        assert!(
+            err.contains("spec.clients.namespaces[2]: \"shop\" is listed twice"),
+            "{err}"
+        );
+        let long = "a".repeat(64);
+        for bad in ["Shop", "-shop", "shop-", "sh_op", "", long.as_str()] {
+            let err = with(&["ok", bad]).unwrap_err();
+            assert!(
+                err.contains("spec.clients.namespaces[1]") && err.contains("DNS-1123 label"),
+                "{bad}: {err}"
+            );
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("ns{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let err = with(&many).unwrap_err();
+        assert!(err.contains("lists 65 namespaces; at most 64"), "{err}");
     }
 
     #[test]

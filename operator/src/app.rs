@@ -141,6 +141,7 @@ pub async fn run(
     let (initialized_tx, initialized) = watch::channel(false);
     let desired = Arc::new(Desired::default());
     let agents = Arc::new(Agents::default());
+    let clients = Arc::new(crate::clients::NodeClients::default());
 
     // Listeners first: a port in use fails the start, not a task later.
     let control_listener = tokio::net::TcpListener::bind(config.control_listen)
@@ -391,6 +392,15 @@ pub async fn run(
         });
     }
 
+    // Pod maps for spec.clients: not part of initialization, since a pool
+    // push must not wait for them (agents keep their last map meanwhile).
+    crate::clients::start(
+        client.clone(),
+        clients.clone(),
+        config.push_debounce,
+        stop.clone(),
+    );
+
     tokio::spawn(push::run(
         desired.clone(),
         agents.clone(),
@@ -443,6 +453,7 @@ pub async fn run(
         nodes,
         leading,
         initialized,
+        clients,
         fanout: Arc::new(Semaphore::new(config.push_concurrency)),
         metrics: metrics.clone(),
         stop: stop.clone(),

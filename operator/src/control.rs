@@ -52,6 +52,8 @@ pub struct ControlService {
     /// Whether every pool has been reconciled once (before, nothing is
     /// sent: a partial snapshot would remove pools from agents).
     pub initialized: watch::Receiver<bool>,
+    /// Each node's pod map, for `spec.clients`.
+    pub clients: Arc<crate::clients::NodeClients>,
     /// Bounds how many sessions write a snapshot at once.
     pub fanout: Arc<Semaphore>,
     /// Metrics.
@@ -269,6 +271,13 @@ impl pb::control_server::Control for ControlService {
             replaced = reg.replaced,
             "agent connected"
         );
+        if !hello.clients {
+            tracing::warn!(
+                node = %hello.node,
+                agent = %hello.agent_version,
+                "this agent predates spec.clients: on its node, pools with a client list serve every client until the agent is upgraded"
+            );
+        }
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             service: self.clone(),
@@ -298,6 +307,10 @@ impl Session {
         outbox: watch::Receiver<Option<Arc<crate::desired::Snapshot>>>,
         tx: mpsc::Sender<Result<pb::OperatorMessage, Status>>,
     ) {
+        // The node's pod map goes ahead of the first snapshot, so pools with
+        // spec.clients do not refuse clients for want of it.
+        let mut maps = self.service.clients.subscribe(&self.node);
+        crate::clients::send_current(&mut maps, &tx, &self.service.metrics).await;
         let expiry = async {
             match self.lifetime {
                 Some(d) => tokio::time::sleep(d).await,
@@ -306,6 +319,7 @@ impl Session {
         };
         let reason = tokio::select! {
             r = self.write(outbox, tx.clone()) => r,
+            r = crate::clients::write(maps, tx.clone(), self.service.metrics.clone()) => r,
             _ = expiry => {
                 self.service.metrics.sessions_expired.inc();
                 let _ = tx

@@ -5,6 +5,8 @@
 //! - [`reconcile`]: the controller; resolves targets through [`resolve`]
 //!   into [`desired`].
 //! - [`push`]: debounced pushes of the desired snapshot to [`agents`].
+//! - [`clients`]: each node's pod IPs and their namespaces, sent to that
+//!   node's agent for `spec.clients`.
 //! - [`control`]: the gRPC control service agents connect to.
 //! - [`status`]: status aggregation (capped address list), conditions,
 //!   Events, rate-limited server-side apply.
@@ -23,6 +25,7 @@
 //! | `""` (core) | `services` | list, watch |
 //! | `discovery.k8s.io` | `endpointslices` | list, watch |
 //! | `""` (core) | `nodes` (cluster-scoped) | list, watch |
+//! | `""` (core) | `pods` (every namespace) | list, watch |
 //! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |
 //! | `""` (core) | `pods` (its own namespace, with `--pod-name`) | patch |
 //! | `events.k8s.io` | `events` | create, patch |
@@ -32,15 +35,16 @@
 //! Every read comes from a watch cache; the only direct reads are the
 //! Lease's and the control CA's (a Secret and a ConfigMap, by name). Out of
 //! a chart, the operator also creates the two when they are missing (if
-//! allowed). With `--watch-namespace`, every
-//! namespaced rule can be a Role in that namespace; nodes always need a
-//! ClusterRole.
+//! allowed). With `--watch-namespace`, every namespaced rule can be a Role
+//! in that namespace; nodes, and pods (a pool's clients may be in any
+//! namespace), always need a ClusterRole.
 
 pub mod admin;
 pub mod agents;
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod desired;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub nacks: Counter,
     /// Reports received from agents.
     pub reports: Counter,
+    /// Node pod maps (`spec.clients`) sent to agents.
+    pub client_maps_sent: Counter,
     /// Status writes (server-side apply) made.
     pub status_writes: Counter,
     /// Status writes that failed.
@@ -91,6 +93,7 @@ impl Metrics {
             change_to_ack: latency(),
             nacks: Counter::default(),
             reports: Counter::default(),
+            client_maps_sent: Counter::default(),
             status_writes: Counter::default(),
             status_write_errors: Counter::default(),
             leader: Gauge::default(),
@@ -158,6 +161,11 @@ impl Metrics {
             "reports",
             "Occupancy reports received from agents",
             m.reports.clone(),
+        );
+        r.register(
+            "client_maps_sent",
+            "Node pod maps (for spec.clients) sent to agents",
+            m.client_maps_sent.clone(),
         );
         r.register(
             "status_writes",

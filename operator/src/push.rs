@@ -35,23 +35,36 @@ pub async fn run(
         let snapshot = desired.snapshot();
         let queued = agents.offer(&snapshot);
         tracing::debug!(version = %snapshot.version, pools = snapshot.pools.len(), agents = queued, "snapshot queued");
-
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = revisions.changed() => if r.is_err() { return },
+        if !settle(&mut revisions, debounce, &stop).await {
+            return;
         }
-        let deadline = Instant::now() + MAX_DELAY;
-        loop {
-            revisions.mark_unchanged();
-            let quiet = tokio::time::sleep_until((Instant::now() + debounce).min(deadline));
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = quiet => break,
-                r = revisions.changed() => if r.is_err() { return },
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
+    }
+}
+
+/// Waits for the next change on `revisions`, then until they have been
+/// quiet for `debounce`, but no longer than [`MAX_DELAY`] after that
+/// change. `false` when `stop` fires or the sender is gone. The pod maps
+/// ([`crate::clients`]) are debounced the same way.
+pub async fn settle<T>(
+    revisions: &mut watch::Receiver<T>,
+    debounce: Duration,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => return false,
+        r = revisions.changed() => if r.is_err() { return false },
+    }
+    let deadline = Instant::now() + MAX_DELAY;
+    loop {
+        revisions.mark_unchanged();
+        let quiet = tokio::time::sleep_until((Instant::now() + debounce).min(deadline));
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = quiet => return true,
+            r = revisions.changed() => if r.is_err() { return false },
+        }
+        if Instant::now() >= deadline {
+            return true;
         }
     }
 }

@@ -2,13 +2,15 @@
 //! API server: the Node list and desired pools are filled by hand. Bad
 //! clients (garbage bytes, no Hello, an unknown node, a non-leader replica)
 //! are refused with a clear status, and a good agent beside them is served
-//! undisturbed.
+//! undisturbed. A node's pod map reaches its agent ahead of the first
+//! snapshot and again whenever it changes, and no other node's does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf as _, BufMut as _};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::store;
 use kube::runtime::watcher;
 use prometheus_client::registry::Registry;
@@ -17,6 +19,7 @@ use tidepool_crds::control::pb::agent_message::Kind;
 use tidepool_crds::control::pb::control_client::ControlClient;
 use tidepool_crds::control::pb::control_server::ControlServer;
 use tidepool_operator::agents::Agents;
+use tidepool_operator::clients::{NodeClients, node_maps};
 use tidepool_operator::control::ControlService;
 use tidepool_operator::desired::{Desired, Entry};
 use tidepool_operator::metrics::Metrics;
@@ -70,6 +73,7 @@ struct Server {
     channel: Channel,
     agents: Arc<Agents>,
     desired: Arc<Desired>,
+    clients: Arc<NodeClients>,
     leading: watch::Sender<bool>,
     stop: CancellationToken,
 }
@@ -93,6 +97,7 @@ async fn server() -> Server {
             resolution: Ok(()),
         },
     );
+    let clients = Arc::new(NodeClients::default());
     let (leading, leading_rx) = watch::channel(true);
     let (_init_tx, initialized) = watch::channel(true);
     let stop = CancellationToken::new();
@@ -102,6 +107,7 @@ async fn server() -> Server {
         nodes,
         leading: leading_rx,
         initialized,
+        clients: clients.clone(),
         fanout: Arc::new(Semaphore::new(4)),
         metrics: Metrics::new(&mut Registry::default()),
         stop: stop.clone(),
@@ -129,6 +135,7 @@ async fn server() -> Server {
         channel,
         agents,
         desired,
+        clients,
         leading,
         stop,
     }
@@ -164,16 +171,79 @@ async fn open(
     Ok((tx, inbound))
 }
 
-async fn next_snapshot(inbound: &mut tonic::Streaming<pb::OperatorMessage>) -> pb::Snapshot {
+async fn next_message(
+    inbound: &mut tonic::Streaming<pb::OperatorMessage>,
+) -> pb::operator_message::Kind {
     let m = tokio::time::timeout(Duration::from_secs(5), inbound.message())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    match m.kind {
-        Some(pb::operator_message::Kind::Snapshot(s)) => s,
-        None => panic!("an empty operator message"),
+    m.kind.expect("an operator message has a kind")
+}
+
+async fn next_snapshot(inbound: &mut tonic::Streaming<pb::OperatorMessage>) -> pb::Snapshot {
+    match next_message(inbound).await {
+        pb::operator_message::Kind::Snapshot(s) => s,
+        other => panic!("expected a snapshot, got {other:?}"),
     }
+}
+
+async fn next_map(inbound: &mut tonic::Streaming<pb::OperatorMessage>) -> pb::NodeClients {
+    match next_message(inbound).await {
+        pb::operator_message::Kind::Clients(c) => c,
+        other => panic!("expected a pod map, got {other:?}"),
+    }
+}
+
+/// A running pod of `namespace` on `node` with this IP.
+fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"nodeName": node, "containers": []},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_node_gets_its_own_pod_map_first_and_each_change_only() {
+    let s = server().await;
+    let mut pods = vec![
+        pod("shop", "a", "n1", "10.1.0.5"),
+        pod("dev", "b", "n2", "10.2.0.5"),
+    ];
+    s.clients.update(node_maps(&pods));
+
+    let (_tx, mut inbound) = open(&s.channel, hello("n1")).await.unwrap();
+    let first = next_map(&mut inbound).await;
+    assert_eq!(
+        first.pods,
+        [pb::PodAddress {
+            ip: "10.1.0.5".into(),
+            namespace: "shop".into()
+        }],
+        "n1's own pods only"
+    );
+    assert_eq!(next_snapshot(&mut inbound).await.pools.len(), 1);
+
+    // A pod starts on n1: the whole new map follows.
+    pods.push(pod("billing", "c", "n1", "10.1.0.6"));
+    assert_eq!(s.clients.update(node_maps(&pods)), 1);
+    let second = next_map(&mut inbound).await;
+    assert_eq!(second.pods.len(), 2);
+    assert_ne!(second.version, first.version);
+
+    // A change on n2 only: n1 hears nothing.
+    pods.push(pod("dev", "d", "n2", "10.2.0.6"));
+    assert_eq!(s.clients.update(node_maps(&pods)), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), inbound.message())
+            .await
+            .is_err(),
+        "another node's change reached n1"
+    );
+    s.stop.cancel();
 }
 
 /// Waits until the registry has `node`'s Ack of `version`.

@@ -112,6 +112,19 @@ pub fn channel(agent: SocketAddr, authority: &str) -> Result<Channel> {
         .connect_lazy())
 }
 
+/// Like [`channel`], from the local address `source` (the socket is bound
+/// to it before it connects), as a pod with that IP would call.
+pub fn channel_from(
+    agent: SocketAddr,
+    authority: &str,
+    source: std::net::IpAddr,
+) -> Result<Channel> {
+    Ok(endpoint(agent, authority)?
+        .timeout(Duration::from_secs(5))
+        .local_address(Some(source))
+        .connect_lazy())
+}
+
 /// An endpoint at `agent` whose requests carry `authority`.
 fn endpoint(agent: SocketAddr, authority: &str) -> Result<Endpoint> {
     let origin: Uri = format!("http://{authority}")
@@ -124,12 +137,18 @@ fn endpoint(agent: SocketAddr, authority: &str) -> Result<Endpoint> {
 
 /// One unary call through `channel`; returns the backend that answered.
 pub async fn check(channel: &Channel) -> Result<String> {
+    try_check(channel)
+        .await
+        .map_err(|s| anyhow!("check failed: {}: {}", s.code(), s.message()))
+}
+
+/// Like [`check`], with the gRPC status of a failed call.
+pub async fn try_check(channel: &Channel) -> Result<String, tonic::Status> {
     let response = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: String::new(),
         })
-        .await
-        .map_err(|s| anyhow!("check failed: {}: {}", s.code(), s.message()))?;
+        .await?;
     let backend = response
         .metadata()
         .get(BACKEND_HEADER)

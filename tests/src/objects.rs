@@ -1,8 +1,9 @@
 //! The Kubernetes objects a local control plane lacks controllers for, made
-//! by the tests themselves: Nodes, Services and EndpointSlices.
+//! by the tests themselves: Nodes, Services, EndpointSlices, and Pods with
+//! the node and IP a scheduler and kubelet would have given them.
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
@@ -92,6 +93,68 @@ pub async fn apply_slice(
         )
         .await
         .with_context(|| format!("applying endpointslice {namespace}/{slice} failed"))?;
+    Ok(())
+}
+
+/// Creates or updates Pod `name` on `node` and writes its status as a
+/// kubelet would: `Running` with `ip` as its pod IP. No container runs. The
+/// namespace's `default` ServiceAccount, which pods need, is made if
+/// missing (no controller makes it here).
+pub async fn apply_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    ip: &str,
+) -> Result<()> {
+    let sa = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "default", "namespace": namespace}
+    });
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .patch(
+            "default",
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&sa),
+        )
+        .await
+        .with_context(|| format!("applying serviceaccount {namespace}/default failed"))?;
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "example.invalid/app:1"}]
+        }
+    });
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    pods.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&pod),
+    )
+    .await
+    .with_context(|| format!("applying pod {namespace}/{name} failed"))?;
+    let status = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    });
+    pods.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .with_context(|| format!("writing the status of pod {namespace}/{name} failed"))?;
+    Ok(())
+}
+
+/// Deletes a Pod at once (no kubelet would finish a graceful deletion).
+pub async fn delete_pod(client: &kube::Client, namespace: &str, name: &str) -> Result<()> {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await?;
     Ok(())
 }
 

@@ -437,18 +437,23 @@ impl Operator {
     /// The value of metric `name` (the sum of its samples; with labels in
     /// `name`, that sample's).
     pub async fn metric(&self, name: &str) -> Result<f64> {
-        let (_, body) = http_get(self.admin, "/metrics").await?;
-        metric_in(&body, name).with_context(|| format!("no metric {name} in:\n{body}"))
+        metric(self.admin, name).await
     }
 }
 
-/// The sum of the samples of metric `name` in a Prometheus text body
-/// (`name` may carry labels, `name{reason="x"}`, to pick one); `None` when
-/// it has none.
+/// Metric `name` on `admin`'s `/metrics` ([`metric_in`]).
+async fn metric(admin: SocketAddr, name: &str) -> Result<f64> {
+    let (_, body) = http_get(admin, "/metrics").await?;
+    metric_in(&body, name).with_context(|| format!("no metric {name} in:\n{body}"))
+}
+
+/// The sum of the samples of metric `name` in a Prometheus text body;
+/// `name` may carry labels, whole (`name{reason="x"}`) or their start
+/// (`name{pool="a"`), to pick samples. `None` when it has none.
 pub fn metric_in(body: &str, name: &str) -> Option<f64> {
     let samples: Vec<f64> = body
         .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{', ',', '}']))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     (!samples.is_empty()).then(|| samples.iter().sum())
@@ -555,6 +560,20 @@ impl Agent {
             },
             _ => vec![],
         }
+    }
+
+    /// The agent's `/clients` (its node's pod map), parsed; `Null` when it
+    /// cannot be read.
+    pub async fn clients(&self) -> serde_json::Value {
+        match http_get(self.admin, "/clients").await {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// The value of a metric line starting with `name` (first match).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        metric(self.admin, name).await
     }
 
     /// The pool `namespace/name` as `/pools` shows it.

@@ -133,6 +133,11 @@ async fn explain_teaches_every_field() -> Result<()> {
             "IPv6 hosts in brackets",
         ),
         ("connectionpool.status.addresses", "at most 50 entries"),
+        ("connectionpool.spec.clients", "PERMISSION_DENIED"),
+        (
+            "connectionpool.spec.clients.namespaces",
+            "an empty list is not",
+        ),
     ];
     // The API server publishes a new CRD's OpenAPI a moment after it is
     // Established; wait for it (bounded) before reading descriptions.
@@ -255,6 +260,46 @@ const INVALID: &[(&str, &str, &str)] = &[
         "spec.target.addresses[1]",
     ),
     (
+        "clients-empty",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: []}",
+        "spec.clients.namespaces",
+    ),
+    (
+        "clients-no-list",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {}",
+        "spec.clients.namespaces",
+    ),
+    (
+        "clients-upper-case",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: [shop, Billing]}",
+        "spec.clients.namespaces[1]",
+    ),
+    (
+        "clients-underscore",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: [my_shop]}",
+        "spec.clients.namespaces[0]",
+    ),
+    (
+        "clients-too-long",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: [aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]}",
+        "spec.clients.namespaces[0]",
+    ),
+    (
+        "clients-duplicate",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: [shop, billing, shop]}",
+        "spec.clients.namespaces[2]",
+    ),
+    (
+        "clients-not-a-list",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespaces: shop}",
+        "spec.clients.namespaces",
+    ),
+    (
+        "clients-unknown-field",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    clients: {namespace: [shop]}",
+        "spec.clients.namespace",
+    ),
+    (
         "unknown-field",
         "    target: {addresses: ['10.0.0.1:50051']}\n    poolSize: 5",
         "spec.poolSize",
@@ -312,6 +357,14 @@ async fn valid_edge_cases_are_accepted() -> Result<()> {
         (
             "long-ttl",
             "    target: {addresses: ['10.0.0.1:65535']}\n    ttl: 1h30m",
+        ),
+        (
+            "clients",
+            "    target: {addresses: ['10.0.0.1:1']}\n    clients: {namespaces: [shop, billing-2, a, 0ops]}",
+        ),
+        (
+            "clients-longest-name",
+            "    target: {addresses: ['10.0.0.1:1']}\n    clients: {namespaces: [aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]}",
         ),
     ];
     for (name, spec) in cases {

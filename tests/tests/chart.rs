@@ -290,6 +290,7 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
         cluster_rules,
         [
             "/nodes: list,watch",
+            "/pods: list,watch",
             "/services: list,watch",
             "authentication.k8s.io/tokenreviews: create",
             "discovery.k8s.io/endpointslices: list,watch",

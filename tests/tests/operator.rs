@@ -13,7 +13,9 @@ use anyhow::{Context as _, Result};
 use kube::api::Api;
 use tidepool_crds::ConnectionPool;
 use tidepool_e2e::grpc::{self, Backend};
-use tidepool_e2e::objects::{apply_node, apply_service, apply_slice, delete_slice};
+use tidepool_e2e::objects::{
+    apply_node, apply_pod, apply_service, apply_slice, delete_pod, delete_slice,
+};
 use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
 use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin};
 
@@ -648,5 +650,132 @@ async fn bad_targets_say_why_in_conditions_and_unknown_nodes_are_refused() -> Re
             .await?,
         3.0
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn spec_clients_admits_only_listed_namespaces_by_the_nodes_pod_map() -> Result<()> {
+    let w = World::new("op-clients", 1).await?;
+    let other = TestNamespace::new("op-clients-dev").await?.name;
+    let (n1, n2) = (format!("{}-n1", w.ns), format!("{}-n2", w.ns));
+    // Pod IPs on agent 1's loopback block: .50 a pod of the pool's
+    // namespace on node 1, .51 one of another namespace on node 1, .53 one
+    // of the pool's namespace on node 2 (so unknown to agent 1), .52 no pod
+    // (yet).
+    let ip = |host: u8| format!("127.0.{}.{host}", w.block);
+    apply_pod(&w.client, &w.ns, "allowed", &n1, &ip(50)).await?;
+    apply_pod(&w.client, &other, "refused", &n1, &ip(51)).await?;
+    apply_pod(&w.client, &w.ns, "elsewhere", &n2, &ip(53)).await?;
+    w.apply_pool(&format!(
+        "  clients: {{namespaces: [{}, not-{}]}}\n",
+        w.ns, other
+    ))
+    .await?;
+
+    // The map reached agent 1 with node 1's pods only, and the pool its list.
+    let agent = &w.agents[0];
+    let pods_of = |map: &serde_json::Value| -> BTreeSet<(String, String)> {
+        map["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["ip"].as_str().unwrap_or_default().to_owned(),
+                    p["namespace"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let want: BTreeSet<(String, String)> = [(ip(50), w.ns.clone()), (ip(51), other.clone())].into();
+    eventually(
+        Duration::from_secs(10),
+        "agent 1's pod map holding node 1's two pods",
+        || async { (pods_of(&agent.clients().await) == want).then_some(()) },
+    )
+    .await
+    .map_err(|e| w.explain(e))?;
+    w.agents_have(
+        Duration::from_secs(10),
+        "runs the pool's client list",
+        |p| p["clients"][0] == w.ns.as_str(),
+    )
+    .await?;
+    assert!(
+        pods_of(&w.agents[1].clients().await).contains(&(ip(53), w.ns.clone())),
+        "agent 2 has its own node's pod"
+    );
+
+    let call_from = |host: u8| {
+        let channel = grpc::channel_from(agent.proxy, &w.authority(), ip(host).parse().unwrap());
+        async move {
+            grpc::try_check(&channel?)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+    };
+    // A pod of the listed namespace is served.
+    let backend = call_from(50).await.map_err(|e| w.explain(e))?;
+    assert_eq!(backend, w.backends[0].addr.to_string());
+    // Another namespace's pod, a pod of another node and an unknown IP are
+    // refused with PERMISSION_DENIED naming the pool and why.
+    let pool = format!("pool {}/api", w.ns);
+    for (host, why) in [
+        (51, format!("namespace {other}")),
+        (53, "no pod this node's agent knows".to_owned()),
+        (52, "no pod this node's agent knows".to_owned()),
+    ] {
+        let status = call_from(host)
+            .await
+            .err()
+            .and_then(|e| e.downcast::<tonic::Status>().ok())
+            .with_context(|| format!("a call from {} was not refused", ip(host)))?;
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains(&pool)
+                && status.message().contains(&why)
+                && status.message().contains(&ip(host)),
+            "{}",
+            status.message()
+        );
+    }
+    let refused = |reason: &str| {
+        format!(
+            "tidepool_proxy_refused_total{{pool=\"{}/api\",reason=\"{reason}\"",
+            w.ns
+        )
+    };
+    assert_eq!(agent.metric(&refused("namespace")).await?, 1.0);
+    assert_eq!(agent.metric(&refused("unknown_ip")).await?, 2.0);
+
+    // Pods come and go: a new pod of the listed namespace at .52 is served
+    // once its IP reaches the agent; the refused pod's IP, gone, stays
+    // refused (now as unknown).
+    apply_pod(&w.client, &w.ns, "newcomer", &n1, &ip(52)).await?;
+    delete_pod(&w.client, &other, "refused").await?;
+    eventually(
+        Duration::from_secs(10),
+        "a call from the new pod's IP served",
+        || async { call_from(52).await.ok() },
+    )
+    .await
+    .map_err(|e| w.explain(e))?;
+    let status = call_from(51)
+        .await
+        .err()
+        .and_then(|e| e.downcast::<tonic::Status>().ok())
+        .context("the deleted pod's IP was served")?;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("no pod"), "{}", status.message());
+
+    // A pool without a list serves everyone again.
+    w.apply_pool("").await?;
+    eventually(
+        Duration::from_secs(10),
+        "a call from a pod of another node served once the list is gone",
+        || async { call_from(53).await.ok() },
+    )
+    .await
+    .map_err(|e| w.explain(e))?;
     Ok(())
 }

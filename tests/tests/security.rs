@@ -91,6 +91,7 @@ async fn open_at(join: &Join, node: &str, authorization: &[&str]) -> Result<(), 
             version: String::new(),
             agent_version: "security-test".into(),
             deltas: true,
+            clients: true,
         })),
     };
     // The request stream ends a moment after the Hello, so an accepted

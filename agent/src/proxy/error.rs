@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use super::status::Code;
+use crate::clients::Refusal;
 use crate::pool;
 use crate::router::RouteError;
 
@@ -15,6 +18,17 @@ pub enum Error {
     /// for an unknown route; nothing is dialed).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// The pool's `spec.clients` does not admit the client
+    /// (PERMISSION_DENIED; nothing is dialed).
+    #[error("{}", refused_message(.pool, .ip, .refusal))]
+    Refused {
+        /// `namespace/name`.
+        pool: String,
+        /// The client connection's source IP.
+        ip: IpAddr,
+        /// The namespace it was seen as, or that its IP is unknown.
+        refusal: Refusal,
+    },
     /// A dedicated listener whose pool was just removed (UNAVAILABLE).
     #[error("no pool serves listener port {port} any more")]
     NoDedicatedPool {
@@ -67,6 +81,7 @@ impl Error {
             | Error::NoAddresses { .. }
             | Error::Backend { .. } => Code::Unavailable,
             Error::Deadline { .. } => Code::DeadlineExceeded,
+            Error::Refused { .. } => Code::PermissionDenied,
         }
     }
 
@@ -76,6 +91,17 @@ impl Error {
             self,
             Error::Pool(pool::Error::Dial { .. }) | Error::Backend { .. }
         )
+    }
+}
+
+fn refused_message(pool: &str, ip: &IpAddr, refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::Namespace(ns) => format!(
+            "pool {pool} does not serve namespace {ns}: the client at {ip} is a pod of namespace {ns}, which the pool's spec.clients.namespaces does not list"
+        ),
+        Refusal::UnknownIp => format!(
+            "pool {pool} serves only the namespaces in its spec.clients.namespaces, and the client at {ip} is no pod this node's agent knows (a pod of another node, a host-network pod, or one started moments ago)"
+        ),
     }
 }
 

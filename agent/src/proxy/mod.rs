@@ -2,7 +2,8 @@
 //!
 //! - [`server`]: the listeners (the shared one routes by `:authority`,
 //!   dedicated ones serve one pool) and client connections.
-//! - `handle` (here): checks a request is gRPC and finds its pool.
+//! - `handle` (here): checks a request is gRPC, finds its pool and checks
+//!   the pool admits the client ([`crate::clients`]).
 //! - [`forward`]: leases a backend stream and forwards both directions.
 //! - [`relay`]: one direction of a stream, from an h2 receive half to an h2
 //!   send half, with flow control end to end.
@@ -14,6 +15,8 @@ pub mod forward;
 pub mod relay;
 pub mod server;
 pub mod status;
+
+use std::net::IpAddr;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -36,10 +39,12 @@ pub enum Target {
     Dedicated(u16),
 }
 
-/// Answers one request: refuses what is not gRPC, finds the pool, forwards.
+/// Answers one request: refuses what is not gRPC, finds the pool, checks
+/// the pool admits `client` (the connection's source IP), forwards.
 pub(crate) async fn handle(
     runtime: &Runtime,
     target: Target,
+    client: IpAddr,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -89,6 +94,27 @@ pub(crate) async fn handle(
         Ok(entry) => entry,
         Err(error) => return refusal(runtime, error, &mut respond),
     };
+    if let Some(clients) = &entry.config.spec.clients {
+        let admitted = runtime
+            .with_clients(|map| crate::clients::admit(Some(&clients.namespaces), map, client));
+        if let Err(refused) = admitted {
+            runtime.metrics().refused(&entry.key, refused.reason());
+            let error = Error::Refused {
+                pool: entry.key.clone(),
+                ip: client,
+                refusal: refused,
+            };
+            // Debug only: a client refused in a loop must not flood the log;
+            // the counter shows it.
+            tracing::debug!(%client, %error, "stream refused by spec.clients");
+            status::respond_grpc_error(
+                &mut respond,
+                error.code(),
+                &format!("tidepool-agent: {error}"),
+            );
+            return;
+        }
+    }
     forward::forward(entry, request, respond).await;
 }
 

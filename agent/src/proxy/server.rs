@@ -153,8 +153,9 @@ async fn connection(
         match accepted {
             Some(Ok((request, respond))) => {
                 let runtime = runtime.clone();
+                let client = peer.ip();
                 tracker.spawn(async move {
-                    super::handle(&runtime, target, request, respond).await;
+                    super::handle(&runtime, target, client, request, respond).await;
                 });
             }
             Some(Err(error)) => {

@@ -20,8 +20,8 @@ use tidepool_agent::app::{App, AppOptions};
 use tidepool_agent::config::{PoolConfig, ProxyOptions};
 use tidepool_agent::pool::h2::H2Connector;
 use tidepool_crds::ConnectionPoolSpec;
-use tidepool_crds::v1alpha1::{Address, Target, WhenFull};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tidepool_crds::v1alpha1::{Address, Clients, NamespaceName, Target, WhenFull};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -580,6 +580,19 @@ impl Client {
         Client::new(channel)
     }
 
+    /// Like [`Client::connect`], from the loopback address `source` (the
+    /// socket is bound to it before it connects), as a pod with that IP.
+    pub async fn connect_from(addr: SocketAddr, authority: &str, source: &str) -> Client {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .origin(format!("http://{authority}").parse::<Uri>().unwrap())
+            .local_address(Some(source.parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        Client::new(channel)
+    }
+
     /// A client over `channel`.
     pub fn new(channel: Channel) -> Client {
         Client {
@@ -760,6 +773,16 @@ impl PoolBuilder {
         self.config.spec.listen_port = Some(i32::from(port));
         self
     }
+    /// Sets `spec.clients.namespaces`.
+    pub fn clients(mut self, namespaces: &[&str]) -> Self {
+        self.config.spec.clients = Some(Clients {
+            namespaces: namespaces
+                .iter()
+                .map(|n| NamespaceName((*n).into()))
+                .collect(),
+        });
+        self
+    }
     /// Sets the generation.
     pub fn generation(mut self, generation: i64) -> Self {
         self.config.generation = generation;
@@ -783,6 +806,27 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `GET path` on an HTTP/1.0 server (the admin port): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A free loopback port (bound, then released).
