@@ -194,7 +194,45 @@ s_security() {
   pass security "CA in the Secret, its certificate in the ConfigMap; $reviews TokenReviews by the leader; a pod of shop/default and an agent-ServiceAccount pod on $a claiming $b, both with kubelet-projected tokens, refused (PermissionDenied: wrong ServiceAccount, node mismatch); the 3 agents stayed connected, pool synced 3/3"
 }
 
-# 4. Scale the backends 3 -> 6: the new pods get pooled connections (in
+# 4. Who may use a pool, on real pods behind the agents' hostPort:
+# spec.clients.namespaces [shop] keeps the shop clients served (so the
+# agent sees their own pod IPs); [billing] refuses them (PERMISSION_DENIED,
+# nothing dialed), counted by reason; removing the list reopens the pool.
+s_clients() {
+  local since node bad="" refused reasons
+  k -n shop patch connectionpool payments --type=merge -p '{"spec":{"clients":{"namespaces":["shop"]}}}' >/dev/null ||
+    { fail clients "patching spec.clients failed"; return 1; }
+  sleep 3
+  since=$(now_ms)
+  sleep 5
+  for node in $(nodes); do
+    client_lines clients "$node" "$since" | awk '$2 == 0 || $3 > 0 { bad = 1 } END { exit bad || NR == 0 }' ||
+      bad+=" with [shop] the shop client on $node was not served: $(client_lines clients "$node" "$since" | tail -n 2 | tr '\n' '|');"
+  done
+  k -n shop patch connectionpool payments --type=merge -p '{"spec":{"clients":{"namespaces":["billing"]}}}' >/dev/null
+  sleep 3
+  since=$(now_ms)
+  sleep 5
+  for node in $(nodes); do
+    client_lines clients "$node" "$since" | awk '$2 > 0 { bad = 1 } END { exit bad || NR == 0 }' ||
+      bad+=" with [billing] the shop client on $node still got answers: $(client_lines clients "$node" "$since" | tail -n 2 | tr '\n' '|');"
+  done
+  reasons=""
+  for node in $(nodes); do
+    refused=$(metric "$(agent_on "$node")" 15021 'tidepool_proxy_refused_total{pool="shop/payments",reason="namespace"}')
+    [ "${refused%.*}" -gt 0 ] 2>/dev/null || bad+=" the agent on $node counted $refused refusals by namespace (unknown_ip: $(metric "$(agent_on "$node")" 15021 'tidepool_proxy_refused_total{pool="shop/payments",reason="unknown_ip"}'));"
+    reasons+=" $node=${refused%.*}"
+  done
+  k -n shop patch connectionpool payments --type=json -p '[{"op":"remove","path":"/spec/clients"}]' >/dev/null
+  sleep 3
+  since=$(now_ms)
+  served() { local n; for n in $(nodes); do client_lines clients "$n" "$since" | tail -n 2 | awk '$2 == 0 || $3 > 0 { bad = 1 } END { exit bad || NR < 2 }' || return 1; done; }
+  eventually 30 served || bad+=" after removing spec.clients the clients were not all served again;"
+  [ -z "$bad" ] || { fail clients "${bad# }"; return 1; }
+  pass clients "spec.clients [shop]: every node's shop client served through the hostPort (its pod IP seen); [billing]: all refused, by namespace:$reasons; list removed: served again"
+}
+
+# 5. Scale the backends 3 -> 6: the new pods get pooled connections (in
 # the status) and answer every node's client within one TTL (30 s) of being
 # Ready.
 s_scale() {
@@ -232,7 +270,7 @@ s_scale() {
   return 1
 }
 
-# 5. Delete one worker's agent pod under load: the DaemonSet replaces it,
+# 6. Delete one worker's agent pod under load: the DaemonSet replaces it,
 # that node's client recovers (seconds measured), the other nodes see no
 # failure.
 s_agent_restart() {
@@ -267,7 +305,7 @@ s_agent_restart() {
   pass agent-restart "deleted $agent on $node: replacement Ready after ${ready_s} s; that node's client failed for ${rec} s (time from the delete to its last failing second); other nodes 0 failures"
 }
 
-# 6. Delete the leader operator pod under load: agents keep serving, the
+# 7. Delete the leader operator pod under load: agents keep serving, the
 # standby leads (Lease, label, Service), agents reconnect to it, status
 # resumes (a scale 6 -> 4 is written by the new leader).
 s_leader_failover() {
@@ -304,7 +342,7 @@ s_leader_failover() {
   pass leader-failover "deleted leader $old: $standby held the Lease, the label and the control Service after ${secs} s; 3 agents reconnected to it; 0 client failures on every node through it; then the status it wrote followed a scale to 4"
 }
 
-# 7. helm upgrade of a pool-affecting value: agent.poolPorts exposes the
+# 8. helm upgrade of a pool-affecting value: agent.poolPorts exposes the
 # pool's listenPort on every node; before it, $(HOST_IP):15100 is refused.
 s_upgrade() {
   local since node bad="" before=""
@@ -329,7 +367,7 @@ s_upgrade() {
   pass upgrade "helm upgrade --set agent.poolPorts={15100}: agents rolled (hostPorts $hp) and rejoined with the CA the operator kept (unchanged by the upgrade); listenPort clients on every node went from refused to served"
 }
 
-# 8. helm uninstall: every object of the release is gone, the CRD stays.
+# 9. helm uninstall: every object of the release is gone, the CRD stays.
 s_uninstall() {
   local out left
   if ! out=$(h uninstall "$release" --namespace "$ns" --wait --timeout 3m 2>&1); then
@@ -355,7 +393,7 @@ need jq "apt-get install jq"
 failed=0
 skip=""
 # E2E_ONLY narrows the scenarios (for working on one; the order stays).
-for s in ${E2E_ONLY:-install traffic security scale agent_restart leader_failover upgrade uninstall}; do
+for s in ${E2E_ONLY:-install traffic security clients scale agent_restart leader_failover upgrade uninstall}; do
   name=${s//_/-}
   if [ -n "$skip" ]; then
     fail "$name" "not run: $skip failed"

@@ -174,6 +174,49 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
         .ok()
         .context("no Lease")?;
 
+    // helm upgrade (before any rule is changed by hand, which would
+    // conflict with Helm's server-side apply) leaves the CA the operator wrote (the chart never sets
+    // its data), and the agents stay connected.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let ca_before = secrets.get("tp-tidepool-control-ca").await?.data;
+    assert!(
+        ca_before.as_ref().is_some_and(|d| d.contains_key("ca.crt")),
+        "the operator did not fill the CA Secret"
+    );
+    helm(
+        &[
+            "upgrade",
+            "tp",
+            &chart_dir(),
+            "--namespace",
+            &ns,
+            "--set",
+            "operator.logLevel=debug",
+        ],
+        true,
+    )
+    .await?
+    .ok()
+    .context("helm upgrade failed")?;
+    assert_eq!(
+        secrets.get("tp-tidepool-control-ca").await?.data,
+        ca_before,
+        "helm upgrade changed the CA"
+    );
+    let cm: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cm.get("tp-tidepool-control-ca")
+            .await?
+            .data
+            .is_some_and(|d| d.contains_key("ca.crt"))
+    );
+    assert_eq!(
+        operator
+            .metric("tidepool_operator_connected_agents")
+            .await?,
+        2.0
+    );
+
     // Take away the status rule: the operator can no longer write status,
     // and says so with a permissions error; nothing else breaks.
     let role = kubectl(&["get", "clusterrole", SA, "-o", "json"])
@@ -238,48 +281,6 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
         )
         .await?;
     }
-
-    // helm upgrade leaves the CA the operator wrote (the chart never sets
-    // its data), and the agents stay connected.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
-    let ca_before = secrets.get("tp-tidepool-control-ca").await?.data;
-    assert!(
-        ca_before.as_ref().is_some_and(|d| d.contains_key("ca.crt")),
-        "the operator did not fill the CA Secret"
-    );
-    helm(
-        &[
-            "upgrade",
-            "tp",
-            &chart_dir(),
-            "--namespace",
-            &ns,
-            "--set",
-            "operator.logLevel=debug",
-        ],
-        true,
-    )
-    .await?
-    .ok()
-    .context("helm upgrade failed")?;
-    assert_eq!(
-        secrets.get("tp-tidepool-control-ca").await?.data,
-        ca_before,
-        "helm upgrade changed the CA"
-    );
-    let cm: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
-    assert!(
-        cm.get("tp-tidepool-control-ca")
-            .await?
-            .data
-            .is_some_and(|d| d.contains_key("ca.crt"))
-    );
-    assert_eq!(
-        operator
-            .metric("tidepool_operator_connected_agents")
-            .await?,
-        2.0
-    );
 
     // Take away the tokenreviews rule: a new agent is refused, and the
     // operator says which permission it lacks; the agents already in stay.
