@@ -138,6 +138,12 @@ pub async fn run(
     let ns = config.watch_namespace.as_deref();
 
     let (leading_tx, leading) = watch::channel(config.leader.is_none());
+    // Checked by every writer just before it writes (leader::Fence).
+    let fence = if config.leader.is_some() {
+        crate::leader::Fence::closed()
+    } else {
+        crate::leader::Fence::always()
+    };
     let (initialized_tx, initialized) = watch::channel(false);
     let desired = Arc::new(Desired::default());
     let agents = Arc::new(Agents::default());
@@ -220,14 +226,15 @@ pub async fn run(
         // which would otherwise win the race about half the time and lead
         // cold.
         let mut warm = initialized.clone();
-        let (leading_tx, run_stop) = (leading_tx.clone(), leader_stop.clone());
+        let (leading_tx, run_stop, fence) =
+            (leading_tx.clone(), leader_stop.clone(), fence.clone());
         let handle = tokio::spawn(async move {
             let _ = tokio::time::timeout(l.duration, warm.wait_for(|w| *w)).await;
             tokio::select! {
                 _ = run_stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(lock.retry_every()) => {}
             }
-            lock.run(leading_tx, run_stop).await
+            lock.run(leading_tx, fence, run_stop).await
         });
         (handle, leader_stop)
     });
@@ -419,6 +426,7 @@ pub async fn run(
             agents: agents.clone(),
             interval: config.status_interval,
             metrics: metrics.clone(),
+            fence: fence.clone(),
             recorder: Recorder::new(
                 client.clone(),
                 Reporter {
@@ -459,6 +467,7 @@ pub async fn run(
         stop: stop.clone(),
         auth,
         max_session: config.max_session,
+        fence,
     };
     let serve_stop = stop.clone();
     let router = tonic::transport::Server::builder()

@@ -65,6 +65,9 @@ pub struct ControlService {
     pub auth: Option<Arc<Authenticator>>,
     /// The longest a session lasts even when its token lives longer.
     pub max_session: Option<Duration>,
+    /// Whether this replica may act as the leader right now (checked before
+    /// a session is accepted and before each snapshot it sends).
+    pub fence: crate::leader::Fence,
 }
 
 impl std::fmt::Debug for ControlService {
@@ -86,7 +89,7 @@ fn kind_name(kind: &Option<Kind>) -> &'static str {
 impl ControlService {
     /// Reads and checks the Hello.
     async fn hello(&self, inbound: &mut Streaming<pb::AgentMessage>) -> Result<pb::Hello, Status> {
-        if !*self.leading.borrow() {
+        if !*self.leading.borrow() || !self.fence.holds() {
             return Err(Status::unavailable(
                 "this operator replica is not the leader; retry (the Service routes to the leader)",
             ));
@@ -363,6 +366,11 @@ impl Session {
             let Ok(_permit) = self.service.fanout.acquire().await else {
                 return "the operator is stopping";
             };
+            // A replica whose lease is no longer certain (a frozen leader
+            // that just woke) sends nothing: its successor may lead.
+            if !self.service.fence.holds() {
+                return "this replica's leader lease is no longer certain";
+            }
             let nonce = format!("{:016x}", rand::random::<u64>());
             // Recorded first: a fast agent may answer before `send` returns.
             // The registry says whether it can go as a delta.

@@ -3,14 +3,37 @@
 //!
 //! Only the leader serves agents and writes status; the others wait, warm
 //! (their reflectors run), refuse control streams with UNAVAILABLE and
-//! report not ready, so a Service routes agents to the leader. A leader
-//! that cannot renew within the lease duration steps down by exiting: the
-//! process restarts clean instead of carrying state from its reign. On a
-//! normal stop the lease is released, so a successor takes over at once.
+//! report not ready, so a Service routes agents to the leader. On a normal
+//! stop the lease is released, so a successor takes over at once.
+//!
+//! # Fencing: two leaders never act at once
+//!
+//! - **Every lease call has a timeout** (a third of the lease duration at
+//!   most): kube's client has no read timeout, and a hung call must not
+//!   keep a replica believing it leads.
+//! - **A renew deadline shorter than the lease** (two thirds of it): a
+//!   leader that has not renewed by then stops acting, then exits (the
+//!   process restarts clean rather than carry state from its reign).
+//! - **A [`Fence`]** every writer checks before it acts (status writes,
+//!   snapshot sends, new sessions): it holds only until the last successful
+//!   renewal's start plus the renew deadline, by this process's monotonic
+//!   clock. A leader frozen (SIGSTOP, a long GC-like stall, a hung node)
+//!   finds its fence expired the moment it runs again, before its election
+//!   loop has even noticed, so it writes and pushes nothing.
+//! - **Expiry is judged by local observation**, as client-go does: a
+//!   replica takes a lease held by another only after it has seen the same
+//!   record (its resourceVersion) unchanged for a full lease duration by its
+//!   own clock, never by comparing the holder's `renewTime` with its own
+//!   wall clock, so clock skew between nodes cannot shorten a lease.
+//!
+//! A leader's fence ends at most `renew deadline` after its last renewal
+//! began; a successor needs a full lease duration after it last saw that
+//! renewal land. The margin is the lease duration less the renew deadline.
 //!
 //! Updates use the Lease's resourceVersion (optimistic concurrency): two
 //! replicas racing for an expired lease cannot both win.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -18,13 +41,57 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// Until when this replica may act as the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// No election: a single replica always may.
+    Always,
+    /// Not (or no longer) the leader.
+    Never,
+    /// The leader, until then (last renewal's start + renew deadline).
+    At(Instant),
+}
+
+/// Whether this replica may act as the leader now: checked by every writer
+/// just before it writes (see the module's "Fencing").
+#[derive(Debug, Clone)]
+pub struct Fence(Arc<Mutex<Until>>);
+
+impl Fence {
+    /// A fence that always holds (no leader election).
+    pub fn always() -> Self {
+        Self(Arc::new(Mutex::new(Until::Always)))
+    }
+
+    /// A fence that holds only once a lease is renewed.
+    pub fn closed() -> Self {
+        Self(Arc::new(Mutex::new(Until::Never)))
+    }
+
+    fn set(&self, until: Until) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = until;
+    }
+
+    /// Whether this replica may act as the leader at this instant.
+    pub fn holds(&self) -> bool {
+        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Until::Always => true,
+            Until::Never => false,
+            Until::At(t) => Instant::now() < t,
+        }
+    }
+}
 
 /// Why leadership ended other than by a stop.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     /// The lease could not be renewed in time.
-    #[error("lost the leader lease {namespace}/{name}: not renewed within {duration:?}")]
+    #[error(
+        "lost the leader lease {namespace}/{name}: not renewed within the renew deadline {duration:?}; stepped down"
+    )]
     Lost {
         /// The Lease's namespace.
         namespace: String,
@@ -35,6 +102,16 @@ pub enum LeaderError {
     },
 }
 
+/// A lease record held by another replica, and when this one first saw
+/// it.
+#[derive(Debug, Clone)]
+struct Observed {
+    /// The Lease's resourceVersion: any renewal changes it.
+    version: String,
+    /// When this replica first saw that version.
+    at: Instant,
+}
+
 /// One replica's view of the Lease.
 #[derive(Clone)]
 pub struct LeaseLock {
@@ -43,6 +120,8 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's record, as first seen here.
+    observed: Arc<Mutex<Option<Observed>>>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -55,7 +134,9 @@ impl std::fmt::Debug for LeaseLock {
     }
 }
 
-/// Whether a lease held by someone else may be taken at `now`.
+/// Whether a lease held by someone else may be taken at `now` by the
+/// times it records (a person's view, for `kubectl`-like tools; the
+/// election itself judges by local observation, [`LeaseLock`]).
 pub fn expired(spec: &LeaseSpec, now: Timestamp, default: Duration) -> bool {
     if spec.holder_identity.as_deref().is_none_or(str::is_empty) {
         return true;
@@ -88,6 +169,35 @@ impl LeaseLock {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: Arc::default(),
+        }
+    }
+
+    /// The renew deadline: a leader that has not renewed for this long
+    /// stops acting (two thirds of the lease duration).
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// The limit of one lease call.
+    fn call_timeout(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_millis(100))
+    }
+
+    /// Whether the record `version` held by another may be taken: only
+    /// after this replica has seen it unchanged for a lease duration.
+    fn observed_expired(&self, version: &str, lease_duration: Duration) -> bool {
+        let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match observed.as_ref() {
+            Some(o) if o.version == version => now.duration_since(o.at) >= lease_duration,
+            _ => {
+                *observed = Some(Observed {
+                    version: version.into(),
+                    at: now,
+                });
+                false
+            }
         }
     }
 
@@ -125,9 +235,15 @@ impl LeaseLock {
         let spec = lease.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         let transitions = spec.lease_transitions.unwrap_or(0);
+        let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+        let lease_duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.duration, Duration::from_secs);
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
         lease.spec = Some(if mine {
             self.spec(spec.acquire_time.clone(), transitions)
-        } else if expired(&spec, Timestamp::now(), self.duration) {
+        } else if free || self.observed_expired(&version, lease_duration) {
             self.spec(None, transitions + 1)
         } else {
             return Ok(false);
@@ -174,16 +290,23 @@ impl LeaseLock {
     pub async fn run(
         self,
         leading: watch::Sender<bool>,
+        fence: Fence,
         stop: CancellationToken,
     ) -> Result<(), LeaderError> {
         let renew_every = self.duration / 3;
         let retry_every = self.retry_every();
-        let mut last_renew: Option<tokio::time::Instant> = None;
+        let deadline = self.renew_deadline();
+        let mut last_renew: Option<Instant> = None;
         loop {
-            let held = match self.try_acquire().await {
-                Ok(held) => held,
-                Err(error) => {
+            let started = Instant::now();
+            let held = match tokio::time::timeout(self.call_timeout(), self.try_acquire()).await {
+                Ok(Ok(held)) => held,
+                Ok(Err(error)) => {
                     tracing::warn!(lease = %self.name, %error, "leader lease request failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.name, timeout = ?self.call_timeout(), "leader lease request timed out");
                     false
                 }
             };
@@ -191,16 +314,20 @@ impl LeaseLock {
                 if !*leading.borrow() {
                     tracing::info!(lease = %self.name, identity = %self.identity, "became the leader");
                 }
-                last_renew = Some(tokio::time::Instant::now());
+                // The fence runs from when the renewal was sent: it landed
+                // no earlier than that.
+                last_renew = Some(started);
+                fence.set(Until::At(started + deadline));
                 leading.send_replace(true);
             } else if let Some(at) = last_renew
-                && at.elapsed() >= self.duration
+                && at.elapsed() >= deadline
             {
+                fence.set(Until::Never);
                 leading.send_replace(false);
                 return Err(LeaderError::Lost {
                     namespace: self.namespace.clone(),
                     name: self.name.clone(),
-                    duration: self.duration,
+                    duration: deadline,
                 });
             }
             let wait = if held { renew_every } else { retry_every };
@@ -210,8 +337,12 @@ impl LeaseLock {
             }
         }
         if *leading.borrow() {
+            fence.set(Until::Never);
             leading.send_replace(false);
-            if let Err(error) = self.release().await {
+            let released = tokio::time::timeout(self.call_timeout(), self.release()).await;
+            if let Err(error) = released.unwrap_or_else(|_| {
+                Err(kube::Error::Service("the release request timed out".into()))
+            }) {
                 tracing::warn!(lease = %self.name, %error, "releasing the leader lease failed");
             } else {
                 tracing::info!(lease = %self.name, "leader lease released");
@@ -224,6 +355,41 @@ impl LeaseLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_holds_until_its_deadline_and_a_frozen_leader_finds_it_gone() {
+        let fence = Fence::closed();
+        assert!(!fence.holds());
+        fence.set(Until::At(Instant::now() + Duration::from_secs(10)));
+        assert!(fence.holds());
+        // A freeze longer than the deadline: on waking, nothing holds.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!fence.holds());
+        assert!(Fence::always().holds());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_holders_lease_expires_only_after_a_duration_unchanged_here() {
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap()))
+                .unwrap();
+        let lock = LeaseLock::new(client, "ns", "lease", "me", Duration::from_secs(15));
+        let d = Duration::from_secs(15);
+        assert!(
+            !lock.observed_expired("1", d),
+            "first sight starts the clock"
+        );
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert!(!lock.observed_expired("1", d));
+        // A renewal (a new resourceVersion) restarts it, whatever the
+        // holder's clock wrote in renewTime.
+        assert!(!lock.observed_expired("2", d));
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert!(!lock.observed_expired("2", d));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(lock.observed_expired("2", d));
+        assert!(lock.renew_deadline() < d);
+    }
 
     #[test]
     fn a_lease_expires_after_its_duration_from_the_last_renewal() {

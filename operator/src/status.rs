@@ -378,6 +378,8 @@ pub struct StatusWriter {
     pub metrics: Metrics,
     /// Publishes Events.
     pub recorder: Recorder,
+    /// Whether this replica may still write (checked before each write).
+    pub fence: crate::leader::Fence,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -514,6 +516,10 @@ impl StatusWriter {
     ) -> bool {
         let ns = pool.namespace().unwrap_or_default();
         let name = pool.name_any();
+        if !self.fence.holds() {
+            tracing::debug!(pool = %format!("{ns}/{name}"), "status not written: this replica's lease is not certain");
+            return false;
+        }
         let api: Api<ConnectionPool> = Api::namespaced(self.client.clone(), &ns);
         let patch = serde_json::json!({
             "apiVersion": "tidepool.dev/v1alpha1",

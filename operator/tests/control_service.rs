@@ -113,6 +113,7 @@ async fn server() -> Server {
         stop: stop.clone(),
         auth: None,
         max_session: None,
+        fence: tidepool_operator::leader::Fence::always(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
