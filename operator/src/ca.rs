@@ -433,14 +433,14 @@ impl std::fmt::Display for Change {
     }
 }
 
-/// What the Secret should hold next and why, or `None` when it is right as
-/// it is.
-pub fn plan(
+/// What the Secret should hold next, and the step taken (`None` when it is
+/// right as it is).
+pub fn advance(
     stored: Option<Stored>,
     rollover_requested: bool,
     now: i64,
     timing: Timing,
-) -> Result<Option<(Stored, Change)>, CaError> {
+) -> Result<(Stored, Option<Change>), CaError> {
     let Some(mut s) = stored else {
         let fresh = Stored {
             current: Authority::generate(now)?,
@@ -448,33 +448,44 @@ pub fn plan(
             previous: None,
             since: None,
         };
-        return Ok(Some((fresh, Change::Created)));
+        return Ok((fresh, Some(Change::Created)));
     };
     let since = s.since.unwrap_or(0);
     if s.current.not_after - now < secs(RENEW_BEFORE) {
         s.current = s.current.renewed(now)?;
-        return Ok(Some((s, Change::Renewed)));
+        return Ok((s, Some(Change::Renewed)));
     }
     if let Some(next) = s.next.take() {
         if now - since >= secs(timing.overlap) {
             s.previous = Some(std::mem::replace(&mut s.current, next).cert_pem);
             s.since = Some(now);
-            return Ok(Some((s, Change::Switched)));
+            return Ok((s, Some(Change::Switched)));
         }
         s.next = Some(next);
-        return Ok(None);
+        return Ok((s, None));
     }
     if s.previous.is_some() && now - since >= secs(timing.retire_after) {
         s.previous = None;
         s.since = None;
-        return Ok(Some((s, Change::Retired)));
+        return Ok((s, Some(Change::Retired)));
     }
     if rollover_requested && s.previous.is_none() {
         s.next = Some(Authority::generate(now)?);
         s.since = Some(now);
-        return Ok(Some((s, Change::NextPublished)));
+        return Ok((s, Some(Change::NextPublished)));
     }
-    Ok(None)
+    Ok((s, None))
+}
+
+/// What the Secret should hold next and why, or `None` when it is right as
+/// it is ([`advance`], for callers that only ask whether it moves).
+pub fn plan(
+    stored: Option<Stored>,
+    rollover_requested: bool,
+    now: i64,
+    timing: Timing,
+) -> Result<Option<(Stored, Change)>, CaError> {
+    advance(stored, rollover_requested, now, timing).map(|(s, c)| c.map(|c| (s, c)))
 }
 
 /// Where the CA lives and how it moves.
@@ -575,18 +586,11 @@ impl Keeper {
                 .as_ref()
                 .and_then(|a| a.get(ROLLOVER_ANNOTATION))
                 .is_some_and(|v| v == "requested");
-            let Some((next, change)) = plan(stored, requested, now_unix(), self.config.timing)?
-            else {
+            let (next, change) = advance(stored, requested, now_unix(), self.config.timing)?;
+            let Some(change) = change else {
                 // Unchanged: publish (idempotent) and serve it.
-                let stored = read(&secret)
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| CaError::Contended {
-                        namespace: self.config.namespace.clone(),
-                        name: name.clone(),
-                    })?;
-                self.publish(&stored.bundle()).await?;
-                return Ok(Arc::new(stored.current));
+                self.publish(&next.bundle()).await?;
+                return Ok(Arc::new(next.current));
             };
             let mut updated = secret.clone();
             write(&mut updated, &next, requested);
