@@ -62,6 +62,18 @@ pub const MAX_CLIENT_NAMESPACES: usize = 64;
         "message": "spec.maxIdle must be less than or equal to spec.size",
         "fieldPath": ".maxIdle",
         "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.nodeLocalService) || has(self.listenPort)",
+        "message": "spec.nodeLocalService needs spec.listenPort: the port each agent serves this pool on, which the Service targets (such as 16001)",
+        "fieldPath": ".nodeLocalService",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.nodeLocalService) || !has(self.target.service) || self.nodeLocalService.name != self.target.service.name",
+        "message": "spec.nodeLocalService.name must differ from spec.target.service.name: the pooled Service cannot be its own backend",
+        "fieldPath": ".nodeLocalService.name",
+        "reason": "FieldValueInvalid"
     }
 ]))]
 pub struct ConnectionPoolSpec {
@@ -133,6 +145,17 @@ pub struct ConnectionPoolSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub listen_port: Option<i32>,
 
+    /// A Service the operator creates in the pool's namespace so that
+    /// applications reach the pool by name, with no authority override, no
+    /// node IP and no hostPort: `<name>.<namespace>:<port>`. It has no
+    /// selector and `internalTrafficPolicy: Local`, and its EndpointSlices
+    /// list every agent pod at `listenPort`, so kube-proxy sends each
+    /// connection to the agent on the caller's own node. Needs `listenPort`.
+    /// A Service of that name the operator does not own is never touched:
+    /// the pool's `LocalService` condition names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_local_service: Option<NodeLocalService>,
+
     /// Who may use the pool. Unset: pods of every namespace, as a Service
     /// allows. Set: only pods of the namespaces listed, told apart by the
     /// source IP of their connection to the agent (the pod IPs of the
@@ -140,6 +163,38 @@ pub struct ConnectionPoolSpec {
     /// backend is dialed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<Clients>,
+}
+
+/// The node-local Service of a pool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeLocalService {
+    /// The Service's name in the pool's namespace: a DNS-1035 label
+    /// (lower-case letters, digits and '-', starting with a letter, at most
+    /// 63 characters), such as `payments-pooled`.
+    #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "spec.nodeLocalService.name must be a Service name (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters), such as payments-pooled",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
+    pub name: String,
+
+    /// The port applications dial on the Service, from 1 to 65535. Unset:
+    /// the pool's `listenPort`. Pools may share a Service port (each has its
+    /// own Service); they may not share a `listenPort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+impl NodeLocalService {
+    /// The Service port: `port`, or else the pool's `listenPort`.
+    pub fn service_port(&self, listen_port: Option<i32>) -> Option<i32> {
+        self.port.or(listen_port)
+    }
 }
 
 /// The clients a pool serves.

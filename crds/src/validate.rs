@@ -170,6 +170,25 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a Service name: a DNS-1035 label, as the API server requires of
+/// a Service's `metadata.name`.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be a Service name (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters), such as payments-pooled"
+        ))
+    }
+}
+
 fn is_port_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -290,6 +309,36 @@ impl ConnectionPoolSpec {
             );
         }
 
+        if let Some(local) = &self.node_local_service {
+            if let Err(m) = check_service_name(&local.name) {
+                err("spec.nodeLocalService.name", m);
+            } else if self
+                .target
+                .service
+                .as_ref()
+                .is_some_and(|t| t.name == local.name)
+            {
+                err(
+                    "spec.nodeLocalService.name",
+                    "must differ from spec.target.service.name: the pooled Service cannot be its own backend".into(),
+                );
+            }
+            if let Some(p) = local.port
+                && !(1..=65535).contains(&p)
+            {
+                err(
+                    "spec.nodeLocalService.port",
+                    format!("{p} must be a port number from 1 to 65535"),
+                );
+            }
+            if self.listen_port.is_none() {
+                err(
+                    "spec.nodeLocalService",
+                    "needs spec.listenPort: the port each agent serves this pool on, which the Service targets (such as 16001)".into(),
+                );
+            }
+        }
+
         if let Some(clients) = &self.clients {
             let namespaces = &clients.namespaces;
             if namespaces.is_empty() {
@@ -337,7 +386,9 @@ impl ConnectionPoolSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1alpha1::{Address, Clients, NamespaceName, ServiceTarget, Target, WhenFull};
+    use crate::v1alpha1::{
+        Address, Clients, NamespaceName, NodeLocalService, ServiceTarget, Target, WhenFull,
+    };
 
     #[test]
     fn log_filters_name_the_bad_level() {
@@ -445,6 +496,10 @@ mod tests {
             when_full: WhenFull::Wait,
             acquire_timeout: "soon".into(),
             listen_port: Some(70000),
+            node_local_service: Some(NodeLocalService {
+                name: "x".into(),
+                port: Some(0),
+            }),
             clients: Some(Clients {
                 namespaces: vec![NamespaceName("Shop".into())],
             }),
@@ -463,6 +518,8 @@ mod tests {
                 "spec.ttl",
                 "spec.acquireTimeout",
                 "spec.listenPort",
+                "spec.nodeLocalService.name",
+                "spec.nodeLocalService.port",
                 "spec.clients.namespaces[0]",
             ]
         );

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::controller::{self, Controller};
@@ -91,10 +91,34 @@ where
         + Sync
         + 'static,
 {
+    reflect_waking(api, config, stop, None)
+}
+
+/// [`reflect`], waking `wake` on every event.
+fn reflect_waking<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    stop: &CancellationToken,
+    wake: Option<Arc<tokio::sync::Notify>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
         .reflect(writer)
+        .inspect(move |_| {
+            if let Some(w) = &wake {
+                w.notify_one();
+            }
+        })
         .applied_objects();
     let stop = stop.clone();
     tokio::spawn(async move {
@@ -262,7 +286,10 @@ pub async fn run(
         });
     }
 
-    // Reflectors.
+    // Reflectors. Every event that may change a node-local Service wakes
+    // its sync loop.
+    let local_wake = Arc::new(tokio::sync::Notify::new());
+    let local_states = Arc::new(crate::local::LocalStates::default());
     let node_config = match &config.node_selector {
         Some(s) => watcher::Config::default().labels(s),
         None => watcher::Config::default(),
@@ -275,45 +302,57 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(slices_writer)
+    .inspect({
+        let wake = local_wake.clone();
+        move |_| wake.notify_one()
+    })
     .touched_objects();
     let (services, services_writer) = reflector::store();
     let services_stream = watcher(api::<Service>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(services_writer)
+        .inspect({
+            let wake = local_wake.clone();
+            move |_| wake.notify_one()
+        })
         .touched_objects();
 
     let (pools, pools_writer) = reflector::store();
     let pool_stream = {
         let desired = desired.clone();
         let reader = pools.clone();
+        let wake = local_wake.clone();
         watcher(
             api::<ConnectionPool>(&client, ns),
             watcher::Config::default(),
         )
         .default_backoff()
         .reflect(pools_writer)
-        .inspect_ok(move |event| match event {
-            watcher::Event::Delete(p) => {
-                let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-                if desired.remove(&key) {
-                    tracing::info!(pool = %key, "pool deleted; agents drop it");
+        .inspect_ok(move |event| {
+            wake.notify_one();
+            match event {
+                watcher::Event::Delete(p) => {
+                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                    if desired.remove(&key) {
+                        tracing::info!(pool = %key, "pool deleted; agents drop it");
+                    }
                 }
-            }
-            watcher::Event::InitDone => {
-                let live: std::collections::HashSet<String> = reader
-                    .state()
-                    .iter()
-                    .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
-                    .collect();
-                let gone = desired.retain(|k| live.contains(k));
-                if gone > 0 {
-                    tracing::info!(
-                        pools = gone,
-                        "pools deleted while the watch was down; agents drop them"
-                    );
+                watcher::Event::InitDone => {
+                    let live: std::collections::HashSet<String> = reader
+                        .state()
+                        .iter()
+                        .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                        .collect();
+                    let gone = desired.retain(|k| live.contains(k));
+                    if gone > 0 {
+                        tracing::info!(
+                            pools = gone,
+                            "pools deleted while the watch was down; agents drop them"
+                        );
+                    }
                 }
+                _ => {}
             }
-            _ => {}
         })
         .touched_objects()
     };
@@ -399,6 +438,47 @@ pub async fn run(
         });
     }
 
+    // Node-local Services: once every pool is known (so nothing is swept
+    // for a pool not read yet) and the agent pods are listed.
+    {
+        let agent_pods = config.agent_pods.as_ref().map(|a| {
+            let api = Api::<Pod>::namespaced(client.clone(), &a.namespace);
+            reflect_waking(
+                api,
+                watcher::Config::default().labels(&a.selector),
+                &stop,
+                Some(local_wake.clone()),
+            )
+        });
+        let sync = crate::local::Sync {
+            client: client.clone(),
+            pools: pools.clone(),
+            services: services.clone(),
+            slices: slices_reader.clone(),
+            agents: agent_pods.clone(),
+            wake: local_wake.clone(),
+            states: local_states.clone(),
+            fence: fence.clone(),
+            metrics: metrics.clone(),
+            debounce: config.push_debounce,
+        };
+        let mut initialized = initialized.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let ready = async {
+                initialized.wait_for(|i| *i).await.ok()?;
+                if let Some(pods) = &agent_pods {
+                    listed(pods).await;
+                }
+                Some(())
+            };
+            tokio::select! {
+                r = ready => if r.is_some() { sync.run(stop).await },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
     // Pod maps for spec.clients: not part of initialization, since a pool
     // push must not wait for them (agents keep their last map meanwhile).
     crate::clients::start(
@@ -427,6 +507,7 @@ pub async fn run(
             interval: config.status_interval,
             metrics: metrics.clone(),
             fence: fence.clone(),
+            local: local_states.clone(),
             recorder: Recorder::new(
                 client.clone(),
                 Reporter {

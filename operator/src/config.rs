@@ -168,6 +168,17 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// Label selector of the agent pods (the agent DaemonSet's), in
+    /// `--agent-namespace`: the endpoints of every pool's node-local Service.
+    /// Unset: pools that ask for a node-local Service get none, and their
+    /// `LocalService` condition says why.
+    #[arg(long, env = "TIDEPOOL_AGENT_SELECTOR")]
+    pub agent_selector: Option<String>,
+
+    /// The agent pods' namespace; the lease namespace when unset.
+    #[arg(long, env = "TIDEPOOL_AGENT_NAMESPACE")]
+    pub agent_namespace: Option<String>,
+
     /// Log format.
     #[arg(long, env = "TIDEPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -244,6 +255,8 @@ pub struct Config {
     pub security: Option<ControlSecurity>,
     /// The cap on a session's length.
     pub max_session: Option<Duration>,
+    /// The agent pods node-local Services list, if configured.
+    pub agent_pods: Option<crate::local::AgentPods>,
     /// Log format.
     pub log_format: LogFormat,
     /// The log filter, checked ([`check_log_filter`]).
@@ -377,6 +390,7 @@ impl Config {
                 handshake_timeout: args.tls_handshake_timeout,
             })
         };
+        let lease_namespace = args.lease_namespace.clone();
         let leader = args.leader_elect.then(|| LeaderConfig {
             namespace: args.lease_namespace,
             name: args.lease_name,
@@ -396,6 +410,16 @@ impl Config {
             address_map: args.endpoint_address_map,
             security,
             max_session: args.control_max_session,
+            agent_pods: args
+                .agent_selector
+                .filter(|s| !s.trim().is_empty())
+                .map(|selector| crate::local::AgentPods {
+                    namespace: args
+                        .agent_namespace
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| lease_namespace.clone()),
+                    selector,
+                }),
             log_format: args.log_format,
             log_filter: args.log_filter,
         })

@@ -49,6 +49,7 @@ pub mod config;
 pub mod control;
 pub mod desired;
 pub mod leader;
+pub mod local;
 pub mod metrics;
 pub mod push;
 pub mod reconcile;

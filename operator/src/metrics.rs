@@ -22,6 +22,17 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A write of a node-local Service's objects.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalWriteLabel {
+    /// `service` or `endpointslice`.
+    pub object: &'static str,
+    /// `create`, `apply` or `delete`.
+    pub op: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Every metric the operator exports (prefix `tidepool_operator_`).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -74,6 +85,8 @@ pub struct Metrics {
     pub control_cert_renewals: Counter,
     /// Sessions ended because their token expired (or the session cap).
     pub sessions_expired: Counter,
+    /// Writes of node-local Services and their EndpointSlices.
+    pub local_service_writes: Family<LocalWriteLabel, Counter>,
 }
 
 impl Metrics {
@@ -94,6 +107,7 @@ impl Metrics {
             nacks: Counter::default(),
             reports: Counter::default(),
             client_maps_sent: Counter::default(),
+            local_service_writes: Family::default(),
             status_writes: Counter::default(),
             status_write_errors: Counter::default(),
             leader: Gauge::default(),
@@ -166,6 +180,11 @@ impl Metrics {
             "client_maps_sent",
             "Node pod maps (for spec.clients) sent to agents",
             m.client_maps_sent.clone(),
+        );
+        r.register(
+            "local_service_writes",
+            "Writes of node-local Services and their EndpointSlices, by object, operation and result",
+            m.local_service_writes.clone(),
         );
         r.register(
             "status_writes",

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{Agent, Agents};
 use crate::desired::{Desired, Entry};
+use crate::local::LocalState;
 use crate::metrics::Metrics;
 use crate::resolve::describe_target;
 
@@ -51,6 +52,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a BTreeSet<String>,
     /// The connected agents by node.
     pub agents: &'a HashMap<String, Agent>,
+    /// What became of its node-local Service, if it asks for one.
+    pub local: Option<&'a LocalState>,
 }
 
 fn condition(
@@ -270,6 +273,9 @@ pub fn compute(
     };
 
     let mut conditions = vec![ready, distributed, degraded];
+    if pool.spec.node_local_service.is_some() {
+        conditions.push(local_condition(inputs, generation, &now));
+    }
     if let Some(previous) = previous {
         for c in &mut conditions {
             if let Some(old) = previous
@@ -293,6 +299,75 @@ pub fn compute(
         totals: Some(totals),
         addresses,
     }
+}
+
+/// The `LocalService` condition: True when the Service is written and
+/// every node that should run the pool has a ready agent endpoint.
+fn local_condition(inputs: &Inputs<'_>, generation: i64, now: &Time) -> Condition {
+    let name = inputs
+        .pool
+        .spec
+        .node_local_service
+        .as_ref()
+        .map_or("", |l| l.name.as_str());
+    let (ok, reason, message) = match inputs.local {
+        None => (
+            false,
+            "Pending",
+            format!("Service {name} not written yet"),
+        ),
+        Some(state @ LocalState::Serving { service, target_port, ready_nodes }) => {
+            let missing: Vec<&String> = inputs
+                .nodes
+                .iter()
+                .filter(|n| !ready_nodes.contains(*n))
+                .collect();
+            let served = inputs.nodes.len() - missing.len();
+            if missing.is_empty() {
+                (
+                    true,
+                    state.reason(),
+                    format!(
+                        "{service} reaches the agent on each of {served} nodes at port {target_port}"
+                    ),
+                )
+            } else {
+                (
+                    false,
+                    "NodesWithoutEndpoint",
+                    format!(
+                        "{service}: no ready agent on {}; calls from there fail fast (no local endpoint); {served} of {} nodes served",
+                        name_nodes(&missing),
+                        inputs.nodes.len()
+                    ),
+                )
+            }
+        }
+        Some(state @ LocalState::NameTaken { service }) => (
+            false,
+            state.reason(),
+            format!(
+                "Service {service} exists and this pool does not own it; it is left as it is: choose another spec.nodeLocalService.name or delete that Service"
+            ),
+        ),
+        Some(state @ LocalState::NotConfigured) => (
+            false,
+            state.reason(),
+            "the operator runs without --agent-selector (TIDEPOOL_AGENT_SELECTOR), so it cannot list agent pods; the chart sets it".into(),
+        ),
+        Some(state @ LocalState::Failed { error }) => (false, state.reason(), error.clone()),
+    };
+    condition("LocalService", ok, reason, message, generation, now)
+}
+
+/// `a, b, c and 4 more`.
+fn name_nodes(nodes: &[&String]) -> String {
+    let named: Vec<&str> = nodes.iter().take(NAMED_NODES).map(|n| n.as_str()).collect();
+    let mut s = named.join(", ");
+    if nodes.len() > NAMED_NODES {
+        s.push_str(&format!(" and {} more", nodes.len() - NAMED_NODES));
+    }
+    s
 }
 
 /// An Event for a transition a person should see.
@@ -349,6 +424,26 @@ pub fn transitions(
             note: "the pool is no longer degraded".into(),
         });
     }
+    // The node-local Service: each new reason of it being False, and its
+    // recovery.
+    let (old_local, new_local) = (find(old, "LocalService"), find(Some(new), "LocalService"));
+    if let Some(l) = new_local.filter(|l| l.status == "False" && l.reason != "Pending") {
+        if !old_local.is_some_and(|o| o.status == "False" && o.reason == l.reason) {
+            out.push(Transition {
+                warning: true,
+                reason: l.reason.clone(),
+                note: l.message.clone(),
+            });
+        }
+    } else if let Some(l) = new_local.filter(|l| l.status == "True")
+        && !is_true(old_local)
+    {
+        out.push(Transition {
+            warning: false,
+            reason: "LocalServiceServing".into(),
+            note: l.message.clone(),
+        });
+    }
     out
 }
 
@@ -380,6 +475,8 @@ pub struct StatusWriter {
     pub recorder: Recorder,
     /// Whether this replica may still write (checked before each write).
     pub fence: crate::leader::Fence,
+    /// Node-local Services' states.
+    pub local: Arc<crate::local::LocalStates>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -489,11 +586,13 @@ impl StatusWriter {
                 .map(|w| w.status.clone())
                 .or_else(|| pool.status.clone());
             let new = self.agents.with(|agents| {
+                let local = self.local.get(&key);
                 let inputs = Inputs {
                     pool: &pool,
                     entry: Some(&entry),
                     nodes: &nodes,
                     agents,
+                    local: local.as_ref(),
                 };
                 compute(
                     &inputs,
@@ -685,6 +784,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 None,
                 now(),
@@ -725,6 +825,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 Some(&s),
                 now(),
@@ -753,6 +854,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 Some(&s2),
                 now(),
@@ -783,6 +885,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 None,
                 now(),
@@ -823,6 +926,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 None,
                 now(),
@@ -870,6 +974,7 @@ mod tests {
                     entry: Some(&e),
                     nodes: &nodes,
                     agents: a,
+                    local: None,
                 },
                 None,
                 now(),
