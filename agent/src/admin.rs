@@ -80,6 +80,12 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 async fn readyz(State(admin): State<Admin>) -> Response {
     if admin.runtime.drain().is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if admin.runtime.drain().is_leaving() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "leaving: still serving until the drain delay ends\n",
+        )
+            .into_response()
     } else if !admin.runtime.is_configured() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

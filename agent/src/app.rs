@@ -173,6 +173,15 @@ impl App {
         self.admin_addr
     }
 
+    /// Turns not ready and keeps serving for `delay` ([`Drain::leave`]);
+    /// call before [`App::shutdown`].
+    pub async fn leave(&self, delay: Duration) {
+        if !delay.is_zero() {
+            tracing::info!(?delay, "leaving: not ready, still serving");
+        }
+        self.drain.leave(delay).await;
+    }
+
     /// Stops accepting, lets open streams finish for at most `timeout`, and
     /// returns how many client connections were still open then.
     pub async fn shutdown(self, timeout: Duration) -> usize {

@@ -68,6 +68,13 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
     pub admin_listen: SocketAddr,
 
+    /// On SIGTERM, how long the agent stays reachable before it stops
+    /// accepting: `/readyz` fails at once, new connections are still served.
+    /// Gives endpoint lists time to forget the agent, so no client dials a
+    /// closed port (the chart sets it with the node-local Service).
+    #[arg(long, env = "TIDEPOOL_DRAIN_DELAY", default_value = "0s", value_parser = duration)]
+    pub drain_delay: Duration,
+
     /// On SIGTERM, how long open streams may run before the agent exits
     /// anyway (a Go-style duration such as `30s`).
     #[arg(long, env = "TIDEPOOL_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
@@ -226,6 +233,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin listener.
     pub admin_listen: SocketAddr,
+    /// How long SIGTERM keeps accepting before the drain.
+    pub drain_delay: Duration,
     /// How long SIGTERM waits for open streams.
     pub drain_timeout: Duration,
     /// Listener settings.
@@ -308,6 +317,7 @@ impl Config {
             mode,
             listen: args.listen,
             admin_listen: args.admin_listen,
+            drain_delay: args.drain_delay,
             drain_timeout: args.drain_timeout,
             proxy: ProxyOptions {
                 max_concurrent_streams: args.max_concurrent_streams,

@@ -49,6 +49,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let signal = shutdown::signal().await.context("waiting for a signal")?;
     tracing::info!(signal, "stopping");
+    // A second signal cuts the delay short.
+    tokio::select! {
+        _ = app.leave(config.drain_delay) => {}
+        again = shutdown::signal() => {
+            tracing::info!(signal = again.unwrap_or("?"), "second signal: draining now");
+        }
+    }
     app.shutdown(config.drain_timeout).await;
     Ok(())
 }

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 pub struct Drain {
     token: CancellationToken,
     tracker: TaskTracker,
+    leaving: CancellationToken,
 }
 
 impl Drain {
@@ -41,6 +42,24 @@ impl Drain {
     /// Whether the drain has started.
     pub fn is_draining(&self) -> bool {
         self.token.is_cancelled()
+    }
+
+    /// Whether the agent is leaving: not ready any more, but still
+    /// accepting and serving until the drain starts (see [`Drain::leave`]).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.is_cancelled()
+    }
+
+    /// Turns the agent not ready and keeps serving for `delay` before the
+    /// drain may start: the time for endpoint lists (a node-local Service's
+    /// EndpointSlice, kube-proxy's rules) to stop sending new connections
+    /// here. A connection made meanwhile is served, then drained like the
+    /// rest; without the delay it would be refused and fail its client.
+    pub async fn leave(&self, delay: Duration) {
+        self.leaving.cancel();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Starts the drain and waits until every tracked connection has ended or
@@ -78,6 +97,22 @@ pub async fn signal() -> std::io::Result<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn leaving_is_not_draining_until_the_delay_ends() {
+        let drain = Drain::new();
+        let d = drain.clone();
+        let leave = tokio::spawn(async move { d.leave(Duration::from_secs(5)).await });
+        tokio::task::yield_now().await;
+        assert!(drain.is_leaving());
+        assert!(!drain.is_draining(), "listeners still accept while leaving");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!leave.is_finished());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(leave.is_finished());
+        assert_eq!(drain.run(Duration::from_secs(1)).await, 0);
+        assert!(drain.is_draining());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_waits_for_tracked_tasks_but_not_forever() {
