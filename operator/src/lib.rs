@@ -14,6 +14,7 @@
 //!   as a label on its own pod, which the chart's control Service selects.
 //! - [`auth`]: agents' tokens checked by TokenReview; [`ca`]: the control
 //!   CA in a Secret; [`tls`]: the control port's serving certificate.
+//! - [`local`]: a pool's node-local Service and its EndpointSlices.
 //! - [`admin`], [`metrics`], [`config`], [`app`] (the wiring `main` runs).
 //!
 //! # API calls the operator makes (for least-privilege RBAC)
@@ -22,8 +23,8 @@
 //! | --- | --- | --- |
 //! | `tidepool.dev` | `connectionpools` | list, watch |
 //! | `tidepool.dev` | `connectionpools/status` | patch (server-side apply) |
-//! | `""` (core) | `services` | list, watch |
-//! | `discovery.k8s.io` | `endpointslices` | list, watch |
+//! | `""` (core) | `services` | list, watch; create, patch, delete (node-local Services) |
+//! | `discovery.k8s.io` | `endpointslices` | list, watch; create, patch, delete (node-local Services) |
 //! | `""` (core) | `nodes` (cluster-scoped) | list, watch |
 //! | `""` (core) | `pods` (every namespace) | list, watch |
 //! | `coordination.k8s.io` | `leases` (its own namespace) | get, create, update |

@@ -107,6 +107,29 @@ pub async fn apply_pod(
     node: &str,
     ip: &str,
 ) -> Result<()> {
+    apply_pod_with(client, namespace, name, node, ip, &PodExtras::default()).await
+}
+
+/// What [`apply_pod_with`] adds to a plain pod.
+#[derive(Debug, Clone, Default)]
+pub struct PodExtras<'a> {
+    /// Labels.
+    pub labels: &'a [(&'a str, &'a str)],
+    /// The `Ready` condition the kubelet would write, if any.
+    pub ready: Option<bool>,
+    /// Finalizers (a deleted pod with one stays, terminating).
+    pub finalizers: &'a [&'a str],
+}
+
+/// [`apply_pod`] with labels, a Ready condition and finalizers.
+pub async fn apply_pod_with(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    node: &str,
+    ip: &str,
+    extras: &PodExtras<'_>,
+) -> Result<()> {
     let sa = serde_json::json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": "default", "namespace": namespace}
@@ -121,7 +144,12 @@ pub async fn apply_pod(
         .with_context(|| format!("applying serviceaccount {namespace}/default failed"))?;
     let pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": extras.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+            "finalizers": extras.finalizers,
+        },
         "spec": {
             "nodeName": node,
             "automountServiceAccountToken": false,
@@ -138,7 +166,15 @@ pub async fn apply_pod(
     .with_context(|| format!("applying pod {namespace}/{name} failed"))?;
     let status = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": extras.ready.map(|r| vec![serde_json::json!({
+                "type": "Ready",
+                "status": if r { "True" } else { "False" },
+            })]).unwrap_or_default(),
+        }
     });
     pods.patch_status(
         name,

@@ -138,6 +138,14 @@ async fn explain_teaches_every_field() -> Result<()> {
             "connectionpool.spec.clients.namespaces",
             "an empty list is not",
         ),
+        (
+            "connectionpool.spec.nodeLocalService",
+            "internalTrafficPolicy: Local",
+        ),
+        (
+            "connectionpool.spec.nodeLocalService.port",
+            "they may not share a `listenPort`",
+        ),
     ];
     // The API server publishes a new CRD's OpenAPI a moment after it is
     // Established; wait for it (bounded) before reading descriptions.
@@ -300,6 +308,36 @@ const INVALID: &[(&str, &str, &str)] = &[
         "spec.clients.namespace",
     ),
     (
+        "local-no-listen-port",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    nodeLocalService: {name: pooled}",
+        "spec.nodeLocalService",
+    ),
+    (
+        "local-own-backend",
+        "    target: {service: {name: payments, port: 50051}}\n    listenPort: 16001\n    nodeLocalService: {name: payments}",
+        "spec.nodeLocalService.name",
+    ),
+    (
+        "local-bad-name",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 16001\n    nodeLocalService: {name: 1pooled}",
+        "spec.nodeLocalService.name",
+    ),
+    (
+        "local-name-too-long",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 16001\n    nodeLocalService: {name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa}",
+        "spec.nodeLocalService.name",
+    ),
+    (
+        "local-port-zero",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 16001\n    nodeLocalService: {name: pooled, port: 0}",
+        "spec.nodeLocalService.port",
+    ),
+    (
+        "local-port-too-big",
+        "    target: {addresses: ['10.0.0.1:50051']}\n    listenPort: 16001\n    nodeLocalService: {name: pooled, port: 65536}",
+        "spec.nodeLocalService.port",
+    ),
+    (
         "unknown-field",
         "    target: {addresses: ['10.0.0.1:50051']}\n    poolSize: 5",
         "spec.poolSize",
@@ -361,6 +399,14 @@ async fn valid_edge_cases_are_accepted() -> Result<()> {
         (
             "clients",
             "    target: {addresses: ['10.0.0.1:1']}\n    clients: {namespaces: [shop, billing-2, a, 0ops]}",
+        ),
+        (
+            "local-service",
+            "    target: {service: {name: payments, port: 50051}}\n    listenPort: 16001\n    nodeLocalService: {name: payments-pooled, port: 50051}",
+        ),
+        (
+            "local-service-default-port",
+            "    target: {addresses: ['10.0.0.1:1']}\n    listenPort: 65535\n    nodeLocalService: {name: a}",
         ),
         (
             "clients-longest-name",

@@ -99,13 +99,44 @@ async fn pods_meet_the_restricted_profile_with_probes_and_resources() -> Result<
 }
 
 #[tokio::test]
-async fn agent_runs_on_every_node_with_a_host_port_and_no_api_token() -> Result<()> {
+async fn agent_runs_on_every_node_without_a_host_port_and_no_api_token() -> Result<()> {
     let docs = render(&[]).await?;
-    let pod = &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"];
+    let ds = find(&docs, "DaemonSet", "-agent");
+    let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["automountServiceAccountToken"], Value::Bool(false));
     assert_eq!(pod["tolerations"][0]["operator"], "Exists");
     let c = &pod["containers"][0];
-    assert_eq!(c["ports"][0]["hostPort"], Value::from(15000));
+    // The way in is a node-local Service: no hostPort, so the successor
+    // surges beside each agent.
+    assert_eq!(c["ports"][0]["hostPort"], Value::Null);
+    assert_eq!(c["ports"][0]["containerPort"], Value::from(15000));
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        (
+            rolling["maxSurge"].clone(),
+            rolling["maxUnavailable"].clone()
+        ),
+        (Value::from(1), Value::from(0))
+    );
+    // With the hostPort path, one node's agent stops before its successor
+    // starts (two cannot hold one host port).
+    let docs = render(&["--set", "agent.hostPort=true"]).await?;
+    let ds = find(&docs, "DaemonSet", "-agent");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["hostPort"],
+        Value::from(15000)
+    );
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        (
+            rolling["maxSurge"].clone(),
+            rolling["maxUnavailable"].clone()
+        ),
+        (Value::Null, Value::from(1))
+    );
+    let docs = render(&[]).await?;
+    let pod = &find(&docs, "DaemonSet", "-agent")["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
     let env = c["env"].as_sequence().expect("env");
     let field = |name: &str| {
         env.iter()
@@ -291,9 +322,9 @@ async fn rbac_grants_exactly_what_the_operator_calls() -> Result<()> {
         [
             "/nodes: list,watch",
             "/pods: list,watch",
-            "/services: list,watch",
+            "/services: list,watch,create,patch,delete",
             "authentication.k8s.io/tokenreviews: create",
-            "discovery.k8s.io/endpointslices: list,watch",
+            "discovery.k8s.io/endpointslices: list,watch,create,patch,delete",
             "events.k8s.io/events: create,patch",
             "tidepool.dev/connectionpools/status: patch",
             "tidepool.dev/connectionpools: list,watch",
@@ -431,6 +462,14 @@ async fn bad_values_fail_naming_the_value() -> Result<()> {
             vec!["--set", "control.auth.audience="],
             "/control/auth/audience",
         ),
+        (
+            vec!["--set", "agent.drainDelaySeconds=30"],
+            "agent.drainDelaySeconds (30) must be less than agent.terminationGracePeriodSeconds (30)",
+        ),
+        (
+            vec!["--set", "agent.drainDelaySeconds=-1"],
+            "/agent/drainDelaySeconds",
+        ),
         // No value turns TLS or authentication off.
         (vec!["--set", "control.tls.enabled=false"], "tls"),
         (vec!["--set", "control.auth.enabled=false"], "enabled"),
@@ -488,18 +527,17 @@ async fn install_is_accepted_by_a_real_api_server_and_meets_restricted_pod_secur
             )
         }
     };
-    // The agent's hostPort is the one thing outside the restricted (indeed
-    // the baseline) profile, by design: applications reach their node's
-    // agent on it. Without it, everything is restricted.
+    // By default everything is restricted. The hostPort path is the one
+    // thing outside the restricted (indeed the baseline) profile.
     let default = warnings(&[]).await?;
-    assert_eq!(default.len(), 1, "{default:?}");
+    assert!(default.is_empty(), "{default:?}");
+    let with = warnings(&["--set", "agent.hostPort=true"]).await?;
+    assert_eq!(with.len(), 1, "{with:?}");
     assert!(
-        default[0].contains("hostPort (container \"agent\" uses hostPort 15000)")
-            && !default[0].contains(", "),
-        "{default:?}"
+        with[0].contains("hostPort (container \"agent\" uses hostPort 15000)")
+            && !with[0].contains(", "),
+        "{with:?}"
     );
-    let without = warnings(&["--set", "agent.hostPort=false"]).await?;
-    assert!(without.is_empty(), "{without:?}");
 
     let chart = chart();
     let out = helm(&["install", "tp", &chart, "--namespace", &ns.name], true).await?;
