@@ -52,12 +52,13 @@ pub async fn start_backend(addr: SocketAddr, flip_every: Duration) -> Result<Bac
     Ok(Backend { addr, stop })
 }
 
-/// Serves a backend on `listener` until `stop`.
+/// Serves a backend on `listener` until `stop`, then drains: GOAWAY, and
+/// the calls in flight finish. The handle ends when the server has.
 pub fn serve_backend(
     listener: tokio::net::TcpListener,
     flip_every: Duration,
     stop: CancellationToken,
-) {
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -102,11 +103,12 @@ pub fn serve_backend(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async move { stop.cancelled().await },
             ),
-    );
+    )
 }
 
-/// A channel to `agent` whose requests carry `authority`.
-pub fn channel(agent: SocketAddr, authority: &str) -> Result<Channel> {
+/// A channel to `agent` (an address, or a `host:port` resolved at each
+/// connect) whose requests carry `authority`.
+pub fn channel(agent: impl std::fmt::Display, authority: &str) -> Result<Channel> {
     Ok(endpoint(agent, authority)?
         .timeout(Duration::from_secs(5))
         .connect_lazy())
@@ -126,7 +128,7 @@ pub fn channel_from(
 }
 
 /// An endpoint at `agent` whose requests carry `authority`.
-fn endpoint(agent: SocketAddr, authority: &str) -> Result<Endpoint> {
+fn endpoint(agent: impl std::fmt::Display, authority: &str) -> Result<Endpoint> {
     let origin: Uri = format!("http://{authority}")
         .parse()
         .with_context(|| format!("bad authority {authority}"))?;
@@ -163,16 +165,24 @@ pub async fn try_check(channel: &Channel) -> Result<String, tonic::Status> {
 pub async fn watch(channel: &Channel) -> Result<tonic::Streaming<HealthCheckResponse>> {
     // A watch outlives the channel's per-request timeout: use a channel
     // without one.
+    watch_status(channel)
+        .await
+        .map_err(|s| anyhow!("watch failed: {}: {}", s.code(), s.message()))
+}
+
+/// Like [`watch`], with the gRPC status of a failed start.
+pub async fn watch_status(
+    channel: &Channel,
+) -> Result<tonic::Streaming<HealthCheckResponse>, tonic::Status> {
     let response = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest {
             service: FLIP_SERVICE.into(),
         })
-        .await
-        .map_err(|s| anyhow!("watch failed: {}: {}", s.code(), s.message()))?;
+        .await?;
     Ok(response.into_inner())
 }
 
 /// A channel like [`channel`] without a request timeout, for watches.
-pub fn streaming_channel(agent: SocketAddr, authority: &str) -> Result<Channel> {
+pub fn streaming_channel(agent: impl std::fmt::Display, authority: &str) -> Result<Channel> {
     Ok(endpoint(agent, authority)?.connect_lazy())
 }

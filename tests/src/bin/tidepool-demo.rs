@@ -39,9 +39,11 @@ enum Cmd {
     },
     /// Send calls through an agent.
     Load {
-        /// The agent's proxy listener.
+        /// Where the calls go: the agent's listener as an address, or a
+        /// `host:port` such as a node-local Service's
+        /// (`payments-pooled.shop:50051`), resolved at each connect.
         #[arg(long, env = "TIDEPOOL_DEMO_AGENT", default_value = "127.0.0.1:15000")]
-        agent: SocketAddr,
+        agent: String,
         /// The authority the calls carry (the pool's Service name).
         #[arg(
             long,
@@ -69,9 +71,22 @@ async fn main() -> Result<()> {
         Cmd::Backend { listen } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("backend serving on {listen}");
-            grpc::serve_backend(listener, Duration::from_secs(1), stop.clone());
+            let server = grpc::serve_backend(listener, Duration::from_secs(1), stop.clone());
             shutdown().await;
+            // Drain: GOAWAY, and the calls in flight finish (watches do
+            // not: the pod's grace period ends them).
             stop.cancel();
+            let drained = tokio::time::timeout(Duration::from_secs(4), server)
+                .await
+                .is_ok();
+            println!(
+                "backend stopped ({})",
+                if drained {
+                    "drained"
+                } else {
+                    "watches still open at 4s"
+                }
+            );
         }
         Cmd::Load {
             agent,
@@ -80,15 +95,27 @@ async fn main() -> Result<()> {
             watchers,
             every,
         } => {
-            let channel = grpc::channel(agent, &authority)?;
-            let streaming = grpc::streaming_channel(agent, &authority)?;
+            let channel = grpc::channel(&agent, &authority)?;
+            let streaming = grpc::streaming_channel(&agent, &authority)?;
+            // How each watch ended, by gRPC code (a watch never ends by
+            // itself: every end is a GOAWAY drain, a reset or a refusal).
+            let (ends_tx, mut ends_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
             for _ in 0..watchers {
                 let streaming = streaming.clone();
+                let ends = ends_tx.clone();
                 tokio::spawn(async move {
                     loop {
-                        if let Ok(mut s) = grpc::watch(&streaming).await {
-                            while let Ok(Some(_)) = s.message().await {}
-                        }
+                        let code = match grpc::watch_status(&streaming).await {
+                            Ok(mut s) => loop {
+                                match s.message().await {
+                                    Ok(Some(_)) => {}
+                                    Ok(None) => break "Ok".to_string(),
+                                    Err(status) => break format!("{:?}", status.code()),
+                                }
+                            },
+                            Err(status) => format!("{:?}", status.code()),
+                        };
+                        let _ = ends.send(code);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 });
@@ -111,6 +138,7 @@ async fn main() -> Result<()> {
             tick.tick().await;
             let (mut ok, mut failed, mut by_backend, mut last_error) =
                 (0u64, 0u64, BTreeMap::new(), None);
+            let mut ends: BTreeMap<String, u64> = BTreeMap::new();
             loop {
                 tokio::select! {
                     _ = shutdown() => return Ok(()),
@@ -119,16 +147,19 @@ async fn main() -> Result<()> {
                         Some(Err(e)) => { failed += 1; last_error = Some(e); }
                         None => return Ok(()),
                     },
+                    Some(code) = ends_rx.recv() => *ends.entry(code).or_insert(0) += 1,
                     _ = tick.tick() => {
                         let spread: Vec<String> = by_backend.iter().map(|(b, n)| format!("{b}={n}")).collect();
                         let at = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .unwrap_or_default()
                             .as_millis();
-                        println!("load: {ok} ok, {failed} failed in {every:?} via {agent} at {at} ({}){}", spread.join(" "),
+                        let ended: Vec<String> = ends.iter().map(|(c, n)| format!("{c}={n}")).collect();
+                        println!("load: {ok} ok, {failed} failed in {every:?} via {agent} at {at} ({}) watches_ended[{}]{}", spread.join(" "), ended.join(","),
                             last_error.take().map(|e| format!("; last error: {e}")).unwrap_or_default());
                         (ok, failed) = (0, 0);
                         by_backend.clear();
+                        ends.clear();
                     }
                 }
             }
