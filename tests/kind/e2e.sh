@@ -79,14 +79,16 @@ client_lines() {
 nodes() { k get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}'; }
 agent_on() { k -n "$ns" get pods -l app.kubernetes.io/component=agent --field-selector spec.nodeName="$1" -o jsonpath='{.items[0].metadata.name}'; }
 
-# 1. helm install --wait with the default values (only the images are
-# this run's): one Ready agent per node, the operator Available 2/2, one
-# leader whose pod alone backs the control Service.
+# 1. helm install --wait with the default values but for the images (this
+# run's) and the hostPort path (agent.hostPort=true: scenarios 2-8 dial
+# $(HOST_IP); 9 on moves to the default, the node-local Service): one
+# Ready agent per node, the operator Available 2/2, one leader whose pod
+# alone backs the control Service.
 s_install() {
   local t0 out
   t0=$(date +%s)
   if ! out=$(h install "$release" "$repo_dir/charts/tidepool" --namespace "$ns" --create-namespace \
-    "${helm_images[@]}" --wait --timeout 5m 2>&1); then
+    "${helm_images[@]}" --set agent.hostPort=true --wait --timeout 5m 2>&1); then
     fail install "helm install --wait failed after $(($(date +%s) - t0)) s: $out"
     k -n "$ns" get pods -o wide >&2
     return 1
@@ -365,7 +367,253 @@ s_upgrade() {
   pass upgrade "helm upgrade --set agent.poolPorts={15100}: agents rolled (hostPorts $hp) and rejoined with the CA the operator kept (unchanged by the upgrade); listenPort clients on every node went from refused to served"
 }
 
-# 9. helm uninstall: every object of the release is gone, the CRD stays.
+# How the watches of app APP's clients ended since SINCE_MS, summed over
+# nodes: "Unavailable=3 ..." (empty: none ended).
+watch_ends() {
+  local app=$1 since=$2 node pod
+  for node in $(nodes); do
+    pod=$(k -n shop get pods -l app="$app" --field-selector spec.nodeName="$node" -o name | head -n 1)
+    [ -n "$pod" ] || continue
+    k -n shop logs "$pod" --tail=600 2>/dev/null |
+      awk -v since="$since" '$1 == "load:" {
+        at = ""; for (i = 1; i <= NF; i++) if ($i == "at") at = $(i + 1)
+        if (at == "" || at + 0 <= since + 0) next
+        if (match($0, /watches_ended\[[^]]*\]/)) {
+          n = split(substr($0, RSTART + 14, RLENGTH - 15), parts, ",")
+          for (j = 1; j <= n; j++) if (split(parts[j], kv, "=") == 2) print kv[1], kv[2]
+        }
+      }'
+  done | awk '{ c[$1] += $2 } END { for (k in c) printf "%s=%d ", k, c[k] }'
+}
+# calls APP SINCE_MS [UNTIL_MS]: "OK FAILED STALLED" summed over every
+# node's client of APP (STALLED: seconds in which a client had no answer).
+calls() {
+  local node
+  for node in $(nodes); do client_lines "$1" "$node" "$2"; done |
+    awk -v until="${3:-0}" 'until + 0 == 0 || $1 + 0 <= until + 0 { ok += $2; f += $3; if ($2 == 0) st++ } END { print ok + 0, f + 0, st + 0 }'
+}
+agents_metric() {
+  local p sum=0 v
+  for p in $(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}'); do
+    v=$(metric "$p" 15021 "$1")
+    sum=$((sum + ${v%.*}))
+  done
+  echo "$sum"
+}
+
+# 9. The default way in, the node-local Service, on restricted Pod
+# Security: helm upgrade to agent.hostPort=false (the agents surge), the
+# namespace then enforces restricted with nothing breaking it; the pool
+# asks for payments-pooled; a client pinned to each node in turn is served
+# by that node's agent alone (kube-proxy's internalTrafficPolicy: Local);
+# clients on every node by name; and spec.clients, which fails closed
+# through the hostPort, admits the pool's namespace by pod IP and refuses
+# another one.
+s_local() {
+  local bad="" out warn node n2 t0
+  t0=$(date +%s)
+  k -n shop delete ds clients clients-port --wait=true >/dev/null 2>&1
+  # A shorter grace period than the chart's 30 s, so the surge scenario's
+  # watches (which never end by themselves) are cut sooner: delay 5 s,
+  # drain 6 s.
+  if ! out=$(h upgrade "$release" "$repo_dir/charts/tidepool" --namespace "$ns" --reuse-values \
+    --set agent.hostPort=false --set agent.terminationGracePeriodSeconds=12 --wait --timeout 5m 2>&1); then
+    fail local "helm upgrade --set agent.hostPort=false failed: $out"
+    return 1
+  fi
+  k -n "$ns" rollout status ds/"$release-agent" --timeout=300s >&2
+  local strategy hp
+  strategy=$(k -n "$ns" get ds "$release-agent" -o jsonpath='{.spec.updateStrategy.rollingUpdate.maxSurge}/{.spec.updateStrategy.rollingUpdate.maxUnavailable}')
+  hp=$(k -n "$ns" get ds "$release-agent" -o json | jq -c '[.spec.template.spec.containers[0].ports[].hostPort | select(. != null)]')
+  [ "$strategy" = 1/0 ] || bad+=" agent update strategy maxSurge/maxUnavailable $strategy, want 1/0;"
+  [ "$hp" = "[]" ] || bad+=" agents still have hostPorts $hp;"
+  # Enforcing restricted warns about every running pod that breaks it.
+  warn=$(k label --overwrite ns "$ns" pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest 2>&1 >/dev/null)
+  if grep -qi "violate\|warning" <<<"$warn"; then bad+=" enforcing restricted on $ns warned: $(tr '\n' ' ' <<<"$warn" | cut -c1-300);"; fi
+  k -n shop patch connectionpool payments --type=merge -p '{"spec":{"nodeLocalService":{"name":"payments-pooled","port":50051}}}' >/dev/null ||
+    { fail local "patching spec.nodeLocalService failed"; return 1; }
+  local_ok() { [ "$(pool_json | jq -r '.status.conditions[]? | select(.type == "LocalService") | .status')" = True ]; }
+  eventually 60 local_ok || { fail local "LocalService not True within 60 s: $(pool_json | jq -c '.status.conditions[]? | select(.type == "LocalService")')${bad}"; return 1; }
+  local itp eps want_eps
+  itp=$(k -n shop get svc payments-pooled -o jsonpath='{.spec.internalTrafficPolicy}')
+  [ "$itp" = Local ] || bad+=" Service internalTrafficPolicy [$itp], want Local;"
+  eps=$(k -n shop get endpointslices -l kubernetes.io/service-name=payments-pooled -o json |
+    jq -r '[.items[].endpoints[]? | select(.conditions.ready) | "\(.addresses[0])@\(.nodeName)"] | sort | join(" ")')
+  want_eps=$(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o json |
+    jq -r '[.items[] | select(.metadata.deletionTimestamp == null) | "\(.status.podIP)@\(.spec.nodeName)"] | sort | join(" ")')
+  [ "$eps" = "$want_eps" ] || bad+=" the slices list [$eps], want the agents [$want_eps];"
+
+  # Locality.
+  local loc=""
+  local -A before=()
+  probe() { TAG=$tag PROBE=probe PROBE_NS=$1 NODE=$2 envsubst '$TAG $PROBE $PROBE_NS $NODE' <"$kind_dir/manifests/probe.yaml" | k apply -f - >/dev/null; }
+  for node in $(nodes); do
+    for n2 in $(nodes); do before[$n2]=$(metric "$(agent_on "$n2")" 15021 tidepool_proxy_streams_total); done
+    probe shop "$node"
+    probe_served() { k -n shop logs probe 2>/dev/null | awk '$1 == "load:" && $2 > 0 { n++ } END { exit n < 3 }'; }
+    eventually 60 probe_served || bad+=" the probe on $node was not served: $(k -n shop logs probe 2>&1 | tail -n 2 | tr '\n' '|' | cut -c1-200);"
+    k -n shop delete pod probe --grace-period=1 >/dev/null 2>&1
+    local line="$node:" d
+    for n2 in $(nodes); do
+      d=$(($(metric "$(agent_on "$n2")" 15021 tidepool_proxy_streams_total | cut -d. -f1) - ${before[$n2]%.*}))
+      line+=" $n2=$d"
+      if [ "$n2" = "$node" ]; then
+        [ "$d" -gt 0 ] || bad+=" the probe on $node did not reach its own agent;"
+      else
+        [ "$d" = 0 ] || bad+=" the probe on $node reached the agent on $n2 ($d streams);"
+      fi
+    done
+    loc+=" [$line]"
+  done
+
+  # Clients on every node, by name.
+  TAG=$tag envsubst '$TAG' <"$kind_dir/manifests/clients-local.yaml" | k apply -f - >/dev/null
+  k -n shop rollout status ds/clients-local --timeout=120s >&2 || bad+=" the clients-local DaemonSet did not become ready;"
+  local since
+  since=$(now_ms)
+  sleep 8
+  for node in $(nodes); do
+    local lines
+    lines=$(client_lines clients-local "$node" "$since")
+    [ -n "$lines" ] || { bad+=" no load lines from the client on $node;"; continue; }
+    awk '$2 == 0 || $3 > 0 { bad = 1 } END { exit bad }' <<<"$lines" ||
+      bad+=" the client on $node had failures or idle seconds: $(tr '\n' '|' <<<"$lines" | cut -c1-300);"
+  done
+
+  # spec.clients by pod IP: shop admitted, another namespace refused.
+  local outsider_node refused0 refused1 unknown0 unknown1
+  outsider_node=$(nodes | head -n 1)
+  unknown0=$(agents_metric 'tidepool_proxy_refused_total{pool="shop/payments",reason="unknown_ip"}')
+  refused0=$(metric "$(agent_on "$outsider_node")" 15021 'tidepool_proxy_refused_total{pool="shop/payments",reason="namespace"}')
+  k -n shop patch connectionpool payments --type=merge -p '{"spec":{"clients":{"namespaces":["shop"]}}}' >/dev/null
+  sleep 4
+  since=$(now_ms)
+  k create namespace outsider >/dev/null 2>&1
+  probe outsider "$outsider_node"
+  outsider_refused() { k -n outsider logs probe 2>/dev/null | awk '$1 == "load:" && $2 == 0 && $4 > 0 { n++ } $1 == "load:" && $2 > 0 { ok = 1 } END { exit ok || n < 3 }'; }
+  eventually 60 outsider_refused || bad+=" the client in namespace outsider was not refused: $(k -n outsider logs probe 2>&1 | tail -n 2 | tr '\n' '|' | cut -c1-200);"
+  local c
+  c=$(calls clients-local "$since")
+  [ "${c% * *}" -gt 0 ] && [ "$(cut -d' ' -f2 <<<"$c")" = 0 ] || bad+=" with spec.clients [shop] the shop clients had calls (ok failed stalled) $c;"
+  refused1=$(metric "$(agent_on "$outsider_node")" 15021 'tidepool_proxy_refused_total{pool="shop/payments",reason="namespace"}')
+  unknown1=$(agents_metric 'tidepool_proxy_refused_total{pool="shop/payments",reason="unknown_ip"}')
+  [ "${refused1%.*}" -gt "${refused0%.*}" ] || bad+=" the agent on $outsider_node counted no refusal by namespace ($refused0 -> $refused1);"
+  [ "$unknown1" = "$unknown0" ] || bad+=" unknown addresses were refused ($unknown0 -> $unknown1): the agents did not see pod IPs;"
+  k -n shop patch connectionpool payments --type=json -p '[{"op":"remove","path":"/spec/clients"}]' >/dev/null
+  k delete namespace outsider --wait=false >/dev/null 2>&1
+  [ -z "$bad" ] || { fail local "${bad# }"; return 1; }
+  pass local "helm upgrade to agent.hostPort=false: no hostPort, surge strategy 1/0, and $ns then enforced restricted Pod Security without a warning; Service payments-pooled (internalTrafficPolicy Local) with the 3 agents as endpoints; a client pinned to each node reached only its own agent (streams per agent:$loc); clients on every node by name, 0 failures; spec.clients [shop] admitted the shop clients by pod IP ($c ok/failed/stalled) and refused a client in namespace outsider ($((${refused1%.*} - ${refused0%.*})) refusals) ($(($(date +%s) - t0)) s)"
+}
+
+# 10. Zero-drop agent upgrade: under load from every node's clients
+# (unary calls and long watches, by the node-local Service), a helm upgrade
+# that rolls every agent. Each successor is ready beside its predecessor,
+# which leaves the EndpointSlice, stays reachable for the drain delay, sends
+# GOAWAY and lets its streams finish (watches are cut at the drain
+# deadline). Target: 0 failed unary calls.
+s_surge() {
+  local since t0 out old new bad="" c ends secs p
+  old=$(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
+  since=$(now_ms)
+  t0=$(date +%s)
+  if ! out=$(h upgrade "$release" "$repo_dir/charts/tidepool" --namespace "$ns" --reuse-values \
+    --set agent.logLevel=debug --wait --timeout 8m 2>&1); then
+    fail surge "helm upgrade --set agent.logLevel=debug failed: $out"
+    return 1
+  fi
+  k -n "$ns" rollout status ds/"$release-agent" --timeout=300s >&2
+  secs=$(($(date +%s) - t0))
+  # The last predecessor's drain (delay 5 s, then up to 6 s).
+  sleep 12
+  new=$(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}')
+  for p in $old; do grep -qw "$p" <<<"$new" && bad+=" $p was not replaced;"; done
+  c=$(calls clients-local "$since")
+  ends=$(watch_ends clients-local "$since")
+  read -r ok failed stalled <<<"$c"
+  [ "$ok" -gt 0 ] || bad+=" no call was answered during the upgrade;"
+  [ "$failed" = 0 ] || bad+=" $failed unary calls failed during the upgrade (of $((ok + failed)));"
+  [ -z "$bad" ] || { fail surge "${bad# } (watches ended: ${ends:-none})"; return 1; }
+  pass surge "helm upgrade rolled all 3 agents (surge) in ${secs} s under load: $ok unary calls answered, $failed failed, $stalled client-seconds without an answer; watches ended: ${ends:-none} (each restarted by its client)"
+}
+
+# 11. Zero-drop backend rollout: kubectl rollout restart of the backends
+# under load. Terminating backends leave the pool's addresses (the
+# operator follows the EndpointSlice conditions) and finish their calls;
+# a call a backend provably never took (refused connection, REFUSED_STREAM,
+# GOAWAY before it) is retried by the agent on another. Target: 0 failed
+# unary calls; the retries are counted.
+s_rollout() {
+  local since t0 bad="" c ends retries0 retries1 ok failed stalled
+  retries0=$(agents_metric tidepool_proxy_retries_total)
+  since=$(now_ms)
+  t0=$(date +%s)
+  k -n shop rollout restart deploy/payments >/dev/null
+  k -n shop rollout status deploy/payments --timeout=180s >&2 || { fail rollout "the restarted backends did not become available"; return 1; }
+  local secs=$(($(date +%s) - t0))
+  # The last old backends' grace period (5 s).
+  sleep 8
+  c=$(calls clients-local "$since")
+  ends=$(watch_ends clients-local "$since")
+  retries1=$(agents_metric tidepool_proxy_retries_total)
+  read -r ok failed stalled <<<"$c"
+  [ "$ok" -gt 0 ] || bad+=" no call was answered during the rollout;"
+  [ "$failed" = 0 ] || bad+=" $failed unary calls failed during the rollout (of $((ok + failed)));"
+  [ -z "$bad" ] || { fail rollout "${bad# } (retries $((retries1 - retries0)); watches ended: ${ends:-none})"; return 1; }
+  pass rollout "kubectl rollout restart of the backends under load (${secs} s): $ok unary calls answered, $failed failed, $stalled client-seconds without an answer; the agents retried $((retries1 - retries0)) calls no backend had taken; watches ended: ${ends:-none}"
+}
+
+# 12. Load spread: the backends scale 3 -> 6; every node's clients reach
+# all six within one TTL (30 s); then over a minute of steady load the
+# busiest backend takes at most 1.5x the calls of the least busy.
+s_spread() {
+  local before want new ready_at t_all="" w0 w1 node b counts ratio bad=""
+  k -n shop scale deploy/payments --replicas=3 >/dev/null
+  k -n shop rollout status deploy/payments --timeout=120s >&2
+  before=$(backend_addresses)
+  k -n shop scale deploy/payments --replicas=6 >/dev/null
+  k -n shop rollout status deploy/payments --timeout=120s >&2 || { fail spread "the 6 backends did not become available"; return 1; }
+  ready_at=$SECONDS
+  local since
+  since=$(now_ms)
+  want=$(backend_addresses)
+  [ "$(wc -w <<<"$want")" = 6 ] || { fail spread "want 6 ready backends, have [$want]"; return 1; }
+  new=$(tr ' ' '\n' <<<"$want" | grep -vxF -f <(tr ' ' '\n' <<<"$before") | tr '\n' ' ')
+  all_reached() {
+    local node b lines
+    for node in $(nodes); do
+      lines=$(client_lines clients-local "$node" "$since")
+      for b in $new; do grep -q "$b=" <<<"$lines" || return 1; done
+    done
+  }
+  while ((SECONDS - ready_at <= 40)); do
+    all_reached && { t_all=$((SECONDS - ready_at)); break; }
+    sleep 1
+  done
+  [ -n "$t_all" ] && [ "$t_all" -le 30 ] || bad+=" the clients did not reach all 6 backends within 30 s of them being Ready (${t_all:-not in 40 s});"
+  w0=$(now_ms)
+  sleep 60
+  w1=$(now_ms)
+  counts=$(for node in $(nodes); do client_lines clients-local "$node" "$w0"; done |
+    awk -v until="$w1" '$1 + 0 <= until + 0 { for (i = 4; i <= NF; i++) if (split($i, kv, "=") == 2) c[kv[1]] += kv[2] } END { for (b in c) print b, c[b] }' | sort)
+  local n max min
+  n=$(wc -l <<<"$counts")
+  max=$(awk 'NR == 1 || $2 > m { m = $2 } END { print m + 0 }' <<<"$counts")
+  min=$(awk 'NR == 1 || $2 < m { m = $2 } END { print m + 0 }' <<<"$counts")
+  [ "$n" = 6 ] || bad+=" calls reached $n backends in the minute, want 6;"
+  if [ "$min" -gt 0 ]; then
+    ratio=$(awk -v a="$max" -v b="$min" 'BEGIN { printf "%.2f", a / b }')
+    awk -v r="$ratio" 'BEGIN { exit !(r <= 1.5) }' || bad+=" max/min calls per backend $ratio > 1.5;"
+  else
+    ratio=inf
+    bad+=" a backend got no call in the minute;"
+  fi
+  local shown
+  shown=$(awk '{ printf "%s=%s ", $1, $2 }' <<<"$counts")
+  [ -z "$bad" ] || { fail spread "${bad# } (calls per backend over 60 s: $shown)"; return 1; }
+  pass spread "3 -> 6: every node's clients reached the 3 new backends ${t_all} s after they were Ready (TTL 30 s); over 60 s of steady load calls per backend $shown: max/min $ratio (load $(cut -d' ' -f1-3 /proc/loadavg))"
+}
+
+# 13. helm uninstall: every object of the release is gone, the CRD stays.
 s_uninstall() {
   local out left
   if ! out=$(h uninstall "$release" --namespace "$ns" --wait --timeout 3m 2>&1); then
@@ -391,7 +639,7 @@ need jq "apt-get install jq"
 failed=0
 skip=""
 # E2E_ONLY narrows the scenarios (for working on one; the order stays).
-for s in ${E2E_ONLY:-install traffic security clients scale agent_restart leader_failover upgrade uninstall}; do
+for s in ${E2E_ONLY:-install traffic security clients scale agent_restart leader_failover upgrade local surge rollout spread uninstall}; do
   name=${s//_/-}
   if [ -n "$skip" ]; then
     fail "$name" "not run: $skip failed"
