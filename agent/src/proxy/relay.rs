@@ -259,7 +259,13 @@ impl Relay {
                 && self.pending.len == 0
                 && self.replayed_trailers.is_none()
                 && recv.is_end_stream();
-            let kept = self.record.as_ref().map(|_| chunk.clone());
+            // A copy (a reference count) only while the stream may still be
+            // sent again.
+            let kept = self
+                .record
+                .as_ref()
+                .filter(|record| !record.overflowed)
+                .map(|_| chunk.clone());
             if let Err(error) = send.send_data(chunk, last) {
                 // Not sent: it stays first in line, for a rewind.
                 if let Some(chunk) = kept {
