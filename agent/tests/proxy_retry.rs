@@ -56,6 +56,8 @@ struct Seen {
     timeout: Option<String>,
     /// The request body bytes read (for the acts that read it).
     body: usize,
+    /// The `x-end` request trailer, when it read one.
+    trailer: Option<String>,
 }
 
 /// A backend that plays `script`, one act per stream in arrival order (the
@@ -105,11 +107,21 @@ impl Scripted {
         self.script[n.min(self.script.len() - 1)]
     }
 
-    fn record(&self, act: Act, headers: &http::HeaderMap, body: usize) {
+    fn record(
+        &self,
+        act: Act,
+        headers: &http::HeaderMap,
+        (body, trailer): (usize, Option<String>),
+    ) {
         let timeout = headers
             .get("grpc-timeout")
             .map(|v| v.to_str().unwrap().to_owned());
-        self.seen.lock().unwrap().push(Seen { act, timeout, body });
+        self.seen.lock().unwrap().push(Seen {
+            act,
+            timeout,
+            body,
+            trailer,
+        });
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -147,8 +159,8 @@ impl Scripted {
         let (parts, mut recv) = request.into_parts();
         match act {
             Act::Serve => {
-                let body = read_body(&mut recv).await;
-                self.record(act, &parts.headers, body.len());
+                let (body, trailer) = read_body(&mut recv).await;
+                self.record(act, &parts.headers, (body.len(), trailer));
                 let response = http::Response::builder()
                     .header("content-type", "application/grpc")
                     .body(())
@@ -160,16 +172,16 @@ impl Scripted {
                 send.send_trailers(trailers).unwrap();
             }
             Act::Reset(reason) => {
-                self.record(act, &parts.headers, 0);
+                self.record(act, &parts.headers, (0, None));
                 respond.send_reset(reason);
             }
             Act::ResetAfterBody(reason) => {
-                let body = read_body(&mut recv).await;
-                self.record(act, &parts.headers, body.len());
+                let (body, trailer) = read_body(&mut recv).await;
+                self.record(act, &parts.headers, (body.len(), trailer));
                 respond.send_reset(reason);
             }
             Act::ResetAfterHeaders(reason) => {
-                self.record(act, &parts.headers, 0);
+                self.record(act, &parts.headers, (0, None));
                 let response = http::Response::builder()
                     .header("content-type", "application/grpc")
                     .body(())
@@ -179,13 +191,13 @@ impl Scripted {
                 send.send_reset(reason);
             }
             Act::RefuseAfter(wait) => {
-                self.record(act, &parts.headers, 0);
+                self.record(act, &parts.headers, (0, None));
                 tokio::time::sleep(wait).await;
                 respond.send_reset(Reason::REFUSED_STREAM);
             }
             Act::Vanish => {
-                let body = read_body(&mut recv).await;
-                self.record(act, &parts.headers, body.len());
+                let (body, trailer) = read_body(&mut recv).await;
+                self.record(act, &parts.headers, (body.len(), trailer));
                 vanish.notify_one();
             }
             Act::GoAway { .. } => unreachable!("played by go_away"),
@@ -230,7 +242,11 @@ impl Scripted {
                 }
                 HEADERS => {
                     self.take();
-                    self.record(Act::GoAway { processed }, &http::HeaderMap::new(), 0);
+                    self.record(
+                        Act::GoAway { processed },
+                        &http::HeaderMap::new(),
+                        (0, None),
+                    );
                     let last = if processed {
                         stream
                     } else {
@@ -252,14 +268,21 @@ impl Scripted {
     }
 }
 
-/// Reads a request body to its end, releasing capacity as it goes.
-async fn read_body(recv: &mut h2::RecvStream) -> Bytes {
+/// Reads a request to its end, releasing capacity as it goes: the body,
+/// and the `x-end` request trailer if trailers came.
+async fn read_body(recv: &mut h2::RecvStream) -> (Bytes, Option<String>) {
     let mut body = BytesMut::new();
     while let Some(Ok(chunk)) = recv.data().await {
         let _ = recv.flow_control().release_capacity(chunk.len());
         body.extend_from_slice(&chunk);
     }
-    body.freeze()
+    let trailer = match recv.trailers().await {
+        Ok(Some(trailers)) => trailers
+            .get("x-end")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        _ => None,
+    };
+    (body.freeze(), trailer)
 }
 
 /// An HTTP/2 frame: 24-bit length, type, flags, stream id, payload.
@@ -384,6 +407,38 @@ async fn a_streamed_body_refused_after_it_was_read_is_replayed_in_order() {
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert_eq!(seen[0].body, 3 * 10_005);
         assert_eq!(seen[1].body, 3 * 10_005);
+        assert_eq!(retries(&app, "refused_stream").await, 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn request_trailers_already_sent_are_sent_again_after_the_body() {
+    timeout(LIMIT, async {
+        // The backend reads the whole request, trailers included, before it
+        // refuses: the agent had sent them, and sends them again.
+        let (backend, app) =
+            scripted(&[Act::ResetAfterBody(Reason::REFUSED_STREAM), Act::Serve]).await;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-end", "the-end".parse().unwrap());
+        let answer = raw_call_with_trailers(
+            app.proxy_addr(),
+            "POST",
+            "http://echo/test.Echo/Unary",
+            &[("content-type", "application/grpc"), ("te", "trailers")],
+            grpc_frame(b"with trailers"),
+            Some(trailers),
+        )
+        .await
+        .unwrap();
+        assert_eq!(answer.grpc_status().as_deref(), Some("0"), "{answer:?}");
+        assert_eq!(answer.body, grpc_frame(b"with trailers"));
+        let seen = backend.seen();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for s in &seen {
+            assert_eq!(s.trailer.as_deref(), Some("the-end"), "{seen:?}");
+        }
         assert_eq!(retries(&app, "refused_stream").await, 1);
     })
     .await
