@@ -10,6 +10,7 @@
 //! | `proxy_rejected_total{reason}` | counter | streams or connections refused before reaching a pool (`unknown_authority`, `not_grpc`, `http1`, `bad_preface`) |
 //! | `proxy_connections_active{listener}` | gauge | client connections open, per listener (`shared` or the port) |
 //! | `proxy_client_goaway_total{reason}` | counter | client connections the agent closed for breaking HTTP/2's rules, by the GOAWAY's error code (`ENHANCE_YOUR_CALM` for a flood of small or empty DATA frames, `PROTOCOL_ERROR`, …) |
+//! | `proxy_retries_total{pool, reason}` | counter | streams sent again because they provably never reached a backend: `refused_stream` (RST_STREAM REFUSED_STREAM), `goaway` (above a GOAWAY's last stream id, or on a connection already going away), `connect_refused`, `connect_failed` (another dial failure), `closed` (the pooled connection closed before the stream opened); see [`proxy::retry`](crate::proxy::retry) |
 //! | `proxy_refused_total{pool, reason}` | counter | streams refused because the pool's `spec.clients` does not admit the client (`namespace`: a pod of another namespace; `unknown_ip`: no pod of this node the agent knows); nothing is dialed |
 //! | `clients_pods` | gauge | pod IPs of this node in the pod map the operator sent (`spec.clients` is checked against it) |
 //! | `config_applies_total{result}` | counter | configurations applied (`ok`) or refused (`error`) |
@@ -25,6 +26,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::code::Code;
+use crate::proxy::retry::RetryReason;
 
 /// Labels `{pool, code}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,6 +60,15 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Labels `{pool, reason}` of retries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `namespace/name`.
+    pub pool: String,
+    /// Why the stream was sent again.
+    pub reason: RetryReason,
+}
+
 /// Labels `{listener}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -87,6 +98,7 @@ pub struct Metrics {
     stream_duration: HistogramFamily<PoolLabel>,
     rejected: Family<ReasonLabel, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     client_pods: Gauge,
     connections_active: Family<ListenerLabel, Gauge>,
     client_goaway: Family<ReasonLabel, Counter>,
@@ -103,6 +115,7 @@ impl Metrics {
             stream_duration: Family::new_with_constructor(duration_histogram),
             rejected: Family::default(),
             refused: Family::default(),
+            retries: Family::default(),
             client_pods: Gauge::default(),
             connections_active: Family::default(),
             client_goaway: Family::default(),
@@ -134,6 +147,11 @@ impl Metrics {
             "refused",
             "Streams refused because the pool's spec.clients does not admit the client",
             metrics.refused.clone(),
+        );
+        proxy.register(
+            "retries",
+            "Streams sent again because they provably never reached a backend",
+            metrics.retries.clone(),
         );
         proxy.register(
             "connections_active",
@@ -175,6 +193,14 @@ impl Metrics {
                     })
                     .clone()
             })),
+            retries: Arc::new(RetryReason::ALL.map(|reason| {
+                self.retries
+                    .get_or_create(&RetryLabels {
+                        pool: pool.to_owned(),
+                        reason,
+                    })
+                    .clone()
+            })),
             active: self.streams_active.get_or_create(&label).clone(),
             duration: self.stream_duration.get_or_create(&label).clone(),
         }
@@ -189,6 +215,12 @@ impl Metrics {
         self.stream_duration.remove(&label);
         for reason in ["namespace", "unknown_ip"] {
             self.refused.remove(&RefusedLabels {
+                pool: pool.to_owned(),
+                reason,
+            });
+        }
+        for reason in RetryReason::ALL {
+            self.retries.remove(&RetryLabels {
                 pool: pool.to_owned(),
                 reason,
             });
@@ -255,6 +287,8 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct PoolStreamMetrics {
     by_code: Arc<[Counter; Code::ALL.len()]>,
+    /// By [`RetryReason::ALL`]'s order.
+    retries: Arc<[Counter; RetryReason::ALL.len()]>,
     /// Streams being proxied.
     pub active: Gauge,
     /// Stream durations in seconds.
@@ -266,5 +300,10 @@ impl PoolStreamMetrics {
     pub fn finished(&self, code: Code, seconds: f64) {
         self.by_code[code as usize].inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts a stream sent again.
+    pub fn retried(&self, reason: RetryReason) {
+        self.retries[reason as usize].inc();
     }
 }

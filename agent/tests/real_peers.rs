@@ -287,3 +287,71 @@ fn all_four_kinds_small_and_large_at_1_16_and_64_streams() {
         );
     }
 }
+
+/// A closed port beside grpc-go's interop server in one pool: grpc-go's
+/// client and ghz see every call succeed, because a dial refused before
+/// anything was sent is retried on the live address; the retries are
+/// counted.
+#[test]
+fn a_closed_port_beside_a_live_server_costs_grpc_go_no_call() {
+    let peers = Peers::find();
+    let interop = peers::free_port();
+    let _server = peers.start("interop-server", &["-port", &interop.to_string()], interop);
+    let (closed, listen) = (peers::free_port(), peers::free_port());
+    let pools = format!(
+        r#"
+apiVersion: tidepool.dev/v1alpha1
+kind: ConnectionPool
+metadata: {{name: halfdead, namespace: default}}
+spec:
+  target: {{addresses: ["127.0.0.1:{closed}", "127.0.0.1:{interop}"]}}
+  size: 10
+  maxStreams: 100
+  listenPort: {listen}
+"#
+    );
+    let agent = Agent::start(&pools, &[listen]);
+    for case in [
+        "empty_unary",
+        "large_unary",
+        "client_streaming",
+        "ping_pong",
+    ] {
+        if let Err(output) = peers.interop_client(listen, case) {
+            panic!("{case} failed through the agent: {output}");
+        }
+    }
+    // 16 streams at once: the balancer picks the closed port for some of
+    // them (and again each time its dial backoff ends).
+    let run = Ghz::new(
+        "grpc.testing.TestService.UnaryCall",
+        r#"{"response_size":16}"#,
+    )
+    .streams(16)
+    .calls(800)
+    .run(&peers, listen);
+    assert!(
+        run.count == 800 && run.ok == run.count,
+        "calls failed: {run}"
+    );
+    let metrics = agent.metrics();
+    let closed = format!("127.0.0.1:{closed}");
+    let refused = peers::metric(
+        &metrics,
+        "tidepool_pool_cx_connect_fail_total",
+        &["default/halfdead", &closed],
+    );
+    let retried = peers::metric(
+        &metrics,
+        "tidepool_proxy_retries_total",
+        &["default/halfdead", "reason=\"connect_refused\""],
+    );
+    eprintln!("closed port: {refused} refused dials, {retried} streams retried");
+    // Every caller waiting on a refused dial is retried, so at least one
+    // retry per refused dial.
+    assert!(refused >= 1.0, "the closed port was never dialed");
+    assert!(
+        retried >= refused,
+        "{retried} retries for {refused} refused dials"
+    );
+}

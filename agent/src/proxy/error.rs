@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use std::net::IpAddr;
 
+use super::retry::{RetryReason, Tried};
 use super::status::Code;
 use crate::clients::Refusal;
 use crate::pool;
@@ -58,6 +59,36 @@ pub enum Error {
         #[source]
         source: h2::Error,
     },
+    /// Every attempt the stream was allowed failed before any backend took
+    /// it (UNAVAILABLE): the message names each address and why.
+    #[error("pool {pool}: no backend took the stream in {attempts} attempts ({tried}); the last failed with: {last}", attempts = .tried.len())]
+    Exhausted {
+        /// `namespace/name`.
+        pool: String,
+        /// The addresses tried and why each failed.
+        tried: Tried,
+        /// The last attempt's error.
+        #[source]
+        last: Box<Error>,
+    },
+    /// The backend refused the stream unprocessed, but more of the request
+    /// body had gone out than the agent keeps to send again (UNAVAILABLE).
+    #[error(
+        "backend {addr} of pool {pool} did not process the stream ({reason}), and it was not sent again: more than the {cap} bytes of request body the agent keeps for a retry had gone out: {source}", reason = .reason.as_str()
+    )]
+    NotReplayable {
+        /// `namespace/name`.
+        pool: String,
+        /// `host:port`.
+        addr: String,
+        /// How the backend showed it did not process the stream.
+        reason: RetryReason,
+        /// The replay cap in bytes.
+        cap: usize,
+        /// What h2 said.
+        #[source]
+        source: h2::Error,
+    },
     /// The client's `grpc-timeout` passed before the backend answered
     /// (DEADLINE_EXCEEDED).
     #[error("deadline of {timeout:?} (grpc-timeout) passed before pool {pool} answered")]
@@ -79,18 +110,12 @@ impl Error {
             Error::Pool(_)
             | Error::NoDedicatedPool { .. }
             | Error::NoAddresses { .. }
-            | Error::Backend { .. } => Code::Unavailable,
+            | Error::Backend { .. }
+            | Error::Exhausted { .. }
+            | Error::NotReplayable { .. } => Code::Unavailable,
             Error::Deadline { .. } => Code::DeadlineExceeded,
             Error::Refused { .. } => Code::PermissionDenied,
         }
-    }
-
-    /// Whether nothing reached the backend, so another attempt is safe.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Pool(pool::Error::Dial { .. }) | Error::Backend { .. }
-        )
     }
 }
 

@@ -23,7 +23,8 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 
 use super::error::{Error, Result};
-use super::relay::{Broken, End, Relay};
+use super::relay::{Broken, End, NoReplay, Relay};
+use super::retry::{RetryReason, Tried};
 use super::status::{Code, put_status, respond_grpc_error};
 use crate::metrics::PoolStreamMetrics;
 use crate::pool::h2::{H2Conn, is_local_protocol_error};
@@ -32,9 +33,21 @@ use crate::pool::{Lease, Outcome};
 use crate::router::pick;
 use crate::runtime::PoolEntry;
 
-/// How many addresses a stream tries when dials fail before anything was
-/// sent.
-const ATTEMPTS: usize = 2;
+/// How many times a stream is sent at most: once, and twice more while it
+/// provably never reached a backend (see [`super::retry`]). Two retries
+/// cover one bad address and one connection going away at the same time;
+/// more would only delay the error a client should see.
+const ATTEMPTS: usize = 3;
+
+/// How much of a request body the agent keeps, until the backend answers,
+/// so the stream can be sent again: 64 KiB, the HTTP/2 default stream
+/// window. Unary calls and the first messages of streams nearly always fit;
+/// a stream that has sent more to the backend than this before a refusal
+/// fails with UNAVAILABLE saying so. The copy shares the bytes the relay
+/// sends (no copying), it is dropped as soon as response headers arrive,
+/// and it holds no flow-control capacity back: the client's window is
+/// released as bytes are sent, as without it.
+pub const REPLAY_CAP: usize = 64 * 1024;
 
 /// Counts one proxied stream: active while it lives, then finished with the
 /// code it ended with (CANCELLED when dropped before its end, which is the
@@ -135,9 +148,54 @@ pub fn encode_grpc_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("99999999H"))
 }
 
-/// Opens the backend stream and forwards until the response ends. An
-/// error is returned only while the client has had no response headers, so
-/// the caller can still answer with a status of the agent's own.
+/// The client's `grpc-timeout`, as a point in time.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn passed(self, entry: &PoolEntry) -> Error {
+        Error::Deadline {
+            pool: entry.key.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The client's request body, kept replayable until a backend answers.
+struct Body {
+    recv: RecvStream,
+    relay: Relay,
+}
+
+/// What one attempt came to.
+enum Step {
+    /// The stream is over: answered, or the client went away.
+    Done,
+    /// The stream provably never reached the backend at `addr`; it may be
+    /// sent again. `error` is what the client gets if it is not.
+    Retry {
+        addr: String,
+        reason: RetryReason,
+        error: Error,
+    },
+}
+
+/// An attempt that failed before a stream opened, and whether it may be
+/// tried again.
+struct Unopened {
+    error: Error,
+    retry: Option<RetryReason>,
+}
+
+/// Opens the backend stream and forwards until the response ends, sending
+/// the stream again (up to [`ATTEMPTS`] times, within the client's
+/// deadline) while it provably never reached a backend (see
+/// [`super::retry`]). An error is returned only while the client has had no
+/// response headers, so the caller can still answer with a status of the
+/// agent's own.
 async fn run(
     entry: &PoolEntry,
     request: Request<RecvStream>,
@@ -148,112 +206,226 @@ async fn run(
     let (mut parts, client_recv) = request.into_parts();
     // The client connection's extensions mean nothing to the backend's.
     parts.extensions = http::Extensions::new();
-    let timeout = parts
+    let deadline = parts
         .headers
         .get("grpc-timeout")
-        .and_then(parse_grpc_timeout);
-    let deadline = timeout.map(|t| started + t);
-    let pool_name = || entry.key.clone();
-
-    let connect = async {
-        let mut avoid = None;
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
-            let addr = pick(&entry.pool, &entry.config.addresses, avoid)
-                .ok_or_else(|| Error::NoAddresses { pool: pool_name() })?;
-            match ready(entry, addr).await {
-                Ok(ready) => return Ok(ready),
-                Err(error) if error.retryable() && entry.config.addresses.len() > 1 => {
-                    tracing::debug!(%addr, %error, "trying another address");
-                    avoid = Some(addr);
-                    last = Some(error);
-                }
-                Err(error) => return Err(error),
-            }
+        .and_then(parse_grpc_timeout)
+        .map(|timeout| Deadline {
+            at: started + timeout,
+            timeout,
+        });
+    let has_body = !client_recv.is_end_stream();
+    let mut body = has_body.then(|| Body {
+        recv: client_recv,
+        relay: Relay::replayable(REPLAY_CAP),
+    });
+    let mut tried = Tried::default();
+    loop {
+        let step = attempt(
+            entry,
+            &parts,
+            &mut body,
+            deadline,
+            tried.last(),
+            respond,
+            stream,
+        )
+        .await?;
+        let Step::Retry {
+            addr,
+            reason,
+            error,
+        } = step
+        else {
+            return Ok(());
+        };
+        tracing::debug!(%addr, reason = reason.as_str(), %error, "the stream never reached the backend");
+        if reason.is_dial() && entry.config.addresses.len() == 1 {
+            // Dialing the only address again at once would fail the same
+            // way; the pool's dial backoff is the retry.
+            return Err(error);
         }
-        Err(last.unwrap_or_else(|| Error::NoAddresses { pool: pool_name() }))
-    };
-    let deadline_passed = || Error::Deadline {
-        pool: entry.key.clone(),
-        timeout: timeout.unwrap_or_default(),
-    };
+        if has_body && body.is_none() {
+            // The client's side of the body failed: nothing to send again.
+            return Err(error);
+        }
+        tried.push(addr, reason);
+        let out_of_addresses =
+            reason.is_dial() && tried.undialable() >= entry.config.addresses.len();
+        if tried.len() >= ATTEMPTS || out_of_addresses {
+            return Err(Error::Exhausted {
+                pool: entry.key.clone(),
+                tried,
+                last: Box::new(error),
+            });
+        }
+        if let Some(deadline) = deadline
+            && Instant::now() >= deadline.at
+        {
+            return Err(deadline.passed(entry));
+        }
+        if let Some(body) = &mut body
+            && body.relay.rewind().is_err()
+        {
+            // `attempt` checked; a body that cannot be sent again ends here.
+            return Err(error);
+        }
+        entry.metrics.retried(reason);
+    }
+}
+
+/// One attempt: picks an address (not `avoid`, the last one that failed,
+/// when there is another), opens a stream there and forwards the request.
+async fn attempt(
+    entry: &PoolEntry,
+    parts: &http::request::Parts,
+    body: &mut Option<Body>,
+    deadline: Option<Deadline>,
+    avoid: Option<&str>,
+    respond: &mut SendResponse<Bytes>,
+    stream: &mut StreamGuard<'_>,
+) -> Result<Step> {
+    let addr =
+        pick(&entry.pool, &entry.config.addresses, avoid).ok_or_else(|| Error::NoAddresses {
+            pool: entry.key.clone(),
+        })?;
     let connect = async {
         match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, connect)
+            Some(deadline) => tokio::time::timeout_at(deadline.at, ready(entry, addr))
                 .await
-                .map_err(|_elapsed| deadline_passed())?,
-            None => connect.await,
+                .unwrap_or_else(|_elapsed| {
+                    Err(Unopened {
+                        error: deadline.passed(entry),
+                        retry: None,
+                    })
+                }),
+            None => ready(entry, addr).await,
         }
     };
     // A client that gives up while the pool dials or queues is gone: stop.
-    let (lease, mut sender) = tokio::select! {
-        connected = connect => connected?,
-        _reset = poll_fn(|cx| respond.poll_reset(cx)) => return Ok(()),
+    let connected = tokio::select! {
+        connected = connect => connected,
+        _reset = poll_fn(|cx| respond.poll_reset(cx)) => return Ok(Step::Done),
+    };
+    let (lease, mut sender) = match connected {
+        Ok(connected) => connected,
+        Err(Unopened {
+            error,
+            retry: Some(reason),
+        }) => {
+            return Ok(Step::Retry {
+                addr: addr.to_owned(),
+                reason,
+                error,
+            });
+        }
+        Err(Unopened { error, retry: None }) => return Err(error),
     };
 
+    let mut parts = parts.clone();
     if let Some(deadline) = deadline {
         // The backend gets what is left of the client's budget.
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.at.saturating_duration_since(Instant::now());
         parts
             .headers
             .insert("grpc-timeout", encode_grpc_timeout(left));
     }
-    let headers_only = client_recv.is_end_stream();
+    let headers_only = body.is_none();
     let (response, backend_send) =
         match sender.send_request(Request::from_parts(parts, ()), headers_only) {
             Ok(sent) => sent,
             Err(source) => {
                 let addr = lease.address().to_owned();
                 lease.finish(outcome_of_error(&source));
-                return Err(Error::Backend {
+                let retry = RetryReason::of_unsent(&source);
+                let error = Error::Backend {
                     pool: entry.key.clone(),
-                    addr,
+                    addr: addr.clone(),
                     source,
-                });
+                };
+                return match retry {
+                    Some(reason) => Ok(Step::Retry {
+                        addr,
+                        reason,
+                        error,
+                    }),
+                    None => Err(error),
+                };
             }
         };
     let mut exchange = Exchange {
         backend: lease.address(),
         // The balancer counts the stream until its response headers arrive.
         awaiting: Some(lease.load().start()),
-        upload: (!headers_only).then(|| Upload {
-            recv: client_recv,
+        upload: body.take().map(|body| Upload {
+            body,
             send: backend_send,
-            relay: Relay::default(),
+            done: false,
         }),
         phase: Phase::Waiting(response),
-        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.at))),
     };
     let finish = poll_fn(|cx| exchange.poll(cx, respond)).await;
+    // The body comes back for another attempt, unless the client's side of
+    // it failed.
+    *body = exchange.upload.take().map(|upload| upload.body);
     drop(exchange);
     let addr = lease.address().to_owned();
     match finish {
         Finish::Done(code) => {
             stream.set_code(code);
             lease.finish(outcome_of(code));
-            Ok(())
+            Ok(Step::Done)
         }
         Finish::ClientGone => {
             // Dropping the backend stream's handles resets it (CANCEL); the
             // lease goes back as Ok: not the backend's fault.
-            Ok(())
+            Ok(Step::Done)
         }
-        Finish::Deadline { answered: false } => Err(deadline_passed()),
+        Finish::Deadline { answered: false } => match deadline {
+            Some(deadline) => Err(deadline.passed(entry)),
+            None => Ok(Step::Done),
+        },
         Finish::Deadline { answered: true } => {
             stream.set_code(Code::DeadlineExceeded);
-            Ok(())
+            Ok(Step::Done)
         }
         Finish::BackendFailed { source, answered } => {
             lease.finish(outcome_of_error(&source));
             if answered {
                 stream.set_code(Code::Unavailable);
-                Ok(())
-            } else {
-                Err(Error::Backend {
+                return Ok(Step::Done);
+            }
+            let Some(reason) = RetryReason::of_sent(&source) else {
+                return Err(Error::Backend {
                     pool: entry.key.clone(),
                     addr,
                     source,
-                })
+                });
+            };
+            match body.as_ref().map(|body| body.relay.can_replay()) {
+                Some(Err(NoReplay::Overflowed { cap })) => Err(Error::NotReplayable {
+                    pool: entry.key.clone(),
+                    addr,
+                    reason,
+                    cap,
+                    source,
+                }),
+                // The copy was dropped (response headers came): not again.
+                Some(Err(NoReplay::NotKept)) => Err(Error::Backend {
+                    pool: entry.key.clone(),
+                    addr,
+                    source,
+                }),
+                Some(Ok(())) | None => Ok(Step::Retry {
+                    error: Error::Backend {
+                        pool: entry.key.clone(),
+                        addr: addr.clone(),
+                        source,
+                    },
+                    addr,
+                    reason,
+                }),
             }
         }
     }
@@ -261,9 +433,11 @@ async fn run(
 
 /// The client's request frames on their way to the backend.
 struct Upload {
-    recv: RecvStream,
+    body: Body,
     send: SendStream<Bytes>,
-    relay: Relay,
+    /// Everything was sent (or the backend stopped taking it); the body
+    /// is kept while it may be sent again.
+    done: bool,
 }
 
 /// Where the response is.
@@ -341,6 +515,14 @@ impl Exchange<'_> {
                     if let Some(mut awaiting) = self.awaiting.take() {
                         awaiting.answered();
                     }
+                    // The backend took the stream: it will not be sent
+                    // again, so its copy goes, and a finished upload too.
+                    if let Some(upload) = &mut self.upload {
+                        upload.body.relay.stop_replay();
+                        if upload.done {
+                            self.upload = None;
+                        }
+                    }
                     let (parts, recv) = response.into_parts();
                     let end = recv.is_end_stream();
                     // Trailers-only (a gRPC error) or an empty answer: done
@@ -402,23 +584,36 @@ impl Exchange<'_> {
         let Some(upload) = &mut self.upload else {
             return;
         };
-        match upload.relay.poll(cx, &mut upload.recv, &mut upload.send) {
+        if upload.done {
+            return;
+        }
+        let Body { recv, relay } = &mut upload.body;
+        let keep = match relay.poll(cx, recv, &mut upload.send) {
             Poll::Pending => return,
             Poll::Ready(Ok(End::Trailers(trailers))) => {
                 let _ = upload.send.send_trailers(trailers);
+                true
             }
-            Poll::Ready(Ok(End::Eos)) => {}
+            Poll::Ready(Ok(End::Eos)) => true,
             Poll::Ready(Err(Broken::Recv(error))) => {
                 tracing::debug!(%error, "client stream failed; cancelling the backend stream");
                 upload.send.send_reset(Reason::CANCEL);
+                false
             }
             Poll::Ready(Err(Broken::Send(reason))) => {
                 // The backend reset the stream while the client was sending;
-                // its answer (or the reset) comes on the response side.
+                // its answer (or the reset) comes on the response side. The
+                // body stays only while it may be sent again: unread, the
+                // client's frames would sit in h2's buffers.
                 tracing::trace!(%reason, "backend reset the stream while the client was sending");
+                relay.can_replay().is_ok()
             }
+        };
+        if keep {
+            upload.done = true;
+        } else {
+            self.upload = None;
         }
-        self.upload = None;
     }
 
     /// Ends the client's stream with a status of the agent's own: as
@@ -475,17 +670,23 @@ fn outcome_of_error(error: &h2::Error) -> Outcome {
 async fn ready(
     entry: &PoolEntry,
     addr: &str,
-) -> Result<(Lease<H2Conn>, h2::client::SendRequest<Bytes>)> {
-    let lease = entry.pool.acquire(addr).await?;
+) -> Result<(Lease<H2Conn>, h2::client::SendRequest<Bytes>), Unopened> {
+    let lease = entry.pool.acquire(addr).await.map_err(|error| Unopened {
+        retry: RetryReason::of_acquire(&error),
+        error: error.into(),
+    })?;
     match lease.conn().sender().ready().await {
         Ok(sender) => Ok((lease, sender)),
         Err(source) => {
             // The connection is going away (GOAWAY, closed): nothing was sent.
             lease.finish(Outcome::TransportError);
-            Err(Error::Backend {
-                pool: entry.key.clone(),
-                addr: addr.to_owned(),
-                source,
+            Err(Unopened {
+                retry: RetryReason::of_unsent(&source),
+                error: Error::Backend {
+                    pool: entry.key.clone(),
+                    addr: addr.to_owned(),
+                    source,
+                },
             })
         }
     }

@@ -5,6 +5,7 @@
 //! - `handle` (here): checks a request is gRPC, finds its pool and checks
 //!   the pool admits the client ([`crate::clients`]).
 //! - [`forward`]: leases a backend stream and forwards both directions.
+//! - [`retry`]: when a stream that never reached a backend is sent again.
 //! - [`relay`]: one direction of a stream, from an h2 receive half to an h2
 //!   send half, with flow control end to end.
 //! - [`status`] and [`error`]: what the client sees when the agent answers
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod forward;
 pub mod relay;
+pub mod retry;
 pub mod server;
 pub mod status;
 

@@ -968,6 +968,19 @@ pub async fn raw_call(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Result<RawResponse, h2::Error> {
+    raw_call_with_trailers(addr, method, uri, headers, body, None).await
+}
+
+/// [`raw_call`], ending the request with `trailers` when given (gRPC
+/// clients never send request trailers; HTTP/2 allows them).
+pub async fn raw_call_with_trailers(
+    addr: SocketAddr,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    trailers: Option<http::HeaderMap>,
+) -> Result<RawResponse, h2::Error> {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await?;
     tokio::spawn(async move {
@@ -979,7 +992,13 @@ pub async fn raw_call(
         builder = builder.header(*k, *v);
     }
     let (response, mut stream) = send.send_request(builder.body(()).unwrap(), false)?;
-    stream.send_data(body, true)?;
+    match trailers {
+        Some(trailers) => {
+            stream.send_data(body, false)?;
+            stream.send_trailers(trailers)?;
+        }
+        None => stream.send_data(body, true)?,
+    }
     let response = response.await?;
     let (parts, mut recv) = response.into_parts();
     let mut all = bytes::BytesMut::new();
