@@ -12,6 +12,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long streams cut at the drain deadline have to send their trailers
+/// and let their connections close.
+pub const CUT_GRACE: Duration = Duration::from_millis(500);
+
 /// The agent's stop signal and the connections still draining.
 ///
 /// Clones share one token and one tracker.
@@ -20,6 +24,7 @@ pub struct Drain {
     token: CancellationToken,
     tracker: TaskTracker,
     leaving: CancellationToken,
+    cut: CancellationToken,
 }
 
 impl Drain {
@@ -44,6 +49,13 @@ impl Drain {
         self.token.is_cancelled()
     }
 
+    /// Cancelled when the drain timeout passes: every stream still open
+    /// ends then with UNAVAILABLE trailers of the agent's own (a status
+    /// gRPC clients retry), rather than with its connection torn down.
+    pub fn cut(&self) -> &CancellationToken {
+        &self.cut
+    }
+
     /// Whether the agent is leaving: not ready any more, but still
     /// accepting and serving until the drain starts (see [`Drain::leave`]).
     pub fn is_leaving(&self) -> bool {
@@ -65,13 +77,22 @@ impl Drain {
     /// Starts the drain and waits until every tracked connection has ended or
     /// `timeout` has passed. Returns how many connections were still open at
     /// the timeout (0 when all finished).
+    ///
+    /// At the timeout the streams still open are cut ([`Drain::cut`]) and
+    /// get [`CUT_GRACE`] to send their trailers and close.
     pub async fn run(&self, timeout: Duration) -> usize {
         self.token.cancel();
         self.tracker.close();
-        match tokio::time::timeout(timeout, self.tracker.wait()).await {
-            Ok(()) => 0,
-            Err(_elapsed) => self.tracker.len(),
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
         }
+        let left = self.tracker.len();
+        self.cut.cancel();
+        let _ = tokio::time::timeout(CUT_GRACE, self.tracker.wait()).await;
+        left
     }
 }
 
@@ -127,7 +148,8 @@ mod tests {
         let started = tokio::time::Instant::now();
         let left = drain.run(Duration::from_secs(5)).await;
         assert_eq!(left, 1);
-        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // The timeout, then the grace for cut streams to send their trailers.
+        assert_eq!(started.elapsed(), Duration::from_secs(5) + CUT_GRACE);
         assert!(drain.is_draining());
     }
 

@@ -318,6 +318,39 @@ async fn a_cancelled_client_cancels_the_backend_stream() {
 }
 
 #[tokio::test]
+async fn at_the_drain_deadline_open_streams_end_with_unavailable_the_client_retries() {
+    timeout(LIMIT, async {
+        let (app, backend, mut client) = setup().await;
+        let response = client
+            .hold(request(Bytes::from_static(b"first"), &[]))
+            .await
+            .unwrap();
+        let mut stream = response.into_inner();
+        assert_eq!(stream.message().await.unwrap().unwrap().as_ref(), b"first");
+        let left = app.shutdown(Duration::from_millis(300)).await;
+        assert!(left >= 1, "the held stream was open at the deadline");
+        let status = stream.message().await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("shutting down") && status.message().contains("retry"),
+            "{status:?}"
+        );
+        // The backend's stream was cancelled, not left running.
+        assert!(
+            eventually(Duration::from_secs(3), || backend
+                .state
+                .holding
+                .load(Ordering::SeqCst)
+                == 0)
+            .await,
+            "the backend stream outlived the cut"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn a_reset_backend_fails_the_client_stream() {
     timeout(LIMIT, async {
         let (_app, backend, mut client) = setup().await;

@@ -36,6 +36,13 @@ pub enum Error {
         /// The listener's port.
         port: u16,
     },
+    /// The agent's drain deadline passed before the backend answered
+    /// (UNAVAILABLE: the client retries, on the node's next agent).
+    #[error("pool {pool}: the agent is shutting down (drain deadline passed); retry")]
+    ShuttingDown {
+        /// `namespace/name`.
+        pool: String,
+    },
     /// The pool resolves to no address (UNAVAILABLE).
     #[error("pool {pool} has no backend address (is its Service without ready endpoints?)")]
     NoAddresses {
@@ -110,6 +117,7 @@ impl Error {
             Error::Pool(_)
             | Error::NoDedicatedPool { .. }
             | Error::NoAddresses { .. }
+            | Error::ShuttingDown { .. }
             | Error::Backend { .. }
             | Error::Exhausted { .. }
             | Error::NotReplayable { .. } => Code::Unavailable,

@@ -20,6 +20,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::Instrument;
 
 use super::error::{Error, Result};
@@ -88,14 +89,18 @@ impl Drop for StreamGuard<'_> {
 /// Forwards `request` through `entry`'s pool and answers the client on
 /// `respond`; errors before the backend answered become gRPC statuses
 /// naming what failed.
+///
+/// When `cut` is cancelled (the agent's drain deadline), a stream still
+/// open ends with UNAVAILABLE of the agent's own, which clients retry.
 pub(crate) async fn forward(
     entry: Arc<PoolEntry>,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
+    cut: CancellationToken,
 ) {
     let mut stream = StreamGuard::new(&entry.metrics);
     let span = tracing::debug_span!("stream", pool = %entry.key, path = %request.uri().path());
-    let result = run(&entry, request, &mut respond, &mut stream)
+    let result = run(&entry, request, &mut respond, &mut stream, &cut)
         .instrument(span)
         .await;
     if let Err(error) = result {
@@ -201,6 +206,7 @@ async fn run(
     request: Request<RecvStream>,
     respond: &mut SendResponse<Bytes>,
     stream: &mut StreamGuard<'_>,
+    cut: &CancellationToken,
 ) -> Result<()> {
     let started = Instant::now();
     let (mut parts, client_recv) = request.into_parts();
@@ -225,10 +231,10 @@ async fn run(
             entry,
             &parts,
             &mut body,
-            deadline,
             tried.last(),
             respond,
             stream,
+            Ends { deadline, cut },
         )
         .await?;
         let Step::Retry {
@@ -274,17 +280,26 @@ async fn run(
     }
 }
 
+/// What ends a stream early: the client's deadline, the agent's drain
+/// deadline.
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    deadline: Option<Deadline>,
+    cut: &'a CancellationToken,
+}
+
 /// One attempt: picks an address (not `avoid`, the last one that failed,
 /// when there is another), opens a stream there and forwards the request.
 async fn attempt(
     entry: &PoolEntry,
     parts: &http::request::Parts,
     body: &mut Option<Body>,
-    deadline: Option<Deadline>,
     avoid: Option<&str>,
     respond: &mut SendResponse<Bytes>,
     stream: &mut StreamGuard<'_>,
+    ends: Ends<'_>,
 ) -> Result<Step> {
+    let Ends { deadline, cut } = ends;
     let addr =
         pick(&entry.pool, &entry.config.addresses, avoid).ok_or_else(|| Error::NoAddresses {
             pool: entry.key.clone(),
@@ -364,6 +379,7 @@ async fn attempt(
         }),
         phase: Phase::Waiting(response),
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.at))),
+        cut: Some(Box::pin(cut.clone().cancelled_owned())),
     };
     let finish = poll_fn(|cx| exchange.poll(cx, respond)).await;
     // The body comes back for another attempt, unless the client's side of
@@ -390,6 +406,13 @@ async fn attempt(
             stream.set_code(Code::DeadlineExceeded);
             Ok(Step::Done)
         }
+        Finish::Cut { answered: true } => {
+            stream.set_code(Code::Unavailable);
+            Ok(Step::Done)
+        }
+        Finish::Cut { answered: false } => Err(Error::ShuttingDown {
+            pool: entry.key.clone(),
+        }),
         Finish::BackendFailed { source, answered } => {
             lease.finish(outcome_of_error(&source));
             if answered {
@@ -464,6 +487,9 @@ enum Finish {
     /// had response headers (and got DEADLINE_EXCEEDED trailers of the
     /// agent's own).
     Deadline { answered: bool },
+    /// The agent's drain deadline passed; `answered` as above (the client
+    /// got UNAVAILABLE trailers saying the agent is shutting down).
+    Cut { answered: bool },
     /// The backend's stream or connection failed; `answered` as above (the
     /// client got UNAVAILABLE trailers naming the backend).
     BackendFailed { source: h2::Error, answered: bool },
@@ -478,6 +504,8 @@ struct Exchange<'a> {
     upload: Option<Upload>,
     phase: Phase,
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The agent's drain deadline.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl Exchange<'_> {
@@ -490,6 +518,16 @@ impl Exchange<'_> {
                 Code::DeadlineExceeded,
                 "tidepool-agent: deadline (grpc-timeout) exceeded",
                 |answered| Finish::Deadline { answered },
+            ));
+        }
+        if let Some(cut) = self.cut.as_mut()
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            self.cut = None;
+            return Poll::Ready(self.end_early(
+                Code::Unavailable,
+                "tidepool-agent: the agent is shutting down (drain deadline passed); retry",
+                |answered| Finish::Cut { answered },
             ));
         }
         self.poll_upload(cx);

@@ -117,7 +117,7 @@ pub(crate) async fn handle(
             return;
         }
     }
-    forward::forward(entry, request, respond).await;
+    forward::forward(entry, request, respond, runtime.drain().cut().clone()).await;
 }
 
 fn refusal(runtime: &Runtime, error: Error, respond: &mut SendResponse<Bytes>) {
