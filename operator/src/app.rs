@@ -318,6 +318,9 @@ pub async fn run(
         .touched_objects();
 
     let (pools, pools_writer) = reflector::store();
+    // A deleted pool may free a listenPort another pool waits for: every
+    // pool is reconciled again.
+    let (pool_gone_tx, pool_gone) = tokio::sync::mpsc::unbounded_channel::<()>();
     let pool_stream = {
         let desired = desired.clone();
         let reader = pools.clone();
@@ -332,6 +335,9 @@ pub async fn run(
             wake.notify_one();
             match event {
                 watcher::Event::Delete(p) => {
+                    if p.spec.listen_port.is_some() {
+                        let _ = pool_gone_tx.send(());
+                    }
                     let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
                     if desired.remove(&key) {
                         tracing::info!(pool = %key, "pool deleted; agents drop it");
@@ -359,6 +365,7 @@ pub async fn run(
 
     let ctx = Arc::new(Context {
         desired: desired.clone(),
+        pools: pools.clone(),
         services: services.clone(),
         slices: slices_reader.clone(),
         metrics: metrics.clone(),
@@ -391,6 +398,9 @@ pub async fn run(
         .with_config(controller::Config::default().concurrency(16))
         .watches_stream(slice_stream, by_slice)
         .watches_stream(services_stream, by_service)
+        .reconcile_all_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            pool_gone,
+        ))
         .graceful_shutdown_on(async move { controller_stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {

@@ -105,6 +105,13 @@ pub enum LocalState {
         /// `namespace/name`.
         service: String,
     },
+    /// Another pool holds the `listenPort` the Service would target.
+    ListenPortTaken {
+        /// The port.
+        port: i32,
+        /// `namespace/name` of the pool holding it.
+        other: String,
+    },
     /// The operator was started without an agent selector.
     NotConfigured,
     /// A write failed; retried.
@@ -120,6 +127,7 @@ impl LocalState {
         match self {
             Self::Serving { .. } => "Serving",
             Self::NameTaken { .. } => "ServiceNameTaken",
+            Self::ListenPortTaken { .. } => "ListenPortTaken",
             Self::NotConfigured => "AgentSelectorMissing",
             Self::Failed { .. } => "WriteFailed",
         }
@@ -510,6 +518,15 @@ impl Sync {
                 states.insert(key, LocalState::NotConfigured);
                 continue;
             };
+            if let Some(port) = pool.spec.listen_port
+                && let Some(other) = crate::reconcile::listen_port_holder(&pools, port)
+                && other != key
+            {
+                // Its Service would reach the other pool's listener (one
+                // of ours made before is swept below).
+                states.insert(key, LocalState::ListenPortTaken { port, other });
+                continue;
+            }
             let uid = pool.uid().unwrap_or_default();
             let have = self.services.get(&ObjectRef::new(&name).within(&ns));
             if let Some(have) = &have

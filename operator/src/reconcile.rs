@@ -24,7 +24,9 @@ use tokio::time::Instant;
 
 use crate::desired::{Desired, Entry};
 use crate::metrics::{Metrics, ResultLabel};
-use crate::resolve::{AddressMap, SERVICE_NAME_LABEL, resolve_service, static_addresses};
+use crate::resolve::{
+    AddressMap, ResolveError, SERVICE_NAME_LABEL, resolve_service, static_addresses,
+};
 
 /// Why a reconcile failed (and is retried).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Context {
     /// What agents should run.
     pub desired: Arc<Desired>,
+    /// Every pool, to tell which one holds a `listenPort`.
+    pub pools: Store<ConnectionPool>,
     /// Services, for port resolution.
     pub services: Store<Service>,
     /// EndpointSlices with a `kubernetes.io/service-name` label.
@@ -105,17 +109,28 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         }
         None => Ok(static_addresses(spec)),
     };
-    let (addresses, resolution) = match resolved {
+    let (mut addresses, mut resolution) = match resolved {
         Ok(a) => (a, Ok(())),
         Err(e) => (Vec::new(), Err(e)),
     };
+    let mut wire = spec_to_pb(spec);
+    if let Some(port) = spec.listen_port
+        && let Some(other) = listen_port_holder(&ctx.pools.state(), port)
+        && other != key
+    {
+        // Sent without the port and without addresses: nothing listens or
+        // dials for it, and every other pool's configuration stays good.
+        wire.listen_port = None;
+        addresses.clear();
+        resolution = Err(ResolveError::ListenPortTaken { port, other });
+    }
     let entry = Entry {
         pool: pb::Pool {
             namespace: namespace.clone(),
             name: name.clone(),
             uid: pool.uid().unwrap_or_default(),
             generation,
-            spec: Some(spec_to_pb(spec)),
+            spec: Some(wire),
             addresses,
         },
         resolution: resolution.clone(),
@@ -165,6 +180,22 @@ pub fn error_policy(_pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>
     Action::requeue(Duration::from_secs(5))
 }
 
+/// The pool that holds `listenPort` `port`, as `namespace/name`: of the
+/// pools asking for it, the one created first (then the first by key), so
+/// a later pool cannot take a port from one already serving on it.
+pub fn listen_port_holder(pools: &[Arc<ConnectionPool>], port: i32) -> Option<String> {
+    pools
+        .iter()
+        .filter(|p| p.spec.listen_port == Some(port))
+        .map(|p| {
+            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+            let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            (created.is_none(), created, key)
+        })
+        .min()
+        .map(|(_, _, key)| key)
+}
+
 /// The pools in `pools` that target Service `service` in `namespace`.
 pub fn pools_targeting(
     pools: &Store<ConnectionPool>,
@@ -211,6 +242,7 @@ mod tests {
         }
         Arc::new(Context {
             desired: Arc::new(Desired::default()),
+            pools: store().0,
             services: services_reader,
             slices: slices_reader,
             metrics: Metrics::new(&mut Registry::default()),
@@ -277,6 +309,73 @@ mod tests {
             ctx.desired.get("ns/p").unwrap().pool.addresses,
             ["127.0.0.2:1", "127.0.0.3:1"]
         );
+    }
+
+    fn pool_named(name: &str, created: &str, spec: &str) -> ConnectionPool {
+        serde_yaml::from_str(&format!(
+            "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: {name}, namespace: ns, uid: u-{name}, generation: 1, creationTimestamp: '{created}'}}\nspec:\n  {spec}\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_listen_port_taken_by_an_older_pool_is_refused_and_not_sent() {
+        let old = pool_named(
+            "old",
+            "2026-01-01T00:00:00Z",
+            "target: {addresses: ['127.0.0.2:1']}\n  listenPort: 16001",
+        );
+        let new = pool_named(
+            "new",
+            "2026-01-02T00:00:00Z",
+            "target: {addresses: ['127.0.0.3:1']}\n  listenPort: 16001",
+        );
+        let other = pool_named(
+            "other",
+            "2026-01-03T00:00:00Z",
+            "target: {addresses: ['127.0.0.4:1']}\n  listenPort: 16002",
+        );
+        let (reader, mut writer) = store();
+        for p in [&new, &old, &other] {
+            writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        }
+        let ctx = context(vec![], vec![]);
+        let ctx = Arc::new(Context {
+            desired: ctx.desired.clone(),
+            pools: reader,
+            services: ctx.services.clone(),
+            slices: ctx.slices.clone(),
+            metrics: ctx.metrics.clone(),
+            address_map: AddressMap::default(),
+            failures: Mutex::default(),
+        });
+        for p in [&new, &old, &other] {
+            reconcile(Arc::new(p.clone()), ctx.clone()).await.unwrap();
+        }
+        let refused = ctx.desired.get("ns/new").unwrap();
+        let err = refused.resolution.unwrap_err();
+        assert_eq!(err.reason(), "ListenPortTaken");
+        assert!(
+            err.to_string()
+                .contains("spec.listenPort 16001 is already used by pool ns/old"),
+            "{err}"
+        );
+        assert_eq!(
+            refused.pool.spec.unwrap().listen_port,
+            None,
+            "sent without the port"
+        );
+        assert!(refused.pool.addresses.is_empty(), "and without addresses");
+        for kept in ["ns/old", "ns/other"] {
+            let e = ctx.desired.get(kept).unwrap();
+            assert!(e.resolution.is_ok(), "{kept}");
+            assert!(e.pool.spec.unwrap().listen_port.is_some(), "{kept}");
+        }
+        assert_eq!(
+            listen_port_holder(&ctx.pools.state(), 16001).as_deref(),
+            Some("ns/old")
+        );
+        assert_eq!(listen_port_holder(&ctx.pools.state(), 9), None);
     }
 
     #[test]

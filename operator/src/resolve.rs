@@ -53,6 +53,18 @@ pub enum ResolveError {
         /// The port as the spec gives it.
         port: String,
     },
+    /// Another pool, created first, already has this `listenPort` on every
+    /// agent. The pool is sent to agents without its port and without
+    /// addresses, so nothing listens or dials for it.
+    #[error(
+        "spec.listenPort {port} is already used by pool {other} (created first); choose another port or free that one"
+    )]
+    ListenPortTaken {
+        /// The port.
+        port: i32,
+        /// `namespace/name` of the pool that has it.
+        other: String,
+    },
 }
 
 impl ResolveError {
@@ -62,6 +74,7 @@ impl ResolveError {
             Self::ServiceNotFound { .. } => "ServiceNotFound",
             Self::PortNotFound { .. } => "PortNotFound",
             Self::NoReadyEndpoints { .. } => "NoReadyEndpoints",
+            Self::ListenPortTaken { .. } => "ListenPortTaken",
         }
     }
 }

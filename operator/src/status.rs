@@ -350,6 +350,13 @@ fn local_condition(inputs: &Inputs<'_>, generation: i64, now: &Time) -> Conditio
                 "Service {service} exists and this pool does not own it; it is left as it is: choose another spec.nodeLocalService.name or delete that Service"
             ),
         ),
+        Some(state @ LocalState::ListenPortTaken { port, other }) => (
+            false,
+            state.reason(),
+            format!(
+                "Service {name} is not made: spec.listenPort {port} is held by pool {other}, so it would reach that pool"
+            ),
+        ),
         Some(state @ LocalState::NotConfigured) => (
             false,
             state.reason(),

@@ -325,3 +325,67 @@ async fn release(w: &World) -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_listen_port_two_pools_ask_for_belongs_to_the_first_until_it_goes() -> Result<()> {
+    let w = World::new("local-port").await?;
+    for n in 1..=3 {
+        w.agent(n, true, &[]).await?;
+    }
+    w.apply_pool("first", "  nodeLocalService: {name: first-pooled}\n")
+        .await?;
+    eventually(WAIT, "first's Service", || async {
+        w.service("first-pooled").await
+    })
+    .await?;
+    // Created later, the same listenPort (16001): refused in status, sent
+    // to no agent with the port, and no Service made for it.
+    w.apply_pool("second", "  nodeLocalService: {name: second-pooled}\n")
+        .await?;
+    let degraded = |pool: &'static str| {
+        let w = &w;
+        async move {
+            let p = Api::<ConnectionPool>::namespaced(w.client.clone(), &w.ns)
+                .get(pool)
+                .await
+                .ok()?;
+            p.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Degraded" && c.status == "True")
+                .map(|c| (c.reason, c.message))
+        }
+    };
+    let (reason, message) = eventually(WAIT, "second is Degraded", || degraded("second")).await?;
+    assert_eq!(reason, "ListenPortTaken");
+    assert!(
+        message.contains("spec.listenPort 16001") && message.contains(&format!("{}/first", w.ns)),
+        "{message}"
+    );
+    let (_, reason, _) = eventually(WAIT, "second's LocalService says why", || async {
+        w.local_condition("second")
+            .await
+            .filter(|c| c.0 == "False" && c.1 != "Pending")
+    })
+    .await?;
+    assert_eq!(reason, "ListenPortTaken");
+    assert!(w.service("second-pooled").await.is_none());
+    assert!(
+        degraded("first").await.is_none(),
+        "the first pool is untouched"
+    );
+
+    // The first goes: the second gets the port and its Service.
+    Api::<ConnectionPool>::namespaced(w.client.clone(), &w.ns)
+        .delete("first", &DeleteParams::default())
+        .await?;
+    eventually(WAIT, "second's Service once the port is free", || async {
+        w.service("second-pooled").await
+    })
+    .await?;
+    eventually(WAIT, "second is no longer Degraded", || async {
+        degraded("second").await.is_none().then_some(())
+    })
+    .await?;
+    Ok(())
+}
