@@ -53,6 +53,7 @@ pub const MAX_CLIENT_NAMESPACES: usize = 64;
     printcolumn = r#"{"name":"Synced","type":"integer","jsonPath":".status.agents.synced","description":"Agents running the current generation"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.agents.desired","description":"Agents that should run this pool"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Every desired agent runs the current generation and the pool has addresses"}"#,
+    printcolumn = r#"{"name":"Local","type":"string","jsonPath":".status.conditions[?(@.type==\"LocalService\")].status","description":"The node-local Service reaches a ready agent on every node (empty: the pool has none)"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

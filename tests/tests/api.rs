@@ -96,6 +96,7 @@ async fn get_prints_the_pool_health_columns() -> Result<()> {
             "SYNCED",
             "DESIRED",
             "READY",
+            "LOCAL",
             "AGE"
         ]
     );
