@@ -619,6 +619,12 @@ s_spread() {
 # 13. helm uninstall: every object of the release is gone, the CRD stays.
 s_uninstall() {
   local out left
+  # The pool first: its node-local Service and slices go with it (owner
+  # references), while the operator still runs.
+  k -n shop delete connectionpool payments --wait=true >/dev/null 2>&1
+  local_gone() { ! k -n shop get svc payments-pooled >/dev/null 2>&1 &&
+    [ -z "$(k -n shop get endpointslices -l kubernetes.io/service-name=payments-pooled -o name)" ]; }
+  eventually 60 local_gone || { fail uninstall "deleting the pool left its Service or slices: $(k -n shop get svc,endpointslices -o name | tr '\n' ' ')"; return 1; }
   if ! out=$(h uninstall "$release" --namespace "$ns" --wait --timeout 3m 2>&1); then
     fail uninstall "helm uninstall failed: $out"
     return 1
@@ -634,7 +640,7 @@ s_uninstall() {
   k get crd connectionpools.tidepool.dev >/dev/null 2>&1 || { fail uninstall "the CRD was deleted with the release"; return 1; }
   local leases
   leases=$(k -n "$ns" get leases -o name | tr '\n' ' ')
-  pass uninstall "no object of the release is left; the CRD connectionpools.tidepool.dev stays (the operator's own Lease, not a chart object, also stays: ${leases:-none})"
+  pass uninstall "the pool deleted, its node-local Service and slices went with it; no object of the release is left; the CRD connectionpools.tidepool.dev stays (the operator's own Lease, not a chart object, also stays: ${leases:-none})"
 }
 
 need envsubst "it comes with gettext-base (apt-get install gettext-base)"
