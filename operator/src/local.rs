@@ -473,7 +473,7 @@ impl std::fmt::Debug for Sync {
 
 impl Sync {
     /// Runs passes until `stop`: on every wake (debounced) and every
-    /// [`RESYNC`], while this replica leads. The caller starts it once every
+    /// `RESYNC` (30 s), while this replica leads. The caller starts it once every
     /// store has listed, so nothing is deleted for a pool not seen yet.
     pub async fn run(self, stop: CancellationToken) {
         loop {

@@ -17,9 +17,9 @@
 //!   capacity is there goes out in one DATA frame (up to the window), so a
 //!   burst of tiny messages costs one frame each way, not one per message.
 //!
-//! - **A request can be sent again** ([`Relay::replayable`]): until the
-//!   caller calls [`Relay::stop_replay`] (the backend answered), the relay
-//!   keeps what it sent, up to a cap, and [`Relay::rewind`] puts it back in
+//! - **A request can be sent again** (`Relay::replayable`): until the
+//!   caller calls `Relay::stop_replay` (the backend answered), the relay
+//!   keeps what it sent, up to a cap, and `Relay::rewind` puts it back in
 //!   front of what is still to send, for a new backend stream. Flow-control
 //!   capacity is released once per byte, on its first sending.
 //!
