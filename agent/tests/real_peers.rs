@@ -215,7 +215,21 @@ fn grpc_go_interop_cases_pass_through_the_agent() {
     for case in cases {
         let direct = s.peers.interop_client(s.interop, case);
         assert!(direct.is_ok(), "{case} failed direct: {direct:?}");
-        if let Err(output) = s.peers.interop_client(s.interop_port, case) {
+        // cancel_after_begin races inside grpc-go's client: it cancels,
+        // then CloseAndRecv sends END_STREAM, and when its cancellation
+        // goroutine runs late (a starved CPU) the server's answer (OK, an
+        // empty aggregate) arrives first. Seen once under a load average
+        // of 8 on 2 cores; the agent sent what it was given. Up to three
+        // tries for it alone: an agent that broke cancellation fails all.
+        let tries = if case == "cancel_after_begin" { 3 } else { 1 };
+        let mut last = Ok(());
+        for _ in 0..tries {
+            last = s.peers.interop_client(s.interop_port, case);
+            if last.is_ok() {
+                break;
+            }
+        }
+        if let Err(output) = last {
             failed.push(format!("{case}: {output}"));
         }
     }

@@ -1,7 +1,8 @@
 //! The admin server, on its own port (never the control port):
 //!
 //! - `/metrics`: Prometheus text format ([`crate::metrics::Metrics`]).
-//! - `/healthz`: 200 while the process serves.
+//! - `/healthz`: 200 while the process serves; 500 naming the task once a
+//!   long-lived task has ended ([`crate::supervise`]), just before it exits.
 //! - `/readyz`: 200 when this replica knows every pool: the leader serving
 //!   agents, or a warm standby ready to take over (the body says which).
 //!   Readiness does not keep agents off a standby; the role label does
@@ -22,19 +23,23 @@ use tokio_util::sync::CancellationToken;
 /// What the routes read.
 #[derive(Clone)]
 pub struct AdminState {
+    /// Failed once a long-lived task has ended (the process then exits).
+    pub health: crate::supervise::Health,
     /// Every metric.
     pub registry: Arc<Registry>,
     /// Whether this replica leads.
     pub leading: watch::Receiver<bool>,
     /// Whether every pool has been reconciled once.
     pub initialized: watch::Receiver<bool>,
+    /// Until then, what initialization waits for.
+    pub waiting: watch::Receiver<String>,
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
@@ -59,11 +64,24 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+async fn healthz(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.health.failure() {
+        None => (StatusCode::OK, "ok\n".into()),
+        Some(why) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failing: {why}\n"),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
     match (*state.initialized.borrow(), *state.leading.borrow()) {
-        (true, true) => (StatusCode::OK, "ok: leader\n"),
-        (true, false) => (StatusCode::OK, "ok: standby, ready to take over\n"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "still reading the pools\n"),
+        (true, true) => (StatusCode::OK, "ok: leader\n".into()),
+        (true, false) => (StatusCode::OK, "ok: standby, ready to take over\n".into()),
+        (false, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: waiting for {}\n", *state.waiting.borrow()),
+        ),
     }
 }
 
@@ -119,18 +137,27 @@ mod tests {
     async fn readyz_needs_every_pool_and_is_ready_on_a_warm_standby() {
         let (lead_tx, leading) = watch::channel(false);
         let (init_tx, initialized) = watch::channel(false);
+        let (waiting_tx, waiting) = watch::channel("the ConnectionPool list".to_string());
+        let health = crate::supervise::Health::default();
         let state = AdminState {
+            health: health.clone(),
             registry: Arc::new(Registry::default()),
             leading,
             initialized,
+            waiting,
         };
         let r = router(state);
         assert_eq!(get_status(r.clone(), "/healthz").await, StatusCode::OK);
         assert_eq!(
-            get_status(r.clone(), "/readyz").await,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "a replica still reading the pools is not ready"
+            get(r.clone(), "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for the ConnectionPool list\n".into()
+            ),
+            "a replica still reading the pools is not ready, and says what it waits for"
         );
+        waiting_tx.send_replace("every pool's first reconcile (2 of 5 done)".into());
+        assert!(get(r.clone(), "/readyz").await.1.contains("2 of 5 done"));
         lead_tx.send_replace(true);
         assert_eq!(
             get_status(r.clone(), "/readyz").await,
@@ -147,6 +174,14 @@ mod tests {
             get(r.clone(), "/readyz").await,
             (StatusCode::OK, "ok: standby, ready to take over\n".into())
         );
-        assert_eq!(get_status(r, "/metrics").await, StatusCode::OK);
+        assert_eq!(get_status(r.clone(), "/metrics").await, StatusCode::OK);
+        health.fail("task controller returned before the operator stopped".into());
+        assert_eq!(
+            get(r, "/healthz").await,
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failing: task controller returned before the operator stopped\n".into()
+            )
+        );
     }
 }

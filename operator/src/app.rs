@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, pools_targeting, reconcile};
 use crate::resolve::SERVICE_NAME_LABEL;
 use crate::status::StatusWriter;
+use crate::supervise::Supervisor;
 use crate::tls::Resolver;
 use crate::{admin, push};
 
@@ -68,6 +69,9 @@ pub enum Error {
     /// The TLS configuration could not be built.
     #[error("the control port's TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// A long-lived task ended before the operator stopped.
+    #[error("the operator's {0}; exiting so the kubelet restarts it")]
+    TaskExited(crate::supervise::Exit),
 }
 
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
@@ -81,7 +85,12 @@ where
 }
 
 /// Runs a reflector for `K` until `stop`, returning its store.
-fn reflect<K>(api: Api<K>, config: watcher::Config, stop: &CancellationToken) -> Store<K>
+fn reflect<K>(
+    tasks: &mut Supervisor,
+    api: Api<K>,
+    config: watcher::Config,
+    stop: &CancellationToken,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -91,11 +100,12 @@ where
         + Sync
         + 'static,
 {
-    reflect_waking(api, config, stop, None)
+    reflect_waking(tasks, api, config, stop, None)
 }
 
 /// [`reflect`], waking `wake` on every event.
 fn reflect_waking<K>(
+    tasks: &mut Supervisor,
     api: Api<K>,
     config: watcher::Config,
     stop: &CancellationToken,
@@ -121,7 +131,12 @@ where
         })
         .applied_objects();
     let stop = stop.clone();
-    tokio::spawn(async move {
+    let task = match K::kind(&()).as_ref() {
+        "Node" => "node watch",
+        "Pod" => "agent pod watch",
+        _ => "watch",
+    };
+    tasks.spawn(task, async move {
         let drain = stream.for_each(|r| async move {
             if let Err(error) = r {
                 tracing::warn!(kind = %K::kind(&()), %error, "watch failed; retrying with backoff");
@@ -156,6 +171,8 @@ pub async fn run(
     client: kube::Client,
     stop: CancellationToken,
 ) -> Result<(), Error> {
+    let mut tasks = Supervisor::new();
+    let health = crate::supervise::Health::default();
     let mut registry = Registry::with_prefix("tidepool");
     let metrics = Metrics::new(&mut registry);
     let registry = Arc::new(registry);
@@ -203,13 +220,11 @@ pub async fn run(
             let resolver = Resolver::new(&signer, &sec.leaf, &metrics)?;
             let server_config = resolver.server_config()?;
             let (signer_tx, signer_rx) = watch::channel(signer);
-            tokio::spawn(keeper.run(signer_tx, stop.clone()));
-            tokio::spawn(resolver.renew(
-                signer_rx,
-                sec.leaf.clone(),
-                metrics.clone(),
-                stop.clone(),
-            ));
+            tasks.spawn("CA keeper", keeper.run(signer_tx, stop.clone()));
+            tasks.spawn(
+                "serving certificate renewal",
+                resolver.renew(signer_rx, sec.leaf.clone(), metrics.clone(), stop.clone()),
+            );
             tracing::info!(
                 dns_names = ?sec.leaf.dns_names,
                 ca_secret = %format!("{}/{}", sec.ca.namespace, sec.ca.secret),
@@ -225,12 +240,18 @@ pub async fn run(
         }
     };
 
+    let (waiting_tx, waiting) = watch::channel("the ConnectionPool list".to_string());
     let admin_state = admin::AdminState {
+        waiting,
+        health: health.clone(),
         registry: registry.clone(),
         leading: leading.clone(),
         initialized: initialized.clone(),
     };
-    tokio::spawn(admin::serve(admin_listener, admin_state, stop.clone()));
+    tasks.spawn_fallible(
+        "admin server",
+        admin::serve(admin_listener, admin_state, stop.clone()),
+    );
 
     // Leader election.
     let leader_task = config.leader.clone().map(|l| {
@@ -265,18 +286,21 @@ pub async fn run(
     if let Some(l) = &config.leader
         && let Some(pod) = &l.pod
     {
-        tokio::spawn(crate::role::run(
-            client.clone(),
-            l.namespace.clone(),
-            pod.clone(),
-            leading.clone(),
-            stop.clone(),
-        ));
+        tasks.spawn(
+            "role label",
+            crate::role::run(
+                client.clone(),
+                l.namespace.clone(),
+                pod.clone(),
+                leading.clone(),
+                stop.clone(),
+            ),
+        );
     }
     {
         let metrics = metrics.clone();
         let mut leading = leading.clone();
-        tokio::spawn(async move {
+        tasks.spawn("leader gauge", async move {
             loop {
                 metrics.leader.set(i64::from(*leading.borrow_and_update()));
                 if leading.changed().await.is_err() {
@@ -294,7 +318,12 @@ pub async fn run(
         Some(s) => watcher::Config::default().labels(s),
         None => watcher::Config::default(),
     };
-    let nodes = reflect(Api::<Node>::all(client.clone()), node_config, &stop);
+    let nodes = reflect(
+        &mut tasks,
+        Api::<Node>::all(client.clone()),
+        node_config,
+        &stop,
+    );
     let (slices_reader, slices_writer) = reflector::store();
     let slice_stream = watcher(
         api::<EndpointSlice>(&client, ns),
@@ -412,7 +441,7 @@ pub async fn run(
                 }
             }
         });
-    tokio::spawn(controller);
+    tasks.spawn("controller", controller);
 
     // Initialization: every pool listed once is reconciled once.
     {
@@ -425,15 +454,27 @@ pub async fn run(
         tokio::spawn(async move {
             let ready = async {
                 listed(&pools).await;
+                waiting_tx.send_replace("the Node list".into());
                 listed(&nodes).await;
+                waiting_tx.send_replace("the Service list".into());
                 listed(&services).await;
+                waiting_tx.send_replace("the EndpointSlice list".into());
                 listed(&slices).await;
                 let keys: Vec<String> = pools
                     .state()
                     .iter()
                     .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
                     .collect();
+                let mut polls = 0u32;
                 while !desired.has_all(&keys) {
+                    if polls.is_multiple_of(25) {
+                        let done = keys.iter().filter(|k| desired.get(k).is_some()).count();
+                        waiting_tx.send_replace(format!(
+                            "every pool's first reconcile ({done} of {} done)",
+                            keys.len()
+                        ));
+                    }
+                    polls = polls.wrapping_add(1);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 keys.len()
@@ -454,6 +495,7 @@ pub async fn run(
         let agent_pods = config.agent_pods.as_ref().map(|a| {
             let api = Api::<Pod>::namespaced(client.clone(), &a.namespace);
             reflect_waking(
+                &mut tasks,
                 api,
                 watcher::Config::default().labels(&a.selector),
                 &stop,
@@ -474,7 +516,7 @@ pub async fn run(
         };
         let mut initialized = initialized.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn("node-local Services", async move {
             let ready = async {
                 initialized.wait_for(|i| *i).await.ok()?;
                 if let Some(pods) = &agent_pods {
@@ -492,19 +534,23 @@ pub async fn run(
     // Pod maps for spec.clients: not part of initialization, since a pool
     // push must not wait for them (agents keep their last map meanwhile).
     crate::clients::start(
+        &mut tasks,
         client.clone(),
         clients.clone(),
         config.push_debounce,
         stop.clone(),
     );
 
-    tokio::spawn(push::run(
-        desired.clone(),
-        agents.clone(),
-        initialized.clone(),
-        config.push_debounce,
-        stop.clone(),
-    ));
+    tasks.spawn(
+        "push",
+        push::run(
+            desired.clone(),
+            agents.clone(),
+            initialized.clone(),
+            config.push_debounce,
+            stop.clone(),
+        ),
+    );
 
     // The status writer runs while this replica leads.
     {
@@ -529,7 +575,7 @@ pub async fn run(
         let mut leading = leading.clone();
         let mut initialized = initialized.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn("status writer", async move {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 r = async { leading.wait_for(|l| *l).await.map(|_| ())?; initialized.wait_for(|i| *i).await.map(|_| ()) } => {
@@ -596,19 +642,34 @@ pub async fn run(
     let leader = async {
         match leader_handle.as_mut() {
             Some(handle) => match handle.await {
-                Ok(r) => r,
-                Err(join) => {
-                    tracing::error!(error = %join, "the leader election task failed");
-                    Ok(())
-                }
+                Ok(r) => r.map_err(Error::from),
+                Err(join) => Err(Error::TaskExited(crate::supervise::Exit {
+                    task: "leader election",
+                    cause: crate::supervise::Cause::Panicked(join.to_string()),
+                })),
             },
             None => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
-        r = server => r.map_err(|source| Error::Serve { addr: control_addr, source }),
-        r = leader => r.map_err(Error::from),
+    tokio::pin!(server, leader);
+    let result = loop {
+        tokio::select! {
+            r = &mut server => break r.map_err(|source| Error::Serve { addr: control_addr, source }),
+            r = &mut leader => break r,
+            Some(exit) = tasks.next_exit() => {
+                if stop.is_cancelled() {
+                    // Stopping: every task ends with the stop token.
+                    continue;
+                }
+                tracing::error!(task = exit.task, cause = %exit.cause, "a long-lived task ended; the operator exits so the kubelet restarts it");
+                health.fail(exit.to_string());
+                break Err(Error::TaskExited(exit));
+            }
+        }
     };
+    if let Err(error) = &result {
+        health.fail(error.to_string());
+    }
     stop.cancel();
     // Let the leader task release the lease, so a successor need not wait
     // for it to expire.

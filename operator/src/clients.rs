@@ -199,6 +199,7 @@ pub fn strip(pod: &mut Pod) {
 /// Starts the pod watch and the map builder, both until `stop`. Maps are
 /// built only after the first full list.
 pub fn start(
+    tasks: &mut crate::supervise::Supervisor,
     client: kube::Client,
     clients: Arc<NodeClients>,
     debounce: Duration,
@@ -214,7 +215,7 @@ pub fn start(
     .modify(strip)
     .reflect(writer);
     let watch_stop = stop.clone();
-    tokio::spawn(async move {
+    tasks.spawn("pod watch (spec.clients)", async move {
         let drain = stream.for_each(|event| {
             match event {
                 Ok(_) => changes_tx.send_modify(|n| *n += 1),
@@ -229,7 +230,10 @@ pub fn start(
             _ = watch_stop.cancelled() => {}
         }
     });
-    tokio::spawn(run(store, changes, clients, debounce, stop));
+    tasks.spawn(
+        "pod maps (spec.clients)",
+        run(store, changes, clients, debounce, stop),
+    );
 }
 
 async fn run(

@@ -57,4 +57,5 @@ pub mod reconcile;
 pub mod resolve;
 pub mod role;
 pub mod status;
+pub mod supervise;
 pub mod tls;
