@@ -91,20 +91,6 @@ impl ClientMap {
     }
 }
 
-/// Takes a `NodeClients` from the control stream: converts it and hands it
-/// to `applier` whole. Entries whose IP does not parse are left out (their
-/// clients are then unknown, so refused) and logged.
-pub fn receive<A: crate::control::Apply>(applier: &A, message: pb::NodeClients) {
-    let (map, skipped) = ClientMap::from_pb(message);
-    if !skipped.is_empty() {
-        tracing::warn!(version = %map.version, ?skipped, "pod map entries with an IP that does not parse were left out");
-    }
-    // Debug: with pods coming and going this is frequent; the size is the
-    // metric tidepool_clients_pods, the map itself on /clients.
-    tracing::debug!(version = %map.version, pods = map.len(), "pod map applied");
-    applier.set_clients(map);
-}
-
 /// Why a client may not use a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {

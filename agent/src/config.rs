@@ -190,7 +190,7 @@ pub enum Mode {
         /// The operator's control URL.
         url: String,
         /// TLS and the token (`None`: `--insecure-control`).
-        security: Option<crate::control::ClientSecurity>,
+        security: Option<ClientSecurity>,
         /// The node this agent runs on.
         node: String,
         /// This agent's pod name.
@@ -247,6 +247,18 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The log filter, checked ([`check_log_filter`]).
     pub log_filter: String,
+}
+
+/// How the control client proves who it is and checks who it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSecurity {
+    /// The projected ServiceAccount token, read at every dial.
+    pub token_file: PathBuf,
+    /// The operator's CA bundle (PEM), read at every dial.
+    pub ca_file: PathBuf,
+    /// The name the operator's certificate must carry, whatever address is
+    /// dialed (`<svc>.<ns>.svc`).
+    pub server_name: String,
 }
 
 /// A configuration clap could not check by itself.
@@ -342,7 +354,7 @@ fn client_security(
     ca_file: Option<PathBuf>,
     server_name: Option<String>,
     insecure: bool,
-) -> Result<Option<crate::control::ClientSecurity>, ConfigError> {
+) -> Result<Option<ClientSecurity>, ConfigError> {
     if url.starts_with("http://") {
         return if insecure {
             Ok(None)
@@ -375,7 +387,7 @@ fn client_security(
             "--operator-server-name (TIDEPOOL_OPERATOR_SERVER_NAME)",
         ));
     }
-    Ok(Some(crate::control::ClientSecurity {
+    Ok(Some(ClientSecurity {
         token_file,
         ca_file,
         server_name,

@@ -140,17 +140,8 @@ pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
     }
 }
 
-/// How the client proves who it is and checks who it talks to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientSecurity {
-    /// The projected ServiceAccount token, read at every dial.
-    pub token_file: PathBuf,
-    /// The operator's CA bundle (PEM), read at every dial.
-    pub ca_file: PathBuf,
-    /// The name the operator's certificate must carry, whatever address is
-    /// dialed (`<svc>.<ns>.svc`).
-    pub server_name: String,
-}
+/// How the client proves who it is (defined with the flags that fill it).
+pub use crate::config::ClientSecurity;
 
 /// Where and how the client connects.
 #[derive(Debug, Clone)]
@@ -338,6 +329,20 @@ pub struct ClientState {
     pub version: String,
     /// Its pools, by `namespace/name`.
     pub pools: BTreeMap<String, Arc<PoolConfig>>,
+}
+
+/// Takes a `NodeClients` from the control stream: converts it and hands it
+/// to `applier` whole. Entries whose IP does not parse are left out (their
+/// clients are then unknown, so refused) and logged.
+fn receive_clients<A: Apply>(applier: &A, message: pb::NodeClients) {
+    let (map, skipped) = crate::clients::ClientMap::from_pb(message);
+    if !skipped.is_empty() {
+        tracing::warn!(version = %map.version, ?skipped, "pod map entries with an IP that does not parse were left out");
+    }
+    // Debug: with pods coming and going this is frequent; the size is the
+    // metric tidepool_clients_pods, the map itself on /clients.
+    tracing::debug!(version = %map.version, pods = map.len(), "pod map applied");
+    applier.set_clients(map);
 }
 
 /// A pool of a snapshot, converted; a pool the agent cannot read is refused.
@@ -616,7 +621,7 @@ pub async fn session<A: Apply>(
                     // together, while the operator still fans out.
                 }
                 Ok(Some(pb::OperatorMessage { kind: Some(pb::operator_message::Kind::Clients(clients)) })) => {
-                    crate::clients::receive(applier, clients);
+                    receive_clients(applier, clients);
                 }
                 Ok(Some(_)) => tracing::debug!("ignoring an operator message this agent does not know"),
                 Ok(None) => return Err(ControlError::Closed),
