@@ -315,7 +315,34 @@ impl Operator {
 
     /// Starts an operator that authenticates with `kubeconfig` (for example
     /// a ServiceAccount token), without waiting for it to become ready.
+    ///
+    /// Its two ports are picked free just before it starts; another process
+    /// may take one in between (any test's ephemeral port). A start that
+    /// fails on "Address already in use" is retried on new ports, twice.
     pub async fn spawn_as(options: &OperatorOptions, kubeconfig: &Path) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut op = Self::spawn_once(options, kubeconfig).await?;
+            // Bound (it logs "listening" right after binding), or exited.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while op.proc.is_running()
+                && !op.proc.log().contains("listening")
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if tries < 3
+                && !op.proc.is_running()
+                && op.proc.log().contains("Address already in use")
+            {
+                continue;
+            }
+            return Ok(op);
+        }
+    }
+
+    async fn spawn_once(options: &OperatorOptions, kubeconfig: &Path) -> Result<Self> {
         let bin = bin_dir().await?.join("tidepool-operator");
         let control: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1")?).parse()?;
