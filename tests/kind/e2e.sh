@@ -385,6 +385,22 @@ watch_ends() {
       }'
   done | awk '{ c[$1] += $2 } END { for (k in c) printf "%s=%d ", k, c[k] }'
 }
+# resent APP SINCE_MS: calls app APP's clients sent again because tonic had
+# never written them (a GOAWAY closed the connection they were queued on;
+# grpc-go does this by itself), summed over nodes.
+resent() {
+  local node pod
+  for node in $(nodes); do
+    pod=$(k -n shop get pods -l app="$1" --field-selector spec.nodeName="$node" -o name | head -n 1)
+    [ -n "$pod" ] || continue
+    k -n shop logs "$pod" --tail=600 2>/dev/null |
+      awk -v since="$2" '$1 == "load:" {
+        at = ""; r = 0
+        for (i = 1; i <= NF; i++) { if ($i == "at") at = $(i + 1); if ($i ~ /^resent=/) { r = substr($i, 8); sub(/;$/, "", r) } }
+        if (at != "" && at + 0 > since + 0) print r + 0
+      }'
+  done | awk '{ s += $1 } END { print s + 0 }'
+}
 # calls APP SINCE_MS [UNTIL_MS]: "OK FAILED STALLED" summed over every
 # node's client of APP (STALLED: seconds in which a client had no answer).
 calls() {
@@ -534,7 +550,7 @@ s_surge() {
   [ "$ok" -gt 0 ] || bad+=" no call was answered during the upgrade;"
   [ "$failed" = 0 ] || bad+=" $failed unary calls failed during the upgrade (of $((ok + failed)));"
   [ -z "$bad" ] || { fail surge "${bad# } (watches ended: ${ends:-none})"; return 1; }
-  pass surge "helm upgrade rolled all 3 agents (surge) in ${secs} s under load: $ok unary calls answered, $failed failed, $stalled client-seconds without an answer; watches ended: ${ends:-none} (each restarted by its client)"
+  pass surge "helm upgrade rolled all 3 agents (surge) in ${secs} s under load: $ok unary calls answered, $failed failed, $stalled client-seconds without an answer, $(resent clients-local "$since") sent again by the client (tonic had never written them); watches ended: ${ends:-none} (each restarted by its client)"
 }
 
 # 11. Zero-drop backend rollout: kubectl rollout restart of the backends
@@ -560,7 +576,7 @@ s_rollout() {
   [ "$ok" -gt 0 ] || bad+=" no call was answered during the rollout;"
   [ "$failed" = 0 ] || bad+=" $failed unary calls failed during the rollout (of $((ok + failed)));"
   [ -z "$bad" ] || { fail rollout "${bad# } (retries $((retries1 - retries0)); watches ended: ${ends:-none})"; return 1; }
-  pass rollout "kubectl rollout restart of the backends under load (${secs} s): $ok unary calls answered, $failed failed, $stalled client-seconds without an answer; the agents retried $((retries1 - retries0)) calls no backend had taken; watches ended: ${ends:-none}"
+  pass rollout "kubectl rollout restart of the backends under load (${secs} s): $ok unary calls answered, $failed failed, $stalled client-seconds without an answer, $(resent clients-local "$since") sent again by the client; the agents retried $((retries1 - retries0)) calls no backend had taken; watches ended: ${ends:-none}"
 }
 
 # 12. Load spread: the backends scale 3 -> 6; every node's clients reach

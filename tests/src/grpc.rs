@@ -144,6 +144,27 @@ pub async fn check(channel: &Channel) -> Result<String> {
         .map_err(|s| anyhow!("check failed: {}: {}", s.code(), s.message()))
 }
 
+/// Whether a failed call provably never left this client: tonic (hyper)
+/// fails a request it had queued on a connection that a GOAWAY then
+/// closed with CANCELLED "operation was canceled" (hyper's `Canceled`),
+/// the request unwritten. grpc-go retries such calls by itself
+/// (transparent retry); tonic does not, so the demo client does, once.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Cancelled {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && h.is_canceled()
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Like [`check`], with the gRPC status of a failed call.
 pub async fn try_check(channel: &Channel) -> Result<String, tonic::Status> {
     let response = HealthClient::new(channel.clone())

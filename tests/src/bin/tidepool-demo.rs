@@ -121,12 +121,24 @@ async fn main() -> Result<()> {
                 });
             }
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<String, String>>(1024);
+            // Calls sent again because they never left this client (see
+            // grpc::never_sent), counted apart from failures.
+            let resent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             for _ in 0..callers {
                 let channel = channel.clone();
                 let tx = tx.clone();
+                let resent = resent.clone();
                 tokio::spawn(async move {
                     loop {
-                        let r = grpc::check(&channel).await.map_err(|e| e.to_string());
+                        let mut r = grpc::try_check(&channel).await;
+                        if let Err(status) = &r
+                            && grpc::never_sent(status)
+                        {
+                            resent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            r = grpc::try_check(&channel).await;
+                        }
+                        let r =
+                            r.map_err(|s| format!("check failed: {}: {}", s.code(), s.message()));
                         if tx.send(r).await.is_err() {
                             return;
                         }
@@ -155,7 +167,8 @@ async fn main() -> Result<()> {
                             .unwrap_or_default()
                             .as_millis();
                         let ended: Vec<String> = ends.iter().map(|(c, n)| format!("{c}={n}")).collect();
-                        println!("load: {ok} ok, {failed} failed in {every:?} via {agent} at {at} ({}) watches_ended[{}]{}", spread.join(" "), ended.join(","),
+                        let resent = resent.swap(0, std::sync::atomic::Ordering::Relaxed);
+                        println!("load: {ok} ok, {failed} failed in {every:?} via {agent} at {at} ({}) watches_ended[{}] resent={resent}{}", spread.join(" "), ended.join(","),
                             last_error.take().map(|e| format!("; last error: {e}")).unwrap_or_default());
                         (ok, failed) = (0, 0);
                         by_backend.clear();
