@@ -438,6 +438,12 @@ s_local() {
     return 1
   fi
   k -n "$ns" rollout status ds/"$release-agent" --timeout=300s >&2
+  # The rollout is done when the successors are available; the old agents
+  # (with their hostPorts) may still be draining. Wait for them to go.
+  hostport_pods() { k -n "$ns" get pods -l app.kubernetes.io/component=agent -o json |
+    jq -r '[.items[] | select(any(.spec.containers[].ports[]?; .hostPort != null)) | .metadata.name] | join(" ")'; }
+  no_hostport_pods() { [ -z "$(hostport_pods)" ]; }
+  eventually 90 no_hostport_pods || bad+=" agents with a hostPort still ran 90 s after the rollout: $(hostport_pods);"
   local strategy hp
   strategy=$(k -n "$ns" get ds "$release-agent" -o jsonpath='{.spec.updateStrategy.rollingUpdate.maxSurge}/{.spec.updateStrategy.rollingUpdate.maxUnavailable}')
   hp=$(k -n "$ns" get ds "$release-agent" -o json | jq -c '[.spec.template.spec.containers[0].ports[].hostPort | select(. != null)]')
