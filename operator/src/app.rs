@@ -84,26 +84,8 @@ where
     }
 }
 
-/// Runs a reflector for `K` until `stop`, returning its store.
-fn reflect<K>(
-    tasks: &mut Supervisor,
-    api: Api<K>,
-    config: watcher::Config,
-    stop: &CancellationToken,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    reflect_waking(tasks, api, config, stop, None)
-}
-
-/// [`reflect`], waking `wake` on every event.
+/// A reflector of `api`, its watch supervised, waking `wake` (if any) on
+/// every event.
 fn reflect_waking<K>(
     tasks: &mut Supervisor,
     api: Api<K>,
@@ -318,11 +300,12 @@ pub async fn run(
         Some(s) => watcher::Config::default().labels(s),
         None => watcher::Config::default(),
     };
-    let nodes = reflect(
+    let nodes = reflect_waking(
         &mut tasks,
         Api::<Node>::all(client.clone()),
         node_config,
         &stop,
+        None,
     );
     let (slices_reader, slices_writer) = reflector::store();
     let slice_stream = watcher(
