@@ -500,6 +500,13 @@ impl Sync {
             .agents
             .as_ref()
             .map(|s| agent_endpoints(s.state().iter().map(Arc::as_ref)));
+        // The same for every pool: the nodes with a ready agent.
+        let ready_nodes: BTreeSet<String> = agents
+            .iter()
+            .flatten()
+            .filter(|a| a.ready)
+            .map(|a| a.node.clone())
+            .collect();
         let mut states = HashMap::new();
         // (namespace, name) of every object some pool keeps.
         let mut wanted_services: HashSet<(String, String)> = HashSet::new();
@@ -556,11 +563,7 @@ impl Sync {
                 Ok(()) => LocalState::Serving {
                     service: format!("{name}.{ns}:{}", service_port(&want)),
                     target_port: pool.spec.listen_port.unwrap_or_default(),
-                    ready_nodes: agents
-                        .iter()
-                        .filter(|a| a.ready)
-                        .map(|a| a.node.clone())
-                        .collect(),
+                    ready_nodes: ready_nodes.clone(),
                 },
                 Err(WriteError::Fenced) => return,
                 Err(error) => {
