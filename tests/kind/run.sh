@@ -3,7 +3,8 @@
 # `make kind-down` run.
 #
 # e2e: a Docker engine (engine.sh), a new kind cluster KIND_CLUSTER
-#   (default tidepool-e2e; one of that name already there is refused), the
+#   (default tidepool-e2e; one of that name already there is refused, unless
+#   an earlier e2e run made it and was killed before deleting it), the
 #   images (make images), then the scenarios on pods (e2e.sh). The cluster
 #   and its node containers are deleted on exit, pass or fail; nothing this
 #   run did not create is touched. Prints one summary line last:
@@ -41,8 +42,27 @@ t_start=$(date +%s)
 tools=$("$repo_dir/scripts/install-tools.sh")
 export PATH="$tools:$PATH"
 kind=$("$kind_dir/kind-bin.sh")
+# An e2e run records itself as the owner of the cluster it makes: its pid and
+# the pid's start time (so a reused pid is not taken for it). A cluster whose
+# owner is gone was left by an e2e run that was killed before its cleanup ran
+# (SIGKILL, a machine stop); the next e2e run deletes it. Any other cluster of
+# the name, or one whose owner still runs, is left alone.
+owners="$cache_dir/kind-owners"
+owner_file="$owners/$name"
+proc_start() { awk '{ print $22 }' "/proc/$1/stat" 2>/dev/null; }
+owner_alive() {
+  local pid start
+  read -r pid start <"$owner_file" 2>/dev/null || return 1
+  [ -n "$pid" ] && [ "$(proc_start "$pid")" = "$start" ]
+}
 if "$kind" get clusters 2>/dev/null | grep -qx "$name"; then
-  die "a kind cluster named $name already exists; it was not made by this run, so it is left alone: delete it (make kind-down KIND_CLUSTER=$name, or kind delete cluster --name $name) or pick another name (KIND_CLUSTER=...)"
+  if [ "$mode" = e2e ] && [ -f "$owner_file" ] && ! owner_alive; then
+    say "a kind cluster named $name was left by an e2e run that ended without cleaning up (owner pid $(cut -d' ' -f1 "$owner_file") is gone); deleting it"
+    "$kind" delete cluster --name "$name" >&2 || die "kind delete cluster --name $name failed; delete it by hand"
+    rm -f "$owner_file"
+  else
+    die "a kind cluster named $name already exists; it was not made by this run, so it is left alone: delete it (make kind-down KIND_CLUSTER=$name, or kind delete cluster --name $name) or pick another name (KIND_CLUSTER=...)"
+  fi
 fi
 
 if [ "$mode" = e2e ]; then
@@ -65,7 +85,11 @@ if [ "$mode" = e2e ]; then
     # Only the cluster this run created (the name was free when it started).
     if [ "${created:-0}" = 1 ]; then
       say "deleting kind cluster $name"
-      "$kind" delete cluster --name "$name" >/dev/null 2>&1 || say "kind delete cluster --name $name failed; delete it by hand"
+      if "$kind" delete cluster --name "$name" >/dev/null 2>&1; then
+        rm -f "$owner_file"
+      else
+        say "kind delete cluster --name $name failed; delete it by hand (or the next make e2e-kind will)"
+      fi
     fi
     if [ "$had_modules" = 0 ] && [ -d /lib/modules ]; then rmdir /lib/modules 2>/dev/null || true; fi
     [ -n "${TIDEPOOL_KIND_KEEP_RESULTS:-}" ] && cp "$results" "$TIDEPOOL_KIND_KEEP_RESULTS" 2>/dev/null
@@ -85,6 +109,10 @@ t=$(date +%s)
 TAG=$tag "$repo_dir/scripts/images.sh" >&2
 say "images built in $(($(date +%s) - t)) s"
 created=1
+if [ "$mode" = e2e ]; then
+  mkdir -p "$owners"
+  echo "$$ $(proc_start $$)" >"$owner_file"
+fi
 "$kind_dir/cluster.sh" up "$name" "$kubeconfig"
 t=$(date +%s)
 "$kind" load docker-image --name "$name" "tidepool-operator:$tag" "tidepool-agent:$tag" "tidepool-demo:$tag" >&2
