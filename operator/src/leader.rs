@@ -391,6 +391,320 @@ mod tests {
         assert!(lock.renew_deadline() < d);
     }
 
+    /// A mock API server, in the manner of controller-rs's
+    /// `ApiServerVerifier`: the test sees each request the lock sends, in
+    /// order, and answers it (or never does, as a hung server).
+    mod api {
+        use axum::http::{Method, Request, Response, StatusCode};
+        use kube::client::Body;
+        use tokio::sync::{mpsc, oneshot};
+
+        /// One request the lock sent, waiting for its answer.
+        pub struct Call {
+            pub method: Method,
+            pub path: String,
+            pub body: serde_json::Value,
+            answer: oneshot::Sender<Response<Body>>,
+        }
+
+        impl Call {
+            /// Answers with `status` and a JSON body.
+            pub fn respond(self, status: StatusCode, body: &serde_json::Value) {
+                let response = Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(body).unwrap()))
+                    .unwrap();
+                let _ = self.answer.send(response);
+            }
+
+            /// A Kubernetes error Status with `code` and `reason`.
+            pub fn fail(self, code: u16, reason: &str) {
+                let status = serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": format!("{reason} (mock)"), "reason": reason, "code": code,
+                });
+                self.respond(StatusCode::from_u16(code).unwrap(), &status);
+            }
+        }
+
+        /// The server side of a client made by [`client`].
+        pub struct Server(mpsc::UnboundedReceiver<Call>);
+
+        impl Server {
+            /// The next request; panics when the lock sends none.
+            pub async fn next(&mut self) -> Call {
+                self.0.recv().await.expect("the lock sent no further request")
+            }
+
+            /// The next request, or `None` once the client is dropped.
+            pub async fn recv(&mut self) -> Option<Call> {
+                self.0.recv().await
+            }
+
+            /// Asserts the lock sends nothing more (its handle is gone).
+            pub async fn nothing_more(mut self) {
+                if let Some(call) = self.0.recv().await {
+                    panic!("unexpected {} {}", call.method, call.path);
+                }
+            }
+        }
+
+        /// A kube client whose every request arrives at the returned server.
+        pub fn client() -> (kube::Client, Server) {
+            let (calls, rx) = mpsc::unbounded_channel();
+            let service = tower::service_fn(move |request: Request<Body>| {
+                let calls = calls.clone();
+                async move {
+                    let (parts, body) = request.into_parts();
+                    let bytes = body.collect_bytes().await.expect("a request body");
+                    let body = if bytes.is_empty() {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::from_slice(&bytes).expect("a JSON request body")
+                    };
+                    let (answer, answered) = oneshot::channel();
+                    let call = Call {
+                        method: parts.method,
+                        path: parts.uri.path().to_owned(),
+                        body,
+                        answer,
+                    };
+                    calls.send(call).map_err(|_| "the mock server is gone")?;
+                    answered.await.map_err(|_| "the mock server dropped the request")
+                }
+            });
+            (kube::Client::new(service, "default"), Server(rx))
+        }
+    }
+
+    use axum::http::{Method, StatusCode};
+    use serde_json::json;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/lease";
+
+    fn lease(holder: Option<&str>, version: &str, transitions: i32) -> serde_json::Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "lease", "namespace": "ns", "resourceVersion": version},
+            "spec": {
+                "holderIdentity": holder, "leaseDurationSeconds": 15,
+                "acquireTime": "2026-12-01T10:00:00.000000Z",
+                "renewTime": "2026-12-01T10:00:05.000000Z",
+                "leaseTransitions": transitions,
+            },
+        })
+    }
+
+    fn lock(client: kube::Client) -> LeaseLock {
+        LeaseLock::new(client, "ns", "lease", "me", Duration::from_secs(15))
+    }
+
+    #[tokio::test]
+    async fn with_no_lease_the_lock_creates_one_naming_itself() {
+        let (client, mut server) = api::client();
+        let task = tokio::spawn(async move { lock(client).try_acquire().await });
+        let get = server.next().await;
+        assert_eq!((&get.method, get.path.as_str()), (&Method::GET, PATH));
+        get.fail(404, "NotFound");
+        let create = server.next().await;
+        assert_eq!(create.method, Method::POST);
+        assert_eq!(create.path, "/apis/coordination.k8s.io/v1/namespaces/ns/leases");
+        assert_eq!(create.body["metadata"]["name"], "lease");
+        assert_eq!(create.body["spec"]["holderIdentity"], "me");
+        assert_eq!(create.body["spec"]["leaseDurationSeconds"], 15);
+        assert_eq!(create.body["spec"]["leaseTransitions"], 0);
+        let body = create.body.clone();
+        create.respond(StatusCode::CREATED, &body);
+        assert!(task.await.unwrap().unwrap(), "the creator holds the lease");
+        server.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn losing_the_create_race_is_not_holding_and_not_an_error() {
+        let (client, mut server) = api::client();
+        let task = tokio::spawn(async move { lock(client).try_acquire().await });
+        server.next().await.fail(404, "NotFound");
+        server.next().await.fail(409, "AlreadyExists");
+        assert!(!task.await.unwrap().unwrap());
+        server.nothing_more().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_holders_fresh_lease_is_read_never_written() {
+        let (client, mut server) = api::client();
+        let lock = lock(client);
+        let task = tokio::spawn(async move {
+            let first = lock.try_acquire().await;
+            tokio::time::advance(Duration::from_secs(14)).await;
+            (first, lock.try_acquire().await)
+        });
+        for _ in 0..2 {
+            let get = server.next().await;
+            assert_eq!(get.method, Method::GET);
+            get.respond(StatusCode::OK, &lease(Some("other"), "7", 3));
+        }
+        let (first, second) = task.await.unwrap();
+        assert!(!first.unwrap() && !second.unwrap());
+        // Both reads ended the calls: no PUT was sent.
+        server.nothing_more().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_unchanged_here_for_its_duration_is_taken_with_its_resource_version() {
+        let (client, mut server) = api::client();
+        let lock = lock(client);
+        let task = tokio::spawn(async move {
+            assert!(!lock.try_acquire().await.unwrap(), "first sight");
+            tokio::time::advance(Duration::from_secs(15)).await;
+            lock.try_acquire().await
+        });
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("other"), "7", 3));
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("other"), "7", 3));
+        let put = server.next().await;
+        assert_eq!((&put.method, put.path.as_str()), (&Method::PUT, PATH));
+        assert_eq!(
+            put.body["metadata"]["resourceVersion"], "7",
+            "the update is conditional on the record it judged expired"
+        );
+        assert_eq!(put.body["spec"]["holderIdentity"], "me");
+        assert_eq!(put.body["spec"]["leaseTransitions"], 4);
+        assert_ne!(
+            put.body["spec"]["acquireTime"], "2026-12-01T10:00:00.000000Z",
+            "a new holder's acquireTime is its own"
+        );
+        let body = put.body.clone();
+        put.respond(StatusCode::OK, &body);
+        assert!(task.await.unwrap().unwrap());
+        server.nothing_more().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_seen_meanwhile_restarts_the_wait_and_a_lost_race_is_a_conflict() {
+        let (client, mut server) = api::client();
+        let lock = lock(client);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..3 {
+                held.push(lock.try_acquire().await.unwrap());
+                tokio::time::advance(Duration::from_secs(15)).await;
+            }
+            held
+        });
+        // Version 7, then 8 (the holder renewed): not yet expired.
+        for version in ["7", "8"] {
+            server
+                .next()
+                .await
+                .respond(StatusCode::OK, &lease(Some("other"), version, 3));
+        }
+        // 8 unchanged for 15 s: the lock tries, and another replica won.
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("other"), "8", 3));
+        let put = server.next().await;
+        assert_eq!(put.body["metadata"]["resourceVersion"], "8");
+        put.fail(409, "Conflict");
+        assert_eq!(task.await.unwrap(), [false, false, false]);
+        server.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn a_renewal_keeps_the_acquire_time_and_the_transitions() {
+        let (client, mut server) = api::client();
+        let task = tokio::spawn(async move { lock(client).try_acquire().await });
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("me"), "9", 2));
+        let put = server.next().await;
+        assert_eq!(put.method, Method::PUT);
+        assert_eq!(put.body["spec"]["acquireTime"], "2026-12-01T10:00:00.000000Z");
+        assert_eq!(put.body["spec"]["leaseTransitions"], 2);
+        assert_ne!(put.body["spec"]["renewTime"], "2026-12-01T10:00:05.000000Z");
+        let body = put.body.clone();
+        put.respond(StatusCode::OK, &body);
+        assert!(task.await.unwrap().unwrap());
+        server.nothing_more().await;
+    }
+
+    #[tokio::test]
+    async fn release_clears_only_a_lease_this_replica_holds() {
+        let (client, mut server) = api::client();
+        let lock = lock(client);
+        let task = tokio::spawn(async move {
+            lock.release().await.unwrap();
+            lock.release().await.unwrap();
+        });
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("other"), "3", 1));
+        server
+            .next()
+            .await
+            .respond(StatusCode::OK, &lease(Some("me"), "4", 1));
+        let put = server.next().await;
+        assert_eq!(put.method, Method::PUT);
+        assert_eq!(put.body["spec"]["holderIdentity"], serde_json::Value::Null);
+        assert_eq!(put.body["spec"]["renewTime"], serde_json::Value::Null);
+        let body = put.body.clone();
+        put.respond(StatusCode::OK, &body);
+        task.await.unwrap();
+        server.nothing_more().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_whose_renewals_hang_drops_its_fence_by_the_renew_deadline_and_exits() {
+        let (client, mut server) = api::client();
+        let (leading, mut led) = watch::channel(false);
+        let fence = Fence::closed();
+        let stop = CancellationToken::new();
+        let begun = Instant::now();
+        let run = tokio::spawn(lock(client).run(leading, fence.clone(), stop));
+        // It takes the lease.
+        server.next().await.fail(404, "NotFound");
+        let create = server.next().await;
+        let body = create.body.clone();
+        create.respond(StatusCode::CREATED, &body);
+        led.wait_for(|l| *l).await.unwrap();
+        assert!(fence.holds());
+        // From now on the API server hangs: every call is left unanswered.
+        let mut hung = Vec::new();
+        let dropped = loop {
+            tokio::select! {
+                call = server.recv() => match call {
+                    Some(call) => hung.push(call),
+                    None => break begun.elapsed(),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if !fence.holds() { break begun.elapsed(); }
+                }
+            }
+        };
+        assert!(!fence.holds());
+        assert!(
+            dropped <= Duration::from_secs(10) + Duration::from_millis(100),
+            "the fence holds at most the renew deadline (10 s of 15): {dropped:?}"
+        );
+        assert!(!hung.is_empty(), "renewals were attempted");
+        let error = run.await.unwrap().unwrap_err();
+        assert!(matches!(error, LeaderError::Lost { .. }), "{error}");
+        assert!(!*led.borrow(), "no longer leading");
+        assert!(
+            begun.elapsed() < Duration::from_secs(15),
+            "it stepped down before any other replica could take the lease: {:?}",
+            begun.elapsed()
+        );
+    }
+
     #[test]
     fn a_lease_expires_after_its_duration_from_the_last_renewal() {
         let now = Timestamp::now();
