@@ -360,6 +360,30 @@ items:
         assert_eq!(pools[1].uid, "standalone:default/other");
     }
 
+    /// Found by the `standalone` fuzz target (its crash input, reduced):
+    /// the file loaded, and the runtime then refused the pool.
+    #[test]
+    fn a_zero_wait_is_refused_at_load_naming_the_field() {
+        let err = parse_str(
+            "apiVersion: tidepool.dev/v1alpha1
+kind: ConnectionPool
+metadata: {name: billing, namespace: shop}
+spec:
+  target: {addresses: ['localhost:50061']}
+  whenFull: Wait
+  acquireTimeout: 000ms
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "pools.yaml: ConnectionPool shop/billing: spec.acquireTimeout: \"000ms\""
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_broken_rule_names_file_resource_and_field() {
         let err = parse_str(

@@ -291,14 +291,25 @@ impl ConnectionPoolSpec {
             ),
         }
         let acquire_timeout = parse_duration(&self.acquire_timeout);
-        if acquire_timeout.is_none() {
-            err(
+        let wait = self.when_full == crate::v1alpha1::WhenFull::Wait;
+        match acquire_timeout {
+            None => err(
                 "spec.acquireTimeout",
                 format!(
                     "{:?} must be a duration such as 500ms, 1s or 2m",
                     self.acquire_timeout
                 ),
-            );
+            ),
+            // The pool refuses a zero wait (`pool::Settings::validate`):
+            // said here, by field, rather than by every agent at apply.
+            Some(d) if wait && d.is_zero() => err(
+                "spec.acquireTimeout",
+                format!(
+                    "{:?} must be greater than zero when spec.whenFull is Wait, such as 500ms or 1s (or set whenFull: Overflow)",
+                    self.acquire_timeout
+                ),
+            ),
+            Some(_) => {}
         }
         if let Some(p) = self.listen_port
             && !(1..=65535).contains(&p)
@@ -377,7 +388,7 @@ impl ConnectionPoolSpec {
             ttl: ttl.unwrap_or_default(),
             max_idle: max_idle as u32,
             max_streams: self.max_streams as u32,
-            wait_when_full: self.when_full == crate::v1alpha1::WhenFull::Wait,
+            wait_when_full: wait,
             acquire_timeout: acquire_timeout.unwrap_or_default(),
         })
     }
@@ -434,6 +445,24 @@ mod tests {
                 acquire_timeout: Duration::from_secs(1),
             }
         );
+    }
+
+    /// Found by the `standalone` fuzz target: `whenFull: Wait` with a zero
+    /// `acquireTimeout` passed these rules and was then refused by the pool
+    /// at apply, without the field's path.
+    #[test]
+    fn a_zero_wait_is_refused_by_field_when_whenfull_is_wait() {
+        for zero in ["0s", "000ms", "0.0000000001s"] {
+            let mut s = spec();
+            s.when_full = WhenFull::Wait;
+            s.acquire_timeout = zero.into();
+            let errs = s.settings().unwrap_err();
+            assert_eq!(errs.0.len(), 1, "{errs}");
+            assert_eq!(errs.0[0].field, "spec.acquireTimeout");
+            assert!(errs.0[0].message.contains("greater than zero"), "{errs}");
+            s.when_full = WhenFull::Overflow;
+            assert_eq!(s.settings().unwrap().acquire_timeout, Duration::ZERO);
+        }
     }
 
     #[test]
