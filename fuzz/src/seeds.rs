@@ -188,14 +188,16 @@ pub fn all() -> Vec<Seed> {
             name: "a".into(),
             uid: "u-a".into(),
             generation: 1,
-            addresses: vec![pb::AddressReport {
-                address: "10.0.0.1:80".into(),
-                connections: 3,
-                busy: 1,
-                idle: 1,
-                streams: 25,
-                overflow: 0,
-            }],
+            addresses: ["10.0.0.1:80", "10.0.0.2:80"]
+                .map(|address| pb::AddressReport {
+                    address: address.into(),
+                    connections: 3,
+                    busy: 1,
+                    idle: 1,
+                    streams: 25,
+                    overflow: 0,
+                })
+                .into(),
         }],
     });
     let nack = A::Nack(pb::Nack {
