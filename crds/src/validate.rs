@@ -170,6 +170,27 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a resource name: a DNS-1123 subdomain, as the API server
+/// requires of a custom resource's `metadata.name` (lower-case letters,
+/// digits, '-' and '.', starting and ending with a letter or digit, at most
+/// 253 characters).
+pub fn check_resource_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 253
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be a resource name (a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters), such as payments"
+        ))
+    }
+}
+
 /// Checks a Service name: a DNS-1035 label, as the API server requires of
 /// a Service's `metadata.name`.
 pub fn check_service_name(name: &str) -> Result<(), String> {
@@ -462,6 +483,17 @@ mod tests {
             assert!(errs.0[0].message.contains("greater than zero"), "{errs}");
             s.when_full = WhenFull::Overflow;
             assert_eq!(s.settings().unwrap().acquire_timeout, Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn resource_names_are_dns_subdomains() {
+        for good in ["payments", "a", "payments.v2", "0-x"] {
+            assert_eq!(check_resource_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "Payments", "a@b", "-a", "a.", "a_b", &"a".repeat(254)] {
+            let err = check_resource_name(bad).unwrap_err();
+            assert!(err.contains("DNS-1123 subdomain"), "{bad}: {err}");
         }
     }
 
