@@ -46,8 +46,37 @@ e2e: ## end-to-end tests on a local control plane (or TIDEPOOL_E2E_KUBECONFIG's 
 	@tools=$$(scripts/install-tools.sh); bins=$$(tests/cluster/build.sh); \
 	PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $(CARGO) test -p tidepool-e2e -- --test-threads=4
 
+# The cargo-fuzz targets (fuzz/README.md). Built with nightly into their own
+# target directory outside the repository.
+FUZZ_TARGETS := authority grpc_timeout standalone agent_control operator_control
+FUZZ_SECONDS ?= 600
+FUZZ_TARGET_DIR ?= $(or $(TIDEPOOL_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tidepool)/cargo-fuzz-target
+FUZZ = PATH="$$(scripts/install-cargo-fuzz.sh):$$PATH" cargo +nightly fuzz
+FUZZ_FLAGS = --fuzz-dir fuzz --target-dir $(FUZZ_TARGET_DIR)
+
+.PHONY: fuzz-smoke
+fuzz-smoke: ## each fuzz target over its committed corpus and 5 s of fuzzing (installs cargo-fuzz once)
+	@$(FUZZ) build $(FUZZ_FLAGS)
+	@for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); \
+	  $(FUZZ) run $(FUZZ_FLAGS) $$t $$work fuzz/corpus/$$t -- -max_total_time=5 -print_final_stats=1 2>$$work.log \
+	    || { cat $$work.log >&2; rm -rf $$work $$work.log; echo "fuzz-smoke: $$t failed" >&2; exit 1; }; \
+	  echo "fuzz-smoke: $$t: $$(grep -E '^stat::number_of_executed_units' $$work.log | awk '{print $$2}') runs, no crash"; \
+	  rm -rf $$work $$work.log; \
+	done
+
+.PHONY: fuzz
+fuzz: ## each fuzz target in turn for FUZZ_SECONDS (600), niced; new inputs in fuzz/corpus-new/<target> (not committed)
+	@$(FUZZ) build $(FUZZ_FLAGS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus-new/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	  nice -n 19 $(FUZZ) run $(FUZZ_FLAGS) $$t fuzz/corpus-new/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
+
 .PHONY: test
-test: gen-check lint unit e2e ## everything CI runs
+test: gen-check lint unit fuzz-smoke e2e ## everything CI runs
 
 .PHONY: cluster-up
 cluster-up: ## start a local control plane for a person; prints `export KUBECONFIG=...` last

@@ -146,17 +146,26 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     if let Some(rest) = authority.strip_prefix('[') {
         return match rest.split_once(']') {
-            Some((host, tail)) => (host, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            Some((host, tail)) => (host, tail.strip_prefix(':').and_then(port)),
             None => (authority, None),
         };
     }
     match authority.rsplit_once(':') {
-        Some((host, port)) => match port.parse() {
-            Ok(port) => (host, Some(port)),
-            Err(_) => (authority, None),
+        Some((host, p)) => match port(p) {
+            Some(p) => (host, Some(p)),
+            None => (authority, None),
         },
         None => (authority, None),
     }
+}
+
+/// A port as RFC 3986 writes one: digits only. (`u16::from_str` alone
+/// would also take a leading `+`, so `svc:+80` would reach port 80.)
+fn port(s: &str) -> Option<u16> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// What the balancer needs to know about an address.
@@ -319,6 +328,25 @@ mod tests {
         assert_eq!(split_authority("a.b"), ("a.b", None));
         assert_eq!(split_authority("[::1]:80"), ("::1", Some(80)));
         assert_eq!(split_authority("a:x"), ("a:x", None));
+    }
+
+    /// Found by the `authority` fuzz target: a `+` before the port was
+    /// read as part of the number.
+    #[test]
+    fn a_port_is_digits_only() {
+        assert_eq!(split_authority("[4::7]:+002"), ("4::7", None));
+        assert_eq!(split_authority("a:+80"), ("a:+80", None));
+        assert_eq!(split_authority("a:"), ("a:", None));
+        assert_eq!(split_authority("a:0080"), ("a", Some(80)));
+        let pools = [pool(
+            "shop",
+            "payments",
+            "target: {service: {name: payments-grpc, port: 50051}}",
+        )];
+        assert!(matches!(
+            Routes::new(&pools).lookup("payments-grpc:+50051"),
+            Err(RouteError::Unknown { .. })
+        ));
     }
 
     struct FakeLoad {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tidepool_crds::ConnectionPool;
-use tidepool_crds::validate::SpecErrors;
+use tidepool_crds::validate::{FieldError, SpecErrors, check_namespace, check_resource_name};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolConfig;
@@ -219,11 +219,30 @@ fn pool_config(file: &Path, document: usize, pool: ConnectionPool) -> Result<Poo
         .clone()
         .unwrap_or_else(|| "default".into());
     let key = format!("{namespace}/{name}");
-    pool.spec.settings().map_err(|errors| Error::Invalid {
+    // The API server would refuse these names; unchecked, a pool named
+    // `a@b` loads but no authority reaches it.
+    let mut names = Vec::new();
+    if let Err(message) = check_resource_name(&name) {
+        names.push(FieldError {
+            field: "metadata.name".into(),
+            message,
+        });
+    }
+    if let Err(message) = check_namespace(&namespace) {
+        names.push(FieldError {
+            field: "metadata.namespace".into(),
+            message,
+        });
+    }
+    let invalid = |errors| Error::Invalid {
         file: file.to_owned(),
         pool: key.clone(),
         errors,
-    })?;
+    };
+    if !names.is_empty() {
+        return Err(invalid(SpecErrors(names)));
+    }
+    pool.spec.settings().map_err(invalid)?;
     let Some(addresses) = &pool.spec.target.addresses else {
         return Err(Error::ServiceTarget {
             file: file.to_owned(),
@@ -358,6 +377,55 @@ items:
         assert_eq!(pools[1].key(), "default/other");
         assert_eq!(pools[1].spec.listen_port, Some(15001));
         assert_eq!(pools[1].uid, "standalone:default/other");
+    }
+
+    /// Found by the `standalone` fuzz target (its crash input, reduced):
+    /// the file loaded, and the runtime then refused the pool.
+    #[test]
+    fn a_zero_wait_is_refused_at_load_naming_the_field() {
+        let err = parse_str(
+            "apiVersion: tidepool.dev/v1alpha1
+kind: ConnectionPool
+metadata: {name: billing, namespace: shop}
+spec:
+  target: {addresses: ['localhost:50061']}
+  whenFull: Wait
+  acquireTimeout: 000ms
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "pools.yaml: ConnectionPool shop/billing: spec.acquireTimeout: \"000ms\""
+            ),
+            "{err}"
+        );
+    }
+
+    /// Found by the `standalone` fuzz target (its crash input, reduced): a
+    /// name Kubernetes would refuse loaded, and no authority reached it.
+    #[test]
+    fn names_kubernetes_refuses_are_refused() {
+        let file = |name: &str, namespace: &str| {
+            format!(
+                "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: '{name}', namespace: '{namespace}'}}\nspec: {{target: {{addresses: ['127.0.0.1:50051']}}}}\n"
+            )
+        };
+        let err = parse_str(&file("greeter@@", "default"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "pools.yaml: ConnectionPool default/greeter@@: metadata.name: \"greeter@@\""
+            ),
+            "{err}"
+        );
+        let err = parse_str(&file("greeter", "Default."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metadata.namespace: \"Default.\""), "{err}");
+        assert!(parse_str(&file("greeter.v2", "shop")).is_ok());
     }
 
     #[test]

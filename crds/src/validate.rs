@@ -170,6 +170,27 @@ pub fn check_namespace(ns: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a resource name: a DNS-1123 subdomain, as the API server
+/// requires of a custom resource's `metadata.name` (lower-case letters,
+/// digits, '-' and '.', starting and ending with a letter or digit, at most
+/// 253 characters).
+pub fn check_resource_name(name: &str) -> Result<(), String> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 253
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be a resource name (a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters), such as payments"
+        ))
+    }
+}
+
 /// Checks a Service name: a DNS-1035 label, as the API server requires of
 /// a Service's `metadata.name`.
 pub fn check_service_name(name: &str) -> Result<(), String> {
@@ -291,14 +312,25 @@ impl ConnectionPoolSpec {
             ),
         }
         let acquire_timeout = parse_duration(&self.acquire_timeout);
-        if acquire_timeout.is_none() {
-            err(
+        let wait = self.when_full == crate::v1alpha1::WhenFull::Wait;
+        match acquire_timeout {
+            None => err(
                 "spec.acquireTimeout",
                 format!(
                     "{:?} must be a duration such as 500ms, 1s or 2m",
                     self.acquire_timeout
                 ),
-            );
+            ),
+            // The pool refuses a zero wait (`pool::Settings::validate`):
+            // said here, by field, rather than by every agent at apply.
+            Some(d) if wait && d.is_zero() => err(
+                "spec.acquireTimeout",
+                format!(
+                    "{:?} must be greater than zero when spec.whenFull is Wait, such as 500ms or 1s (or set whenFull: Overflow)",
+                    self.acquire_timeout
+                ),
+            ),
+            Some(_) => {}
         }
         if let Some(p) = self.listen_port
             && !(1..=65535).contains(&p)
@@ -377,7 +409,7 @@ impl ConnectionPoolSpec {
             ttl: ttl.unwrap_or_default(),
             max_idle: max_idle as u32,
             max_streams: self.max_streams as u32,
-            wait_when_full: self.when_full == crate::v1alpha1::WhenFull::Wait,
+            wait_when_full: wait,
             acquire_timeout: acquire_timeout.unwrap_or_default(),
         })
     }
@@ -434,6 +466,35 @@ mod tests {
                 acquire_timeout: Duration::from_secs(1),
             }
         );
+    }
+
+    /// Found by the `standalone` fuzz target: `whenFull: Wait` with a zero
+    /// `acquireTimeout` passed these rules and was then refused by the pool
+    /// at apply, without the field's path.
+    #[test]
+    fn a_zero_wait_is_refused_by_field_when_whenfull_is_wait() {
+        for zero in ["0s", "000ms", "0.0000000001s"] {
+            let mut s = spec();
+            s.when_full = WhenFull::Wait;
+            s.acquire_timeout = zero.into();
+            let errs = s.settings().unwrap_err();
+            assert_eq!(errs.0.len(), 1, "{errs}");
+            assert_eq!(errs.0[0].field, "spec.acquireTimeout");
+            assert!(errs.0[0].message.contains("greater than zero"), "{errs}");
+            s.when_full = WhenFull::Overflow;
+            assert_eq!(s.settings().unwrap().acquire_timeout, Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn resource_names_are_dns_subdomains() {
+        for good in ["payments", "a", "payments.v2", "0-x"] {
+            assert_eq!(check_resource_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "Payments", "a@b", "-a", "a.", "a_b", &"a".repeat(254)] {
+            let err = check_resource_name(bad).unwrap_err();
+            assert!(err.contains("DNS-1123 subdomain"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -86,6 +86,84 @@ fn kind_name(kind: &Option<Kind>) -> &'static str {
     }
 }
 
+/// Checks the first message of a control stream: it must be a Hello that
+/// names a node. Whether the node is served and the token matches it are
+/// checked later, by the session.
+pub fn check_hello(first: pb::AgentMessage) -> Result<pb::Hello, Status> {
+    let hello = match first.kind {
+        Some(Kind::Hello(h)) => h,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "the first message on a control stream must be a Hello; got {}",
+                kind_name(&other)
+            )));
+        }
+    };
+    if hello.node.is_empty() {
+        return Err(Status::invalid_argument(
+            "Hello.node is empty; set it to the agent's node name (NODE_NAME)",
+        ));
+    }
+    Ok(hello)
+}
+
+/// Records one message an agent sent after its Hello on session `session`
+/// of `node`: an Ack or a Nack answers the snapshot last sent, a Report
+/// replaces the node's occupancy. A second Hello, or a message with no
+/// kind, breaks the protocol: the error is the status the session ends
+/// with.
+pub fn receive(
+    agents: &Agents,
+    metrics: &Metrics,
+    node: &str,
+    session: u64,
+    message: pb::AgentMessage,
+) -> Result<(), Status> {
+    match message.kind {
+        Some(Kind::Ack(ack)) => match agents.answer(node, session, &ack.nonce, None) {
+            Answer::Acked {
+                push_to_ack,
+                change_to_ack,
+            } => {
+                metrics.push_to_ack.observe(push_to_ack.as_secs_f64());
+                metrics.change_to_ack.observe(change_to_ack.as_secs_f64());
+                tracing::debug!(%node, version = %ack.version, ?push_to_ack, "snapshot acknowledged");
+            }
+            _ => tracing::debug!(%node, nonce = %ack.nonce, "stale ack ignored"),
+        },
+        Some(Kind::Nack(nack)) => {
+            let answer = agents.answer(
+                node,
+                session,
+                &nack.nonce,
+                Some((nack.error.clone(), nack.pools)),
+            );
+            match answer {
+                Answer::Nacked => {
+                    metrics.nacks.inc();
+                    tracing::warn!(%node, version = %nack.version, error = %nack.error, "agent rejected a snapshot; it keeps its last good one");
+                }
+                Answer::DeltaNacked { resent } => {
+                    metrics.delta_nacks.inc();
+                    tracing::info!(%node, version = %nack.version, error = %nack.error, resent, "agent refused a delta; sending whole");
+                }
+                Answer::Acked { .. } | Answer::Stale => {}
+            }
+        }
+        Some(Kind::Report(report)) => {
+            metrics.reports.inc();
+            agents.report(node, session, report);
+        }
+        other @ (Some(Kind::Hello(_)) | None) => {
+            return Err(Status::invalid_argument(format!(
+                "{} is not allowed after the Hello; send Ack, Nack or Report",
+                kind_name(&other)
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl ControlService {
     /// Reads and checks the Hello.
     async fn hello(&self, inbound: &mut Streaming<pb::AgentMessage>) -> Result<pb::Hello, Status> {
@@ -113,21 +191,7 @@ impl ControlService {
             }
             Ok(Ok(Some(m))) => m,
         };
-        let hello = match first.kind {
-            Some(Kind::Hello(h)) => h,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "the first message on a control stream must be a Hello; got {}",
-                    kind_name(&other)
-                )));
-            }
-        };
-        if hello.node.is_empty() {
-            return Err(Status::invalid_argument(
-                "Hello.node is empty; set it to the agent's node name (NODE_NAME)",
-            ));
-        }
-        Ok(hello)
+        check_hello(first)
     }
 
     /// Checks that the Hello's node is one this operator serves (after the
@@ -443,54 +507,8 @@ impl Session {
                     );
                 }
             };
-            match message.kind {
-                Some(Kind::Ack(ack)) => {
-                    match agents.answer(&self.node, self.id, &ack.nonce, None) {
-                        Answer::Acked {
-                            push_to_ack,
-                            change_to_ack,
-                        } => {
-                            metrics.push_to_ack.observe(push_to_ack.as_secs_f64());
-                            metrics.change_to_ack.observe(change_to_ack.as_secs_f64());
-                            tracing::debug!(node = %self.node, version = %ack.version, ?push_to_ack, "snapshot acknowledged");
-                        }
-                        _ => {
-                            tracing::debug!(node = %self.node, nonce = %ack.nonce, "stale ack ignored")
-                        }
-                    }
-                }
-                Some(Kind::Nack(nack)) => {
-                    let answer = agents.answer(
-                        &self.node,
-                        self.id,
-                        &nack.nonce,
-                        Some((nack.error.clone(), nack.pools)),
-                    );
-                    match answer {
-                        Answer::Nacked => {
-                            metrics.nacks.inc();
-                            tracing::warn!(node = %self.node, version = %nack.version, error = %nack.error, "agent rejected a snapshot; it keeps its last good one");
-                        }
-                        Answer::DeltaNacked { resent } => {
-                            metrics.delta_nacks.inc();
-                            tracing::info!(node = %self.node, version = %nack.version, error = %nack.error, resent, "agent refused a delta; sending whole");
-                        }
-                        Answer::Acked { .. } | Answer::Stale => {}
-                    }
-                }
-                Some(Kind::Report(report)) => {
-                    metrics.reports.inc();
-                    agents.report(&self.node, self.id, report);
-                }
-                other @ (Some(Kind::Hello(_)) | None) => {
-                    return (
-                        "a protocol violation",
-                        Err(Status::invalid_argument(format!(
-                            "{} is not allowed after the Hello; send Ack, Nack or Report",
-                            kind_name(&other)
-                        ))),
-                    );
-                }
+            if let Err(status) = receive(agents, metrics, &self.node, self.id, message) {
+                return ("a protocol violation", Err(status));
             }
         }
     }

@@ -118,12 +118,13 @@ pub fn compute(
                         address: a.address.to_string(),
                         ..AddressStatus::default()
                     });
-                s.connections += a.connections;
-                s.busy += a.busy;
-                s.idle += a.idle;
-                s.streams += a.streams;
-                s.overflow += a.overflow;
-                s.nodes += 1;
+                // Agents' numbers, not ours: summed without overflowing.
+                s.connections = s.connections.saturating_add(a.connections);
+                s.busy = s.busy.saturating_add(a.busy);
+                s.idle = s.idle.saturating_add(a.idle);
+                s.streams = s.streams.saturating_add(a.streams);
+                s.overflow = s.overflow.saturating_add(a.overflow);
+                s.nodes = s.nodes.saturating_add(1);
             }
         }
     }
@@ -136,11 +137,11 @@ pub fn compute(
         ..Totals::default()
     };
     for a in by_address.values() {
-        totals.connections += a.connections;
-        totals.streams += a.streams;
-        totals.idle += a.idle;
-        totals.busy += a.busy;
-        totals.overflow += a.overflow;
+        totals.connections = totals.connections.saturating_add(a.connections);
+        totals.streams = totals.streams.saturating_add(a.streams);
+        totals.idle = totals.idle.saturating_add(a.idle);
+        totals.busy = totals.busy.saturating_add(a.busy);
+        totals.overflow = totals.overflow.saturating_add(a.overflow);
     }
     let mut addresses: Vec<AddressStatus> = by_address.into_values().collect();
     addresses.sort_by(|a, b| {
@@ -768,6 +769,41 @@ mod tests {
 
     fn now() -> Time {
         Time(k8s_openapi::jiff::Timestamp::now())
+    }
+
+    /// Reports are the agents' word: counts near `i64::MAX` from two nodes
+    /// (or two addresses) must not overflow the sums (a panic in debug
+    /// builds, a negative count in release ones).
+    #[tokio::test]
+    async fn huge_reported_counts_saturate_instead_of_overflowing() {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        let max = i64::MAX;
+        synced(
+            &agents,
+            "n1",
+            &v1,
+            report(&[("127.0.0.2:1", max, max), ("127.0.0.3:1", max, 1)]),
+        );
+        synced(&agents, "n2", &v1, report(&[("127.0.0.2:1", max, max)]));
+        let nodes: BTreeSet<String> = ["n1", "n2"].map(String::from).into();
+        let (p, e) = (pool(1), entry(&["127.0.0.2:1", "127.0.0.3:1"]));
+        let s = agents.with(|a| {
+            let inputs = Inputs {
+                pool: &p,
+                entry: Some(&e),
+                nodes: &nodes,
+                agents: a,
+                local: None,
+            };
+            compute(&inputs, None, now())
+        });
+        assert_eq!(
+            (s.addresses[0].connections, s.addresses[0].streams),
+            (max, max)
+        );
+        let t = s.totals.unwrap();
+        assert_eq!((t.connections, t.streams), (max, max));
     }
 
     #[tokio::test]

@@ -1,0 +1,3 @@
+#![no_main]
+// The harness and its invariants live in the library: tidepool_fuzz::standalone.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidepool_fuzz::standalone::run(data));
