@@ -27,10 +27,19 @@ gen-check: ## fail when the committed CRD differs from the code
 	$(CARGO) run -q -p tidepool-crds --bin crdgen -- --check
 
 .PHONY: lint
-lint: ## rustfmt, clippy (with clippy.toml's disallowed types and methods) and rustdoc, warnings denied
+lint: deny ## rustfmt, clippy (with clippy.toml's disallowed types and methods), rustdoc, warnings denied; cargo deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
+
+.PHONY: deny
+deny: ## cargo deny against deny.toml: licences, duplicate versions, sources (advisories when a local database exists)
+	@scripts/deny.sh
+
+.PHONY: rust-tools
+rust-tools: ## install (once, cached) the pinned cargo tools make test runs: cargo-fuzz with its nightly, cargo-deny
+	@scripts/install-cargo-fuzz.sh $(FUZZ_TOOLCHAIN) >/dev/null
+	@scripts/deny.sh --install
 
 .PHONY: peers
 peers: ## build (once) the real gRPC peers the agent's tests run: grpc-go interop and route_guide, ghz
@@ -51,7 +60,10 @@ e2e: ## end-to-end tests on a local control plane (or TIDEPOOL_E2E_KUBECONFIG's 
 FUZZ_TARGETS := authority grpc_timeout standalone agent_control operator_control
 FUZZ_SECONDS ?= 600
 FUZZ_TARGET_DIR ?= $(or $(TIDEPOOL_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tidepool)/cargo-fuzz-target
-FUZZ = PATH="$$(scripts/install-cargo-fuzz.sh):$$PATH" cargo +nightly fuzz
+# A pinned nightly, so a fresh machine builds with the compiler this was
+# fuzzed with.
+FUZZ_TOOLCHAIN ?= nightly-2026-05-20
+FUZZ = PATH="$$(scripts/install-cargo-fuzz.sh $(FUZZ_TOOLCHAIN)):$$PATH" cargo +$(FUZZ_TOOLCHAIN) fuzz
 FUZZ_FLAGS = --fuzz-dir fuzz --target-dir $(FUZZ_TARGET_DIR)
 
 .PHONY: fuzz-smoke

@@ -1,30 +1,15 @@
 #!/usr/bin/env bash
-# Installs cargo-fuzz (pinned) from crates.io into a cache directory, makes
-# sure the nightly toolchain it builds with is present, and prints the
-# directory holding the `cargo-fuzz` binary. Installed once; later runs only
-# print the path.
+# Installs cargo-fuzz (pinned) from crates.io into the cache, once
+# (install-cargo-tool.sh), makes sure the pinned nightly toolchain it builds
+# with is present (the Makefile's FUZZ_TOOLCHAIN, passed as $1), and prints
+# the directory holding the `cargo-fuzz` binary.
 set -euo pipefail
-version=0.13.2
-cache="${TIDEPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tidepool}"
-root="$cache/cargo-fuzz-$version"
-bin="$root/bin"
-
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+toolchain=${1:?usage: install-cargo-fuzz.sh NIGHTLY-TOOLCHAIN (the Makefile passes FUZZ_TOOLCHAIN)}
 # libFuzzer's instrumentation (-Zsanitizer) needs a nightly compiler.
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  echo "install-cargo-fuzz: installing the nightly toolchain (rustup)" >&2
-  rustup toolchain install nightly --profile minimal >&2
+if ! rustup run "$toolchain" rustc --version >/dev/null 2>&1; then
+  echo "install-cargo-fuzz: installing the $toolchain toolchain (rustup)" >&2
+  rustup toolchain install "$toolchain" --profile minimal >&2 ||
+    { echo "install-cargo-fuzz: rustup could not install $toolchain; check that static.rust-lang.org is reachable" >&2; exit 1; }
 fi
-if [ -x "$bin/cargo-fuzz" ]; then
-  echo "$bin"
-  exit 0
-fi
-echo "install-cargo-fuzz: building cargo-fuzz $version from crates.io into $root" >&2
-# Its own target dir, removed afterwards: only the binary is kept.
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-if ! CARGO_TARGET_DIR="$work" cargo install --quiet --locked --root "$root" cargo-fuzz --version "=$version" >&2; then
-  echo "install-cargo-fuzz: building cargo-fuzz $version failed; check that crates.io is reachable" >&2
-  exit 1
-fi
-"$bin/cargo-fuzz" --version >/dev/null
-echo "$bin"
+scripts/install-cargo-tool.sh cargo-fuzz 0.13.2
