@@ -334,7 +334,7 @@ pub struct ClientState {
 /// Takes a `NodeClients` from the control stream: converts it and hands it
 /// to `applier` whole. Entries whose IP does not parse are left out (their
 /// clients are then unknown, so refused) and logged.
-fn receive_clients<A: Apply>(applier: &A, message: pb::NodeClients) {
+pub fn receive_clients<A: Apply>(applier: &A, message: pb::NodeClients) {
     let (map, skipped) = crate::clients::ClientMap::from_pb(message);
     if !skipped.is_empty() {
         tracing::warn!(version = %map.version, ?skipped, "pod map entries with an IP that does not parse were left out");

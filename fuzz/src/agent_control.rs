@@ -1,6 +1,6 @@
 //! The agent's side of the control stream: operator messages, decoded from
 //! the input with prost, into [`handle_snapshot`] over a real [`Runtime`]
-//! (the applier the agent runs) and into [`clients::receive`].
+//! (the applier the agent runs) and into [`receive_clients`].
 //!
 //! Frames: a control byte (unused) and a length-delimited
 //! `OperatorMessage`, as many as decode. After each snapshot, the answer
@@ -17,9 +17,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, LazyLock};
 
 use prometheus_client::registry::Registry;
-use tidepool_agent::clients;
 use tidepool_agent::config::ProxyOptions;
-use tidepool_agent::control::{Apply, ClientState, handle_snapshot};
+use tidepool_agent::control::{Apply, ClientState, handle_snapshot, receive_clients};
 use tidepool_agent::metrics::Metrics;
 use tidepool_agent::pool::PoolMetrics;
 use tidepool_agent::pool::h2::H2Connector;
@@ -99,7 +98,7 @@ pub fn run(data: &[u8]) {
             Some(Kind::Snapshot(s)) => snapshot(&runtime, &mut state, s),
             Some(Kind::Clients(map)) => {
                 let version = map.version.clone();
-                clients::receive(&runtime, map);
+                receive_clients(&runtime, map);
                 assert_eq!(runtime.clients().version, version);
             }
             None => {}
