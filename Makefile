@@ -55,36 +55,37 @@ e2e: ## end-to-end tests on a local control plane (or TIDEPOOL_E2E_KUBECONFIG's 
 	@tools=$$(scripts/install-tools.sh); bins=$$(tests/cluster/build.sh); \
 	PATH="$$tools:$$PATH" TIDEPOOL_CLUSTER_BIN="$$bins" $(CARGO) test -p tidepool-e2e -- --test-threads=4
 
-# The cargo-fuzz targets (fuzz/README.md). Built with nightly into their own
-# target directory outside the repository.
-FUZZ_TARGETS := authority grpc_timeout standalone agent_control operator_control
+# The cargo-fuzz targets (fuzz/README.md), one per file of fuzz/fuzz_targets.
+# Built with a pinned nightly into their own target directory outside the
+# repository (scripts/fuzz-build.sh), then run as the libFuzzer binaries
+# they are.
+FUZZ_TARGETS := $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs)))
 FUZZ_SECONDS ?= 600
 FUZZ_TARGET_DIR ?= $(or $(TIDEPOOL_CACHE_DIR),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tidepool)/cargo-fuzz-target
 # A pinned nightly, so a fresh machine builds with the compiler this was
 # fuzzed with.
 FUZZ_TOOLCHAIN ?= nightly-2026-05-20
-FUZZ = PATH="$$(scripts/install-cargo-fuzz.sh $(FUZZ_TOOLCHAIN)):$$PATH" cargo +$(FUZZ_TOOLCHAIN) fuzz
-FUZZ_FLAGS = --fuzz-dir fuzz --target-dir $(FUZZ_TARGET_DIR)
+FUZZ_BUILD = scripts/fuzz-build.sh $(FUZZ_TOOLCHAIN) $(FUZZ_TARGET_DIR)
 
 .PHONY: fuzz-smoke
 fuzz-smoke: ## each fuzz target over its committed corpus and 5 s of fuzzing (installs cargo-fuzz once)
-	@$(FUZZ) build $(FUZZ_FLAGS)
-	@for t in $(FUZZ_TARGETS); do \
-	  work=$$(mktemp -d); \
-	  $(FUZZ) run $(FUZZ_FLAGS) $$t $$work fuzz/corpus/$$t -- -max_total_time=5 -print_final_stats=1 2>$$work.log \
-	    || { cat $$work.log >&2; rm -rf $$work $$work.log; echo "fuzz-smoke: $$t failed" >&2; exit 1; }; \
+	@bins=$$($(FUZZ_BUILD)); \
+	for t in $(FUZZ_TARGETS); do \
+	  work=$$(mktemp -d); mkdir -p fuzz/artifacts/$$t; \
+	  "$$bins/$$t" -artifact_prefix=fuzz/artifacts/$$t/ -max_total_time=5 -print_final_stats=1 $$work fuzz/corpus/$$t 2>$$work.log \
+	    || { cat $$work.log >&2; rm -rf $$work $$work.log; echo "fuzz-smoke: $$t failed (its input is in fuzz/artifacts/$$t)" >&2; exit 1; }; \
 	  echo "fuzz-smoke: $$t: $$(grep -E '^stat::number_of_executed_units' $$work.log | awk '{print $$2}') runs, no crash"; \
 	  rm -rf $$work $$work.log; \
 	done
 
 .PHONY: fuzz
 fuzz: ## each fuzz target in turn for FUZZ_SECONDS (600), niced; new inputs in fuzz/corpus-new/<target> (not committed)
-	@$(FUZZ) build $(FUZZ_FLAGS)
-	@for t in $(FUZZ_TARGETS); do \
-	  mkdir -p fuzz/corpus-new/$$t; \
+	@bins=$$($(FUZZ_BUILD)); \
+	for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus-new/$$t fuzz/artifacts/$$t; \
 	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
-	  nice -n 19 $(FUZZ) run $(FUZZ_FLAGS) $$t fuzz/corpus-new/$$t fuzz/corpus/$$t -- \
-	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	  nice -n 19 "$$bins/$$t" -artifact_prefix=fuzz/artifacts/$$t/ -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    fuzz/corpus-new/$$t fuzz/corpus/$$t || exit 1; \
 	done
 
 .PHONY: test
