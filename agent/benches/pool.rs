@@ -422,7 +422,7 @@ fn connections(c: &mut Criterion) {
         drop(held);
 
         let reference = RefPool::new(n, Duration::from_secs(3600), n, 2);
-        let all: Vec<RefLease> = (0..2 * n).map(|_| reference.get_conn(addr)).collect();
+        let all: Vec<RefLease<'_>> = (0..2 * n).map(|_| reference.get_conn(addr)).collect();
         let mut held = Vec::new();
         for (i, lease) in all.into_iter().enumerate() {
             if i % 2 == 0 {
