@@ -123,7 +123,10 @@ impl Connector for ProbeConnector {
     type Conn = Probe;
     async fn connect(&self, _addr: &str) -> std::io::Result<Connected<Probe>> {
         let (_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        #[expect(clippy::mem_forget, reason = "the connection never reports anything, and its channel must stay open")]
+        #[expect(
+            clippy::mem_forget,
+            reason = "the connection never reports anything, and its channel must stay open"
+        )]
         std::mem::forget(_tx);
         Ok(Connected {
             conn: Probe {

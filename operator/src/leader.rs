@@ -434,7 +434,10 @@ mod tests {
         impl Server {
             /// The next request; panics when the lock sends none.
             pub async fn next(&mut self) -> Call {
-                self.0.recv().await.expect("the lock sent no further request")
+                self.0
+                    .recv()
+                    .await
+                    .expect("the lock sent no further request")
             }
 
             /// The next request, or `None` once the client is dropped.
@@ -471,7 +474,9 @@ mod tests {
                         answer,
                     };
                     calls.send(call).map_err(|_| "the mock server is gone")?;
-                    answered.await.map_err(|_| "the mock server dropped the request")
+                    answered
+                        .await
+                        .map_err(|_| "the mock server dropped the request")
                 }
             });
             (kube::Client::new(service, "default"), Server(rx))
@@ -509,7 +514,10 @@ mod tests {
         get.fail(404, "NotFound");
         let create = server.next().await;
         assert_eq!(create.method, Method::POST);
-        assert_eq!(create.path, "/apis/coordination.k8s.io/v1/namespaces/ns/leases");
+        assert_eq!(
+            create.path,
+            "/apis/coordination.k8s.io/v1/namespaces/ns/leases"
+        );
         assert_eq!(create.body["metadata"]["name"], "lease");
         assert_eq!(create.body["spec"]["holderIdentity"], "me");
         assert_eq!(create.body["spec"]["leaseDurationSeconds"], 15);
@@ -626,7 +634,10 @@ mod tests {
             .respond(StatusCode::OK, &lease(Some("me"), "9", 2));
         let put = server.next().await;
         assert_eq!(put.method, Method::PUT);
-        assert_eq!(put.body["spec"]["acquireTime"], "2026-12-01T10:00:00.000000Z");
+        assert_eq!(
+            put.body["spec"]["acquireTime"],
+            "2026-12-01T10:00:00.000000Z"
+        );
         assert_eq!(put.body["spec"]["leaseTransitions"], 2);
         assert_ne!(put.body["spec"]["renewTime"], "2026-12-01T10:00:05.000000Z");
         let body = put.body.clone();
