@@ -1,7 +1,9 @@
 //! The admin server, on its own port:
 //!
 //! - `/metrics`: Prometheus text format (the pool's and the proxy's metrics).
-//! - `/healthz`: 200 while the process runs.
+//! - `/healthz`: 200 while the process serves; 500 naming the task once a
+//!   long-lived task has ended ([`tidepool_common::supervise`]), before the
+//!   agent exits.
 //! - `/readyz`: 200 once a configuration is applied and until draining
 //!   starts, 503 otherwise.
 //! - `/pools`: JSON: every pool's settings, who may use it, addresses and
@@ -13,13 +15,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+use tidepool_common::supervise::Health;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::pool::{AddressOccupancy, WhenFull};
 use crate::runtime::{PoolReport, Runtime};
@@ -29,52 +31,43 @@ use crate::runtime::{PoolReport, Runtime};
 struct Admin {
     runtime: Runtime,
     registry: Arc<Registry>,
+    health: Health,
 }
 
 /// The admin routes.
-pub fn router(runtime: Runtime, registry: Arc<Registry>) -> Router {
+pub fn router(runtime: Runtime, registry: Arc<Registry>, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/pools", get(pools))
         .route("/clients", get(clients))
-        .with_state(Admin { runtime, registry })
+        .with_state(Admin {
+            runtime,
+            registry,
+            health,
+        })
 }
 
-/// Serves the admin routes on `listener` until `stop`.
+/// Serves the admin routes on `listener` until `stop` resolves.
 pub async fn serve(
     listener: TcpListener,
     runtime: Runtime,
     registry: Arc<Registry>,
-    stop: CancellationToken,
-) {
-    let app = router(runtime, registry);
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
+    health: Health,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(runtime, registry, health))
+        .with_graceful_shutdown(stop)
         .await
-    {
-        tracing::error!(%error, "admin server failed");
-    }
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &admin.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(error) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {error}\n"),
-        )
-            .into_response(),
-    }
+    tidepool_common::admin::metrics(&admin.registry)
+}
+
+async fn healthz(State(admin): State<Admin>) -> (StatusCode, String) {
+    tidepool_common::admin::healthz(&admin.health)
 }
 
 async fn readyz(State(admin): State<Admin>) -> Response {

@@ -1,12 +1,24 @@
 //! Building and running the agent: the registry, the runtime, the shared
 //! listener and the admin server, in the order `main` needs them, and a
 //! drain at the end. Tests start the same [`App`] in-process.
+//!
+//! The agent's long-lived tasks (the shared listener, the admin server, the
+//! source of pools `main` adds) run on the App's
+//! [`Supervisor`]: one that ends before the drain starts is a fault
+//! ([`App::fault`]), which fails `/healthz` naming the task and makes
+//! [`App::run`] return [`RunError::TaskExited`], so the process exits
+//! non-zero. Per-connection tasks are on the drain's tracker instead, and
+//! a pool's dedicated listener lives only as long as its pool (the
+//! runtime stops it when the pool is removed), so neither is supervised.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use tidepool_common::net::BindError;
+use tidepool_common::supervise::{Exit, Health, Supervisor};
 
 use crate::config::{Config, ProxyOptions};
 use crate::metrics::Metrics;
@@ -20,16 +32,19 @@ use crate::{admin, proxy};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Which listener.
-        what: &'static str,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// Why a running agent stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The signal handlers could not be installed.
+    #[error("waiting for a signal: {0}")]
+    Signal(#[source] std::io::Error),
+    /// A long-lived task ended while the agent served.
+    #[error("the agent's {0}; exiting so the kubelet restarts it")]
+    TaskExited(Exit),
 }
 
 /// The async runtime the agent runs on, for `worker_threads` threads
@@ -83,6 +98,8 @@ pub struct App {
     drain: Drain,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
+    tasks: Supervisor,
+    health: Health,
 }
 
 impl App {
@@ -93,28 +110,8 @@ impl App {
         let metrics = Metrics::new(&mut registry);
         let drain = Drain::new();
 
-        let shared = bind(options.listen).map_err(|source| StartError::Bind {
-            addr: options.listen,
-            what: "proxy",
-            source,
-        })?;
-        let admin_listener = bind(options.admin_listen).map_err(|source| StartError::Bind {
-            addr: options.admin_listen,
-            what: "admin",
-            source,
-        })?;
-        let proxy_addr = shared.local_addr().map_err(|source| StartError::Bind {
-            addr: options.listen,
-            what: "proxy",
-            source,
-        })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: options.admin_listen,
-                what: "admin",
-                source,
-            })?;
+        let (shared, proxy_addr) = bind_named(options.listen, "proxy")?;
+        let (admin_listener, admin_addr) = bind_named(options.admin_listen, "admin")?;
 
         let runtime = Runtime::new(
             RuntimeOptions {
@@ -135,27 +132,108 @@ impl App {
             pool_metrics,
             drain.clone(),
         );
-        tokio::spawn(proxy::serve(
-            shared,
-            proxy::Target::Shared,
-            runtime.clone(),
-            drain.token().child_token(),
-        ));
+        let mut tasks = Supervisor::new("agent");
+        let health = Health::default();
+        tasks.spawn(
+            "shared listener",
+            proxy::serve(
+                shared,
+                proxy::Target::Shared,
+                runtime.clone(),
+                drain.token().child_token(),
+            ),
+        );
         // The admin server outlives the drain's start so /readyz can say
-        // "draining"; it stops when the App is dropped or shut down.
-        tokio::spawn(admin::serve(
-            admin_listener,
-            runtime.clone(),
-            Arc::new(registry),
-            admin_stop(&drain),
-        ));
+        // "draining"; it stops once every drained connection has ended, or
+        // when the App is dropped.
+        let (token, tracker) = (drain.token().clone(), drain.tracker().clone());
+        tasks.spawn_fallible(
+            "admin server",
+            admin::serve(
+                admin_listener,
+                runtime.clone(),
+                Arc::new(registry),
+                health.clone(),
+                async move {
+                    token.cancelled().await;
+                    tracker.wait().await;
+                },
+            ),
+        );
         tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "agent listening");
         Ok(Self {
             runtime,
             drain,
             proxy_addr,
             admin_addr,
+            tasks,
+            health,
         })
+    }
+
+    /// Spawns `task`, which should run until the drain starts, under the
+    /// App's supervisor (the source of pools: the control stream or the
+    /// standalone file's watch).
+    pub fn supervise<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(name, task);
+    }
+
+    /// What `/healthz` answers.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Waits for a supervised task to end before the drain starts: logs it
+    /// with its cause, fails `/healthz` naming it, and returns it. Never
+    /// returns while every task runs.
+    pub async fn fault(&mut self) -> Exit {
+        loop {
+            let Some(exit) = self.tasks.next_exit().await else {
+                return std::future::pending().await;
+            };
+            if self.drain.is_draining() {
+                // Draining: every task ends with the drain.
+                continue;
+            }
+            tracing::error!(task = exit.task, cause = %exit.cause, "a long-lived task ended; the agent exits so the kubelet restarts it");
+            self.health.fail(exit.to_string());
+            return exit;
+        }
+    }
+
+    /// Serves until `signal` (called again for a second signal) gives a
+    /// signal, then leaves for `delay` (a second signal cuts it short) and
+    /// drains for at most `timeout`; or, if a supervised task ends first
+    /// ([`App::fault`]), drains and returns [`RunError::TaskExited`].
+    pub async fn run<S, F>(
+        mut self,
+        mut signal: S,
+        delay: Duration,
+        timeout: Duration,
+    ) -> Result<(), RunError>
+    where
+        S: FnMut() -> F,
+        F: Future<Output = std::io::Result<&'static str>>,
+    {
+        let first = tokio::select! {
+            first = signal() => first.map_err(RunError::Signal)?,
+            exit = self.fault() => {
+                self.shutdown(timeout).await;
+                return Err(RunError::TaskExited(exit));
+            }
+        };
+        tracing::info!(signal = first, "stopping");
+        tokio::select! {
+            _ = self.leave(delay) => {}
+            again = signal() => {
+                tracing::info!(signal = again.unwrap_or("?"), "second signal: draining now");
+            }
+        }
+        self.shutdown(timeout).await;
+        Ok(())
     }
 
     /// The configuration every source applies to.
@@ -196,14 +274,13 @@ impl App {
     }
 }
 
-/// The admin server stops only after the drain tracker is empty.
-fn admin_stop(drain: &Drain) -> tokio_util::sync::CancellationToken {
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (token, tracker, admin) = (drain.token().clone(), drain.tracker().clone(), stop.clone());
-    tokio::spawn(async move {
-        token.cancelled().await;
-        tracker.wait().await;
-        admin.cancel();
-    });
-    stop
+/// Binds listener `what` the way every proxy listener is bound
+/// ([`bind`]) and returns it with the address it got.
+fn bind_named(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), BindError> {
+    let listener = bind(addr).map_err(BindError::at(addr, what))?;
+    let local = listener.local_addr().map_err(BindError::at(addr, what))?;
+    Ok((listener, local))
 }

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use tidepool_crds::control::pb;
 use tidepool_crds::v1alpha1::NamespaceName;
 
+use crate::metrics::RefusedReason;
+
 /// The pod IPs of this agent's node and the namespace of each, replaced
 /// whole when the operator sends a new one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -102,10 +104,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// The `reason` label of `tidepool_proxy_refused_total`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RefusedReason {
         match self {
-            Refusal::Namespace(_) => "namespace",
-            Refusal::UnknownIp => "unknown_ip",
+            Refusal::Namespace(_) => RefusedReason::Namespace,
+            Refusal::UnknownIp => RefusedReason::UnknownIp,
         }
     }
 }
@@ -164,7 +166,7 @@ mod tests {
         let allowed = list(&["shop"]);
         let refusal = admit(Some(&allowed), &map(), ip("10.1.0.6")).unwrap_err();
         assert_eq!(refusal, Refusal::Namespace("dev".into()));
-        assert_eq!(refusal.reason(), "namespace");
+        assert_eq!(refusal.reason().as_str(), "namespace");
     }
 
     #[test]
@@ -173,7 +175,7 @@ mod tests {
         for unknown in ["10.1.0.7", "127.0.0.1", "fd00::6"] {
             let refusal = admit(Some(&allowed), &map(), ip(unknown)).unwrap_err();
             assert_eq!(refusal, Refusal::UnknownIp, "{unknown}");
-            assert_eq!(refusal.reason(), "unknown_ip");
+            assert_eq!(refusal.reason().as_str(), "unknown_ip");
         }
         // Before the first map: every IP is unknown.
         assert_eq!(

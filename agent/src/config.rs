@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args as ClapArgs, Parser, ValueEnum};
-use tidepool_crds::ConnectionPoolSpec;
-use tidepool_crds::validate::{check_log_filter, parse_duration};
+use clap::{Args as ClapArgs, Parser};
+use tidepool_common::flags::{duration, log_filter};
+pub use tidepool_common::log::LogFormat;
+use tidepool_crds::{ConnectionPoolSpec, PoolKey};
 
 use crate::pool::h2::H2Connector;
 
@@ -41,7 +42,7 @@ impl PoolConfig {
     /// `namespace/name`: the pool's key in the runtime, its metric label and
     /// the name errors use.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        PoolKey::new(&self.namespace, &self.name).to_string()
     }
 }
 
@@ -173,15 +174,6 @@ pub struct ModeArgs {
     pub operator: Option<String>,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Where the agent's pools come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
@@ -245,7 +237,7 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// Log format.
     pub log_format: LogFormat,
-    /// The log filter, checked ([`check_log_filter`]).
+    /// The log filter, checked ([`tidepool_common::log::check_log_filter`]).
     pub log_filter: String,
 }
 
@@ -392,20 +384,6 @@ fn client_security(
         ca_file,
         server_name,
     }))
-}
-
-/// Parses a flag's Go-style duration (`500ms`, `30s`, `1m30s`), the syntax
-/// ConnectionPool fields use.
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s or 1m30s"))
-}
-
-/// Checks a `--log` (`TIDEPOOL_LOG`) filter; the message names the
-/// variable as well, since the chart sets it there.
-fn log_filter(s: &str) -> Result<String, String> {
-    check_log_filter(s)
-        .map(|()| s.to_string())
-        .map_err(|e| format!("TIDEPOOL_LOG {e}"))
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use tidepool_agent::app::{App, AppOptions, runtime_builder};
-use tidepool_agent::config::{Args, Config, LogFormat, Mode};
-use tidepool_agent::{control, shutdown, standalone};
-use tracing_subscriber::EnvFilter;
+use tidepool_agent::config::{Args, Config, Mode};
+use tidepool_agent::{control, standalone};
+use tidepool_common::log::init_tracing;
+use tidepool_common::signal::signal;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args(Args::parse())?;
@@ -18,7 +19,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let app = App::start(AppOptions::from(&config)).await?;
+    let mut app = App::start(AppOptions::from(&config)).await?;
     let sources = app.runtime().drain().token().child_token();
     match &config.mode {
         Mode::Operator {
@@ -29,7 +30,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         } => {
             let mut options = control::ControlOptions::new(url.clone(), node.clone(), pod.clone());
             options.security = security.clone();
-            tokio::spawn(control::run(options, app.runtime().clone(), sources));
+            let runtime = app.runtime().clone();
+            app.supervise("control stream", control::run(options, runtime, sources));
         }
         Mode::Standalone {
             file,
@@ -38,37 +40,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let count = standalone::load_and_apply(file, app.runtime())
                 .with_context(|| format!("standalone pools file {}", file.display()))?;
             tracing::info!(file = %file.display(), pools = count, "standalone pools loaded");
-            tokio::spawn(standalone::watch(
-                file.clone(),
-                app.runtime().clone(),
-                *reload_interval,
-                sources,
-            ));
+            let runtime = app.runtime().clone();
+            app.supervise(
+                "standalone file watch",
+                standalone::watch(file.clone(), runtime, *reload_interval, sources),
+            );
         }
     }
-
-    let signal = shutdown::signal().await.context("waiting for a signal")?;
-    tracing::info!(signal, "stopping");
-    // A second signal cuts the delay short.
-    tokio::select! {
-        _ = app.leave(config.drain_delay) => {}
-        again = shutdown::signal() => {
-            tracing::info!(signal = again.unwrap_or("?"), "second signal: draining now");
-        }
-    }
-    app.shutdown(config.drain_timeout).await;
-    Ok(())
-}
-
-/// Logs with the filter the configuration checked (`--log`, `TIDEPOOL_LOG`);
-/// a filter `tracing` still cannot parse fails the start with its value.
-fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .with_context(|| format!("TIDEPOOL_LOG {filter:?} is not a log filter"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    app.run(signal, config.drain_delay, config.drain_timeout)
+        .await?;
     Ok(())
 }

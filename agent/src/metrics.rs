@@ -28,6 +28,46 @@ use prometheus_client::registry::Registry;
 use crate::code::Code;
 use crate::proxy::retry::RetryReason;
 
+tidepool_common::text_enum! {
+    /// Why a stream or connection was refused before reaching a pool
+    /// (`proxy_rejected_total{reason}`).
+    pub enum Rejection {
+        /// No pool serves the `:authority`.
+        UnknownAuthority => "unknown_authority",
+        /// The request is not gRPC.
+        NotGrpc => "not_grpc",
+        /// The client spoke HTTP/1.
+        Http1 => "http1",
+        /// The client sent no HTTP/2 preface in time, or a bad one.
+        BadPreface => "bad_preface",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Why a pool's `spec.clients` refused a stream
+    /// (`proxy_refused_total{reason}`).
+    pub enum RefusedReason {
+        /// A pod of a namespace the pool does not list.
+        Namespace => "namespace",
+        /// No pod IP of this node the agent knows.
+        UnknownIp => "unknown_ip",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Whether a configuration was applied (`config_applies_total{result}`).
+    pub enum ApplyResult {
+        /// Applied.
+        Ok => "ok",
+        /// Refused.
+        Error => "error",
+    }
+}
+
+/// The `listener` label of the shared listener (a dedicated one's is its
+/// port).
+pub const SHARED_LISTENER: &str = "shared";
+
 /// Labels `{pool, code}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
@@ -44,10 +84,17 @@ pub struct PoolLabel {
     pub pool: String,
 }
 
-/// Labels `{reason}`.
+/// Labels `{reason}` of refusals before a pool.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub struct RejectionLabel {
     /// Why the stream or connection was refused.
+    pub reason: Rejection,
+}
+
+/// Labels `{reason}` of client GOAWAYs.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GoAwayLabel {
+    /// The GOAWAY's error code, such as `ENHANCE_YOUR_CALM` (h2's names).
     pub reason: &'static str,
 }
 
@@ -56,8 +103,8 @@ pub struct ReasonLabel {
 pub struct RefusedLabels {
     /// `namespace/name`.
     pub pool: String,
-    /// `namespace` or `unknown_ip`.
-    pub reason: &'static str,
+    /// Why.
+    pub reason: RefusedReason,
 }
 
 /// Labels `{pool, reason}` of retries.
@@ -79,8 +126,8 @@ pub struct ListenerLabel {
 /// Labels `{result}`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok` or `error`.
-    pub result: &'static str,
+    /// Applied or refused.
+    pub result: ApplyResult,
 }
 
 fn duration_histogram() -> Histogram {
@@ -96,12 +143,12 @@ pub struct Metrics {
     streams: Family<StreamLabels, Counter>,
     streams_active: Family<PoolLabel, Gauge>,
     stream_duration: HistogramFamily<PoolLabel>,
-    rejected: Family<ReasonLabel, Counter>,
+    rejected: Family<RejectionLabel, Counter>,
     refused: Family<RefusedLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
     client_pods: Gauge,
     connections_active: Family<ListenerLabel, Gauge>,
-    client_goaway: Family<ReasonLabel, Counter>,
+    client_goaway: Family<GoAwayLabel, Counter>,
     applies: Family<ResultLabel, Counter>,
     pools: Gauge,
 }
@@ -213,7 +260,7 @@ impl Metrics {
         };
         self.streams_active.remove(&label);
         self.stream_duration.remove(&label);
-        for reason in ["namespace", "unknown_ip"] {
+        for reason in RefusedReason::ALL {
             self.refused.remove(&RefusedLabels {
                 pool: pool.to_owned(),
                 reason,
@@ -234,12 +281,14 @@ impl Metrics {
     }
 
     /// Counts a refusal.
-    pub fn rejected(&self, reason: &'static str) {
-        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    pub fn rejected(&self, reason: Rejection) {
+        self.rejected
+            .get_or_create(&RejectionLabel { reason })
+            .inc();
     }
 
     /// Counts a stream refused by a pool's `spec.clients`.
-    pub fn refused(&self, pool: &str, reason: &'static str) {
+    pub fn refused(&self, pool: &str, reason: RefusedReason) {
         self.refused
             .get_or_create(&RefusedLabels {
                 pool: pool.to_owned(),
@@ -258,7 +307,7 @@ impl Metrics {
     /// (h2 found the client breaking a rule or a limit).
     pub fn goaway_sent(&self, reason: h2::Reason) {
         self.client_goaway
-            .get_or_create(&ReasonLabel {
+            .get_or_create(&GoAwayLabel {
                 reason: crate::pool::h2::reason_name(reason),
             })
             .inc();
@@ -275,7 +324,11 @@ impl Metrics {
 
     /// Counts an applied (`ok = true`) or refused configuration.
     pub fn applied(&self, ok: bool, pools: usize) {
-        let result = if ok { "ok" } else { "error" };
+        let result = if ok {
+            ApplyResult::Ok
+        } else {
+            ApplyResult::Error
+        };
         self.applies.get_or_create(&ResultLabel { result }).inc();
         if ok {
             self.pools.set(i64::try_from(pools).unwrap_or(i64::MAX));

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tidepool_crds::ConnectionPool;
 use tidepool_crds::validate::{FieldError, SpecErrors, check_namespace, check_resource_name};
+use tidepool_crds::{ConnectionPool, PoolKey};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PoolConfig;
@@ -218,7 +218,7 @@ fn pool_config(file: &Path, document: usize, pool: ConnectionPool) -> Result<Poo
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let key = format!("{namespace}/{name}");
+    let key = PoolKey::new(&namespace, &name).to_string();
     // The API server would refuse these names; unchecked, a pool named
     // `a@b` loads but no authority reaches it.
     let mut names = Vec::new();

@@ -278,3 +278,44 @@ fn the_binary_refuses_an_invalid_file_naming_file_resource_and_field() {
         assert!(stderr.contains(part), "no {part} in {stderr}");
     }
 }
+
+/// A long-lived task that ends while the agent serves is a fault: it is
+/// named on `/healthz`, and [`App::run`], whose error `main` returns (so
+/// the process exits non-zero), ends with it.
+#[tokio::test]
+async fn a_long_lived_task_ending_fails_healthz_and_ends_the_agent_with_an_error() {
+    use tidepool_agent::app::RunError;
+    timeout(LIMIT, async {
+        let mut app = agent().await;
+        let admin = app.admin_addr();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        app.supervise("standalone file watch", async move {
+            let _ = ended.await;
+        });
+        assert_eq!(http_get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+
+        end.send(()).unwrap();
+        let exit = app.fault().await;
+        let why = "task standalone file watch returned before the agent stopped";
+        assert_eq!(exit.to_string(), why);
+        assert_eq!(
+            http_get(admin, "/healthz").await,
+            (500, format!("failing: {why}\n")),
+            "/healthz names the task that ended"
+        );
+
+        app.supervise("control stream", async {});
+        let never = || std::future::pending::<std::io::Result<&'static str>>();
+        let err = app
+            .run(never, Duration::ZERO, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(&err, RunError::TaskExited(e) if e.task == "control stream"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the agent's task control stream returned before the agent stopped; exiting so the kubelet restarts it"
+        );
+    })
+    .await
+    .unwrap();
+}

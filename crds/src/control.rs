@@ -10,6 +10,7 @@
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use prost::Message;
 
+use crate::key::PoolKey;
 use crate::v1alpha1::{
     Address, Clients, ConnectionPoolSpec, NamespaceName, ServiceTarget, Target, WhenFull,
 };
@@ -196,16 +197,16 @@ pub fn spec_from_pb(pool: &str, spec: pb::PoolSpec) -> Result<ConnectionPoolSpec
 }
 
 impl pb::Pool {
-    /// `namespace/name`.
+    /// `namespace/name` ([`PoolKey`]'s text).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        PoolKey::new(&self.namespace, &self.name).to_string()
     }
 }
 
 impl pb::PoolReport {
-    /// `namespace/name`.
+    /// `namespace/name` ([`PoolKey`]'s text).
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        PoolKey::new(&self.namespace, &self.name).to_string()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +34,7 @@ pub const MAX_CLIENT_NAMESPACES: usize = 64;
 /// Field meanings follow go-micro's gRPC client pool (PoolSize, PoolTTL,
 /// PoolMaxIdle, PoolMaxStreams), applied per backend address by the tidepool
 /// agent on every node.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "tidepool.dev",
     version = "v1alpha1",
@@ -57,26 +57,18 @@ pub const MAX_CLIENT_NAMESPACES: usize = 64;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "!has(self.maxIdle) || self.maxIdle <= self.size",
-        "message": "spec.maxIdle must be less than or equal to spec.size",
-        "fieldPath": ".maxIdle",
-        "reason": "FieldValueInvalid"
-    },
-    {
-        "rule": "!has(self.nodeLocalService) || has(self.listenPort)",
-        "message": "spec.nodeLocalService needs spec.listenPort: the port each agent serves this pool on, which the Service targets (such as 16001)",
-        "fieldPath": ".nodeLocalService",
-        "reason": "FieldValueRequired"
-    },
-    {
-        "rule": "!has(self.nodeLocalService) || !has(self.target.service) || self.nodeLocalService.name != self.target.service.name",
-        "message": "spec.nodeLocalService.name must differ from spec.target.service.name: the pooled Service cannot be its own backend",
-        "fieldPath": ".nodeLocalService.name",
-        "reason": "FieldValueInvalid"
-    }
-]))]
+#[x_kube(validation = Rule::new("!has(self.maxIdle) || self.maxIdle <= self.size")
+    .message("spec.maxIdle must be less than or equal to spec.size")
+    .field_path(".maxIdle")
+    .reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.nodeLocalService) || has(self.listenPort)")
+    .message("spec.nodeLocalService needs spec.listenPort: the port each agent serves this pool on, which the Service targets (such as 16001)")
+    .field_path(".nodeLocalService")
+    .reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.nodeLocalService) || !has(self.target.service) || self.nodeLocalService.name != self.target.service.name")
+    .message("spec.nodeLocalService.name must differ from spec.target.service.name: the pooled Service cannot be its own backend")
+    .field_path(".nodeLocalService.name")
+    .reason(Reason::FieldValueInvalid))]
 pub struct ConnectionPoolSpec {
     /// The gRPC backend: a Service in this namespace, or a static list of
     /// addresses. Exactly one of `service` and `addresses` must be set.
@@ -95,13 +87,9 @@ pub struct ConnectionPoolSpec {
     /// At least 1s.
     #[serde(default = "default_ttl")]
     #[schemars(length(max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('1s')",
-            "message": "spec.ttl must be a duration of at least 1s, such as 30s, 1m or 1h30m",
-            "reason": "FieldValueInvalid"
-        }
-    ]))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('1s')")
+        .message("spec.ttl must be a duration of at least 1s, such as 30s, 1m or 1h30m")
+        .reason(Reason::FieldValueInvalid))]
     pub ttl: String,
 
     /// Idle connections (no streams) kept per address (go-micro PoolMaxIdle);
@@ -130,13 +118,9 @@ pub struct ConnectionPoolSpec {
     /// a duration such as `500ms` or `2s`.
     #[serde(default = "default_acquire_timeout")]
     #[schemars(length(max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')",
-            "message": "spec.acquireTimeout must be a duration such as 500ms, 1s or 2m",
-            "reason": "FieldValueInvalid"
-        }
-    ]))]
+    #[x_kube(validation = Rule::new(r"self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h))+$')")
+        .message("spec.acquireTimeout must be a duration such as 500ms, 1s or 2m")
+        .reason(Reason::FieldValueInvalid))]
     pub acquire_timeout: String,
 
     /// A dedicated port on which every agent accepts this pool's traffic,
@@ -167,20 +151,16 @@ pub struct ConnectionPoolSpec {
 }
 
 /// The node-local Service of a pool.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeLocalService {
     /// The Service's name in the pool's namespace: a DNS-1035 label
     /// (lower-case letters, digits and '-', starting with a letter, at most
     /// 63 characters), such as `payments-pooled`.
     #[schemars(length(min = 1, max = 63))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-            "message": "spec.nodeLocalService.name must be a Service name (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters), such as payments-pooled",
-            "reason": "FieldValueInvalid"
-        }
-    ]))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("spec.nodeLocalService.name must be a Service name (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters), such as payments-pooled")
+        .reason(Reason::FieldValueInvalid))]
     pub name: String,
 
     /// The port applications dial on the Service, from 1 to 65535. Unset:
@@ -199,7 +179,7 @@ impl NodeLocalService {
 }
 
 /// The clients a pool serves.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Clients {
     /// The namespaces whose pods may use the pool, at least one and at most
@@ -210,17 +190,15 @@ pub struct Clients {
     // can say what an empty list would have to be replaced with.
     #[schemars(length(max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "size(self) >= 1",
-            "message": "spec.clients.namespaces must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)",
-            "reason": "FieldValueInvalid"
-        }
-    ]))]
+    #[x_kube(validation = Rule::new("size(self) >= 1")
+        .message("spec.clients.namespaces must list at least one namespace; an empty list is not accepted (to let every namespace in, remove spec.clients; to refuse every client, delete the pool)")
+        .reason(Reason::FieldValueInvalid))]
     pub namespaces: Vec<NamespaceName>,
 }
 
 /// A namespace named in `spec.clients.namespaces`.
+// The rule stays raw JSON: `KubeSchema` derives only structs with named
+// fields, and this is a transparent newtype (its schema is the string's).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(transparent)]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -233,15 +211,11 @@ pub struct Clients {
 pub struct NamespaceName(#[schemars(length(min = 1, max = 63))] pub String);
 
 /// Where a pool's connections go.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "has(self.service) != has(self.addresses)",
-        "message": "spec.target must set exactly one of service or addresses",
-        "reason": "FieldValueInvalid"
-    }
-]))]
+#[x_kube(validation = Rule::new("has(self.service) != has(self.addresses)")
+    .message("spec.target must set exactly one of service or addresses")
+    .reason(Reason::FieldValueInvalid))]
 pub struct Target {
     /// A Service in the pool's namespace. The operator resolves its ready
     /// endpoints through EndpointSlices and follows them as pods come and go.
@@ -258,6 +232,8 @@ pub struct Target {
 }
 
 /// A static backend address.
+// The rule stays raw JSON, as `NamespaceName`'s does: a transparent
+// newtype, which `KubeSchema` cannot derive.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(transparent)]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -270,7 +246,7 @@ pub struct Target {
 pub struct Address(#[schemars(length(min = 3, max = 261))] pub String);
 
 /// A Service and one of its ports.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceTarget {
     /// The Service's name, in the pool's namespace.
@@ -279,13 +255,9 @@ pub struct ServiceTarget {
 
     /// The Service port: a number from 1 to 65535, or the name of one of the
     /// Service's ports (such as `grpc`).
-    #[schemars(extend("x-kubernetes-validations" = [
-        {
-            "rule": "type(self) == int ? (self >= 1 && self <= 65535) : self.matches('^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$')",
-            "message": "spec.target.service.port must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)",
-            "reason": "FieldValueInvalid"
-        }
-    ]))]
+    #[x_kube(validation = Rule::new("type(self) == int ? (self >= 1 && self <= 65535) : self.matches('^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$')")
+        .message("spec.target.service.port must be a port number from 1 to 65535 or a port name (lower-case letters, digits and '-', at most 15 characters)")
+        .reason(Reason::FieldValueInvalid))]
     pub port: IntOrString,
 }
 

@@ -2,7 +2,8 @@
 //!
 //! - `/metrics`: Prometheus text format ([`crate::metrics::Metrics`]).
 //! - `/healthz`: 200 while the process serves; 500 naming the task once a
-//!   long-lived task has ended ([`crate::supervise`]), just before it exits.
+//!   long-lived task has ended ([`tidepool_common::supervise`]), just
+//!   before it exits.
 //! - `/readyz`: 200 when this replica knows every pool: the leader serving
 //!   agents, or a warm standby ready to take over (the body says which).
 //!   Readiness does not keep agents off a standby; the role label does
@@ -13,10 +14,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
+use tidepool_common::supervise::Health;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 pub struct AdminState {
     /// Failed once a long-lived task has ended (the process then exits).
-    pub health: crate::supervise::Health,
+    pub health: Health,
     /// Every metric.
     pub registry: Arc<Registry>,
     /// Whether this replica leads.
@@ -44,34 +46,12 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {e}\n"),
-        )
-            .into_response(),
-    }
+async fn metrics(State(state): State<AdminState>) -> Response {
+    tidepool_common::admin::metrics(&state.registry)
 }
 
 async fn healthz(State(state): State<AdminState>) -> (StatusCode, String) {
-    match state.health.failure() {
-        None => (StatusCode::OK, "ok\n".into()),
-        Some(why) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("failing: {why}\n"),
-        ),
-    }
+    tidepool_common::admin::healthz(&state.health)
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, String) {
@@ -138,7 +118,7 @@ mod tests {
         let (lead_tx, leading) = watch::channel(false);
         let (init_tx, initialized) = watch::channel(false);
         let (waiting_tx, waiting) = watch::channel("the ConnectionPool list".to_string());
-        let health = crate::supervise::Health::default();
+        let health = Health::default();
         let state = AdminState {
             health: health.clone(),
             registry: Arc::new(Registry::default()),

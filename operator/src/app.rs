@@ -17,8 +17,10 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Resource, ResourceExt as _};
 use prometheus_client::registry::Registry;
 use serde::de::DeserializeOwned;
-use tidepool_crds::ConnectionPool;
+use tidepool_common::net::{BindError, bind};
+use tidepool_common::supervise::{Cause, Exit, Health, Supervisor};
 use tidepool_crds::control::pb::control_server::ControlServer;
+use tidepool_crds::{ConnectionPool, PoolKey};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +35,6 @@ use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, pools_targeting, reconcile};
 use crate::resolve::SERVICE_NAME_LABEL;
 use crate::status::StatusWriter;
-use crate::supervise::Supervisor;
 use crate::tls::Resolver;
 use crate::{admin, push};
 
@@ -41,16 +42,8 @@ use crate::{admin, push};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Which listener.
-        what: &'static str,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// The control service failed.
     #[error("the control service on {addr} failed: {source}")]
     Serve {
@@ -71,7 +64,7 @@ pub enum Error {
     Tls(#[from] rustls::Error),
     /// A long-lived task ended before the operator stopped.
     #[error("the operator's {0}; exiting so the kubelet restarts it")]
-    TaskExited(crate::supervise::Exit),
+    TaskExited(Exit),
 }
 
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
@@ -153,8 +146,8 @@ pub async fn run(
     client: kube::Client,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let mut tasks = Supervisor::new();
-    let health = crate::supervise::Health::default();
+    let mut tasks = Supervisor::new("operator");
+    let health = Health::default();
     let mut registry = Registry::with_prefix("tidepool");
     let metrics = Metrics::new(&mut registry);
     let registry = Arc::new(registry);
@@ -173,24 +166,8 @@ pub async fn run(
     let clients = Arc::new(crate::clients::NodeClients::default());
 
     // Listeners first: a port in use fails the start, not a task later.
-    let control_listener = tokio::net::TcpListener::bind(config.control_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.control_listen,
-            what: "control",
-            source,
-        })?;
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: config.admin_listen,
-            what: "admin",
-            source,
-        })?;
-    let control_addr = control_listener
-        .local_addr()
-        .unwrap_or(config.control_listen);
-    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_listen);
+    let (control_listener, control_addr) = bind(config.control_listen, "control").await?;
+    let (admin_listener, admin_addr) = bind(config.admin_listen, "admin").await?;
     tracing::info!(control = %control_addr, admin = %admin::describe(admin_addr), "listening");
 
     // The control CA and this replica's serving certificate, before
@@ -350,7 +327,7 @@ pub async fn run(
                     if p.spec.listen_port.is_some() {
                         let _ = pool_gone_tx.send(());
                     }
-                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                    let key = PoolKey::of(p).to_string();
                     if desired.remove(&key) {
                         tracing::info!(pool = %key, "pool deleted; agents drop it");
                     }
@@ -359,7 +336,7 @@ pub async fn run(
                     let live: std::collections::HashSet<String> = reader
                         .state()
                         .iter()
-                        .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                        .map(|p| PoolKey::of(p).to_string())
                         .collect();
                     let gone = desired.retain(|k| live.contains(k));
                     if gone > 0 {
@@ -446,7 +423,7 @@ pub async fn run(
                 let keys: Vec<String> = pools
                     .state()
                     .iter()
-                    .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                    .map(|p| PoolKey::of(p).to_string())
                     .collect();
                 let mut polls = 0u32;
                 while !desired.has_all(&keys) {
@@ -626,9 +603,10 @@ pub async fn run(
         match leader_handle.as_mut() {
             Some(handle) => match handle.await {
                 Ok(r) => r.map_err(Error::from),
-                Err(join) => Err(Error::TaskExited(crate::supervise::Exit {
+                Err(join) => Err(Error::TaskExited(Exit {
+                    process: "operator",
                     task: "leader election",
-                    cause: crate::supervise::Cause::Panicked(join.to_string()),
+                    cause: Cause::Panicked(join.to_string()),
                 })),
             },
             None => std::future::pending().await,

@@ -37,6 +37,8 @@ use tokio::sync::Semaphore;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use crate::metrics::AuthRefusal;
+
 /// The user-info key the API server sets to the node of a pod-bound token.
 pub const NODE_NAME_CLAIM: &str = "authentication.kubernetes.io/node-name";
 /// The user-info key naming the bound pod.
@@ -182,16 +184,16 @@ impl Refusal {
     }
 
     /// The metric label (`reason`) of this refusal.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> AuthRefusal {
         match self {
-            Self::NoToken => "no_token",
-            Self::ManyTokens(_) | Self::Malformed(_) => "malformed",
-            Self::Unauthenticated(_) => "unauthenticated",
-            Self::WrongAudience(_) => "wrong_audience",
-            Self::NotAgent { .. } => "wrong_service_account",
-            Self::NoNode => "no_node_claim",
-            Self::NodeMismatch { .. } => "node_mismatch",
-            Self::ReviewFailed(_) => "review_failed",
+            Self::NoToken => AuthRefusal::NoToken,
+            Self::ManyTokens(_) | Self::Malformed(_) => AuthRefusal::Malformed,
+            Self::Unauthenticated(_) => AuthRefusal::Unauthenticated,
+            Self::WrongAudience(_) => AuthRefusal::WrongAudience,
+            Self::NotAgent { .. } => AuthRefusal::WrongServiceAccount,
+            Self::NoNode => AuthRefusal::NoNodeClaim,
+            Self::NodeMismatch { .. } => AuthRefusal::NodeMismatch,
+            Self::ReviewFailed(_) => AuthRefusal::ReviewFailed,
         }
     }
 }
@@ -682,7 +684,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(r.status().code(), tonic::Code::Unavailable);
-        assert_eq!(r.reason(), "review_failed");
+        assert_eq!(r.reason().as_str(), "review_failed");
     }
 
     #[tokio::test]
@@ -699,7 +701,7 @@ mod tests {
             (vec!["Bearer a", "Bearer b"], "malformed"),
         ] {
             let r = a.authenticate(&headers(&h)).await.unwrap_err();
-            assert_eq!(r.reason(), reason, "{h:?}");
+            assert_eq!(r.reason().as_str(), reason, "{h:?}");
             assert_eq!(r.status().code(), tonic::Code::Unauthenticated, "{h:?}");
         }
         assert_eq!(canned.calls.load(Ordering::SeqCst), 0);

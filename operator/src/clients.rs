@@ -199,7 +199,7 @@ pub fn strip(pod: &mut Pod) {
 /// Starts the pod watch and the map builder, both until `stop`. Maps are
 /// built only after the first full list.
 pub fn start(
-    tasks: &mut crate::supervise::Supervisor,
+    tasks: &mut tidepool_common::supervise::Supervisor,
     client: kube::Client,
     clients: Arc<NodeClients>,
     debounce: Duration,

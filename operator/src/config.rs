@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use tidepool_crds::validate::{check_log_filter, parse_duration};
+use clap::Parser;
+use tidepool_common::flags::{duration, log_filter};
+pub use tidepool_common::log::LogFormat;
 
 use crate::resolve::AddressMap;
 
@@ -190,15 +191,6 @@ pub struct Args {
     pub log_filter: String,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Leader election settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderConfig {
@@ -259,7 +251,7 @@ pub struct Config {
     pub agent_pods: Option<crate::local::AgentPods>,
     /// Log format.
     pub log_format: LogFormat,
-    /// The log filter, checked ([`check_log_filter`]).
+    /// The log filter, checked ([`tidepool_common::log::check_log_filter`]).
     pub log_filter: String,
 }
 
@@ -433,19 +425,6 @@ fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "tidepool-operator".into())
-}
-
-/// Parses a flag's Go-style duration (`100ms`, `5s`, `1m`).
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 100ms, 5s or 1m"))
-}
-
-/// Checks a `--log` (`TIDEPOOL_LOG`) filter; the message names the
-/// variable as well, since the chart sets it there.
-fn log_filter(s: &str) -> Result<String, String> {
-    check_log_filter(s)
-        .map(|()| s.to_string())
-        .map_err(|e| format!("TIDEPOOL_LOG {e}"))
 }
 
 #[cfg(test)]

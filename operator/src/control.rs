@@ -221,7 +221,7 @@ impl ControlService {
         self.metrics.refused_streams.inc();
         self.metrics
             .auth_refusals
-            .get_or_create(&crate::metrics::ReasonLabel {
+            .get_or_create(&crate::metrics::AuthRefusalLabel {
                 reason: refusal.reason(),
             })
             .inc();
@@ -230,7 +230,7 @@ impl ControlService {
             %peer,
             claimed_node = node,
             claimed_pod = pod,
-            reason = refusal.reason(),
+            reason = refusal.reason().as_str(),
             audience = %auth.config().audience,
             code = ?status.code(),
             message = status.message(),

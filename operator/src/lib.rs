@@ -57,5 +57,4 @@ pub mod reconcile;
 pub mod resolve;
 pub mod role;
 pub mod status;
-pub mod supervise;
 pub mod tls;

@@ -44,13 +44,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource as _, ResourceExt as _};
-use tidepool_crds::ConnectionPool;
+use tidepool_crds::{ConnectionPool, PoolKey};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::leader::Fence;
-use crate::metrics::{LocalWriteLabel, Metrics};
+use crate::metrics::{LocalObject, LocalOp, LocalWriteLabel, Metrics, WriteResult};
 use crate::resolve::SERVICE_NAME_LABEL;
+use crate::status::Reason;
 
 /// Set on every object the operator keeps for a pool: the pool's uid (a
 /// pool's name may be longer than a label value allows).
@@ -123,13 +124,13 @@ pub enum LocalState {
 
 impl LocalState {
     /// The `LocalService` condition's reason.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Serving { .. } => "Serving",
-            Self::NameTaken { .. } => "ServiceNameTaken",
-            Self::ListenPortTaken { .. } => "ListenPortTaken",
-            Self::NotConfigured => "AgentSelectorMissing",
-            Self::Failed { .. } => "WriteFailed",
+            Self::Serving { .. } => Reason::Serving,
+            Self::NameTaken { .. } => Reason::ServiceNameTaken,
+            Self::ListenPortTaken { .. } => Reason::ListenPortTaken,
+            Self::NotConfigured => Reason::AgentSelectorMissing,
+            Self::Failed { .. } => Reason::WriteFailed,
         }
     }
 }
@@ -515,11 +516,7 @@ impl Sync {
             let Some(want) = desired_service(pool) else {
                 continue;
             };
-            let key = format!(
-                "{}/{}",
-                pool.namespace().unwrap_or_default(),
-                pool.name_any()
-            );
+            let key = PoolKey::of(pool).to_string();
             let (ns, name) = (want.namespace().unwrap_or_default(), want.name_any());
             let Some(agents) = &agents else {
                 states.insert(key, LocalState::NotConfigured);
@@ -581,13 +578,17 @@ impl Sync {
         }
     }
 
-    fn count(&self, object: &'static str, op: &'static str, ok: bool) {
+    fn count(&self, object: LocalObject, op: LocalOp, ok: bool) {
         self.metrics
             .local_service_writes
             .get_or_create(&LocalWriteLabel {
                 object,
                 op,
-                result: if ok { "ok" } else { "error" },
+                result: if ok {
+                    WriteResult::Ok
+                } else {
+                    WriteResult::Error
+                },
             })
             .inc();
     }
@@ -672,22 +673,22 @@ impl Sync {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..PostParams::default()
                 };
-                ("create", api.create(&pp, &want).await.map(drop))
+                (LocalOp::Create, api.create(&pp, &want).await.map(drop))
             }
             Some(meta) => {
                 want.meta_mut().resource_version = meta.resource_version;
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 (
-                    "apply",
+                    LocalOp::Apply,
                     api.patch(name, &pp, &Patch::Apply(&want)).await.map(drop),
                 )
             }
         };
         self.count(
             if kind == "Service" {
-                "service"
+                LocalObject::Service
             } else {
-                "endpointslice"
+                LocalObject::EndpointSlice
             },
             op,
             result.is_ok(),
@@ -698,7 +699,7 @@ impl Sync {
                 Ok(())
             }
             Err(source) => Err(WriteError::Api {
-                op,
+                op: op.as_str(),
                 kind,
                 namespace: ns.into(),
                 name: name.into(),
@@ -769,11 +770,11 @@ impl Sync {
         };
         self.count(
             if kind == "Service" {
-                "service"
+                LocalObject::Service
             } else {
-                "endpointslice"
+                LocalObject::EndpointSlice
             },
-            "delete",
+            LocalOp::Delete,
             ok,
         );
         match result {

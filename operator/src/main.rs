@@ -3,10 +3,11 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use tidepool_common::log::init_tracing;
+use tidepool_common::signal::signal;
 use tidepool_operator::app;
-use tidepool_operator::config::{Args, Config, LogFormat};
+use tidepool_operator::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,36 +21,15 @@ async fn main() -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let signal = signal().await;
-            tracing::info!(signal, "stopping");
+            match signal().await {
+                Ok(signal) => tracing::info!(signal, "stopping"),
+                // No handler, no way to stop gracefully later: stop now
+                // rather than run unstoppable.
+                Err(error) => tracing::error!(%error, "cannot wait for a signal; stopping"),
+            }
             stop.cancel();
         });
     }
     app::run(config, client, stop).await?;
-    Ok(())
-}
-
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return "SIGINT";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
-}
-
-/// Logs with the filter the configuration checked (`--log`, `TIDEPOOL_LOG`);
-/// a filter `tracing` still cannot parse fails the start with its value.
-fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .with_context(|| format!("TIDEPOOL_LOG {filter:?} is not a log filter"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
     Ok(())
 }

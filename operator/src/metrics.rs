@@ -8,29 +8,114 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+tidepool_common::text_enum! {
+    /// How a reconcile ended (`tidepool_operator_reconciles_total{result}`).
+    pub enum ReconcileResult {
+        /// The target resolved.
+        Ok => "ok",
+        /// The target did not resolve; the status says why.
+        Unresolved => "unresolved",
+        /// The reconcile failed and is retried.
+        Error => "error",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Why authentication refused a control stream
+    /// (`tidepool_operator_auth_refusals_total{reason}`).
+    pub enum AuthRefusal {
+        /// No bearer token.
+        NoToken => "no_token",
+        /// Not one well-formed bearer token.
+        Malformed => "malformed",
+        /// The TokenReview did not authenticate it.
+        Unauthenticated => "unauthenticated",
+        /// Minted for another audience.
+        WrongAudience => "wrong_audience",
+        /// Not the agents' ServiceAccount.
+        WrongServiceAccount => "wrong_service_account",
+        /// The token is bound to no node.
+        NoNodeClaim => "no_node_claim",
+        /// The token is bound to another node than the agent claims.
+        NodeMismatch => "node_mismatch",
+        /// The TokenReview could not be made.
+        ReviewFailed => "review_failed",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Why a TLS handshake on the control port failed
+    /// (`tidepool_operator_tls_handshake_failures_total{reason}`).
+    pub enum HandshakeFailure {
+        /// The handshake failed.
+        Handshake => "handshake",
+        /// It did not finish in time.
+        Timeout => "timeout",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Which object of a node-local Service was written.
+    pub enum LocalObject {
+        /// The Service.
+        Service => "service",
+        /// One of its EndpointSlices.
+        EndpointSlice => "endpointslice",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// How a node-local Service's object was written.
+    pub enum LocalOp {
+        /// Created.
+        Create => "create",
+        /// Server-side applied.
+        Apply => "apply",
+        /// Deleted.
+        Delete => "delete",
+    }
+}
+
+tidepool_common::text_enum! {
+    /// Whether a write succeeded.
+    pub enum WriteResult {
+        /// It did.
+        Ok => "ok",
+        /// It failed.
+        Error => "error",
+    }
+}
+
 /// A reconcile's outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok` (target resolved), `unresolved` (the status says why) or `error`.
-    pub result: &'static str,
+    /// How it ended.
+    pub result: ReconcileResult,
 }
 
-/// Why something was refused or failed.
+/// Why authentication refused a stream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    /// A fixed word per reason (see where it is counted).
-    pub reason: &'static str,
+pub struct AuthRefusalLabel {
+    /// The refusal.
+    pub reason: AuthRefusal,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    /// The failure.
+    pub reason: HandshakeFailure,
 }
 
 /// A write of a node-local Service's objects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LocalWriteLabel {
-    /// `service` or `endpointslice`.
-    pub object: &'static str,
-    /// `create`, `apply` or `delete`.
-    pub op: &'static str,
-    /// `ok` or `error`.
-    pub result: &'static str,
+    /// Which object.
+    pub object: LocalObject,
+    /// How.
+    pub op: LocalOp,
+    /// Whether it succeeded.
+    pub result: WriteResult,
 }
 
 /// Every metric the operator exports (prefix `tidepool_operator_`).
@@ -71,14 +156,14 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Control streams refused by authentication, by reason
     /// ([`crate::auth::Refusal::reason`]).
-    pub auth_refusals: Family<ReasonLabel, Counter>,
+    pub auth_refusals: Family<AuthRefusalLabel, Counter>,
     /// TokenReviews made (cache misses).
     pub token_reviews: Counter,
     /// Authentications answered from the review cache.
     pub token_review_cache_hits: Counter,
     /// TLS handshakes on the control port that failed (`handshake`) or did
     /// not finish in time (`timeout`).
-    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    pub tls_handshake_failures: Family<HandshakeLabel, Counter>,
     /// When this replica's serving certificate expires (Unix seconds).
     pub control_cert_expiry: Gauge,
     /// Serving certificates issued after the first.
@@ -249,7 +334,9 @@ mod tests {
         let mut registry = Registry::with_prefix("tidepool");
         let m = Metrics::new(&mut registry);
         m.reconciles
-            .get_or_create(&ResultLabel { result: "ok" })
+            .get_or_create(&ResultLabel {
+                result: ReconcileResult::Ok,
+            })
             .inc();
         m.push_to_ack.observe(0.01);
         let mut out = String::new();

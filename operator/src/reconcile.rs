@@ -18,12 +18,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt as _;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use tidepool_crds::ConnectionPool;
 use tidepool_crds::control::{pb, spec_to_pb};
+use tidepool_crds::{ConnectionPool, PoolKey};
 use tokio::time::Instant;
 
 use crate::desired::{Desired, Entry};
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::{Metrics, ReconcileResult, ResultLabel};
 use crate::resolve::{
     AddressMap, ResolveError, SERVICE_NAME_LABEL, resolve_service, static_addresses,
 };
@@ -83,7 +83,7 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
     let Some(namespace) = pool.namespace() else {
         return Err(Error::NoNamespace { name });
     };
-    let key = format!("{namespace}/{name}");
+    let key = PoolKey::new(&namespace, &name).to_string();
     let generation = pool.metadata.generation.unwrap_or_default();
     let span = tracing::info_span!("reconcile", pool = %key, generation);
     let _guard = span.enter();
@@ -149,15 +149,15 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
             let n = failures.entry(key).or_default();
             *n = n.saturating_add(1);
             let retry = backoff(*n);
-            tracing::info!(reason = e.reason(), error = %e, ?retry, "target not resolved; the status says why");
+            tracing::info!(reason = e.reason().as_str(), error = %e, ?retry, "target not resolved; the status says why");
             Action::requeue(retry)
         }
     };
     drop(failures);
     let result = if resolution.is_ok() {
-        "ok"
+        ReconcileResult::Ok
     } else {
-        "unresolved"
+        ReconcileResult::Unresolved
     };
     ctx.metrics
         .reconciles
@@ -175,7 +175,9 @@ pub fn error_policy(_pool: Arc<ConnectionPool>, error: &Error, ctx: Arc<Context>
     ctx.metrics.reconcile_errors.inc();
     ctx.metrics
         .reconciles
-        .get_or_create(&ResultLabel { result: "error" })
+        .get_or_create(&ResultLabel {
+            result: ReconcileResult::Error,
+        })
         .inc();
     Action::requeue(Duration::from_secs(5))
 }
@@ -188,7 +190,7 @@ pub fn listen_port_holder(pools: &[Arc<ConnectionPool>], port: i32) -> Option<St
         .iter()
         .filter(|p| p.spec.listen_port == Some(port))
         .map(|p| {
-            let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+            let key = PoolKey::of(p).to_string();
             let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
             (created.is_none(), created, key)
         })
@@ -292,7 +294,10 @@ mod tests {
             [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s)))
         );
         let entry = ctx.desired.get("ns/p").unwrap();
-        assert_eq!(entry.resolution.unwrap_err().reason(), "ServiceNotFound");
+        assert_eq!(
+            entry.resolution.unwrap_err().reason().as_str(),
+            "ServiceNotFound"
+        );
         assert!(entry.pool.addresses.is_empty());
     }
 
@@ -354,7 +359,7 @@ mod tests {
         }
         let refused = ctx.desired.get("ns/new").unwrap();
         let err = refused.resolution.unwrap_err();
-        assert_eq!(err.reason(), "ListenPortTaken");
+        assert_eq!(err.reason().as_str(), "ListenPortTaken");
         assert!(
             err.to_string()
                 .contains("spec.listenPort 16001 is already used by pool ns/old"),

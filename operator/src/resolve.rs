@@ -14,6 +14,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tidepool_crds::v1alpha1::{ConnectionPoolSpec, ServiceTarget};
 
+use crate::status::Reason;
+
 /// The label EndpointSlices carry with the name of their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -69,12 +71,12 @@ pub enum ResolveError {
 
 impl ResolveError {
     /// The condition reason this failure is reported with.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::ServiceNotFound { .. } => "ServiceNotFound",
-            Self::PortNotFound { .. } => "PortNotFound",
-            Self::NoReadyEndpoints { .. } => "NoReadyEndpoints",
-            Self::ListenPortTaken { .. } => "ListenPortTaken",
+            Self::ServiceNotFound { .. } => Reason::ServiceNotFound,
+            Self::PortNotFound { .. } => Reason::PortNotFound,
+            Self::NoReadyEndpoints { .. } => Reason::NoReadyEndpoints,
+            Self::ListenPortTaken { .. } => Reason::ListenPortTaken,
         }
     }
 }
@@ -389,12 +391,12 @@ mod tests {
     fn failures_say_what_is_missing() {
         let t = target(IntOrString::String("grpc".into()));
         let err = resolve_service(&AddressMap::default(), "shop", &t, None, []).unwrap_err();
-        assert_eq!(err.reason(), "ServiceNotFound");
+        assert_eq!(err.reason().as_str(), "ServiceNotFound");
         assert_eq!(err.to_string(), "service shop/api does not exist");
 
         let svc = service(serde_json::json!([{"name": "http", "port": 80}, {"port": 81}]));
         let err = resolve_service(&AddressMap::default(), "shop", &t, Some(&svc), []).unwrap_err();
-        assert_eq!(err.reason(), "PortNotFound");
+        assert_eq!(err.reason().as_str(), "PortNotFound");
         assert_eq!(
             err.to_string(),
             "service shop/api has no port grpc; its ports are: http (80), 81"
@@ -410,7 +412,7 @@ mod tests {
         )];
         let err = resolve_service(&AddressMap::default(), "shop", &t, Some(&svc), &not_ready)
             .unwrap_err();
-        assert_eq!(err.reason(), "NoReadyEndpoints");
+        assert_eq!(err.reason().as_str(), "NoReadyEndpoints");
         assert!(err.to_string().contains("no ready endpoints"), "{err}");
     }
 

@@ -22,7 +22,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use tidepool_crds::v1alpha1::{AddressStatus, AgentCounts, Totals};
-use tidepool_crds::{ConnectionPool, ConnectionPoolStatus};
+use tidepool_crds::{ConnectionPool, ConnectionPoolStatus, PoolKey};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -56,10 +56,57 @@ pub struct Inputs<'a> {
     pub local: Option<&'a LocalState>,
 }
 
+tidepool_common::text_enum! {
+    /// The reason of a condition the operator writes, or of an Event it
+    /// publishes: PascalCase, one word per cause.
+    pub enum Reason {
+        /// Not reconciled yet, or the node-local Service not written yet.
+        Pending => "Pending",
+        /// The target resolved to no address.
+        NoAddresses => "NoAddresses",
+        /// No node runs an agent.
+        NoAgents => "NoAgents",
+        /// An agent refused the pool.
+        AgentRejected => "AgentRejected",
+        /// Some agents do not run the generation yet.
+        Progressing => "Progressing",
+        /// Every agent runs the pool (also the Event when it becomes so).
+        Ready => "Ready",
+        /// The Event of a pool that stopped being ready.
+        NotReady => "NotReady",
+        /// Every agent runs the generation.
+        AllAgentsSynced => "AllAgentsSynced",
+        /// Not degraded.
+        AsExpected => "AsExpected",
+        /// The Event of a pool no longer degraded.
+        Recovered => "Recovered",
+        /// The target Service does not exist.
+        ServiceNotFound => "ServiceNotFound",
+        /// The target Service lacks the port.
+        PortNotFound => "PortNotFound",
+        /// The target Service has no ready endpoint.
+        NoReadyEndpoints => "NoReadyEndpoints",
+        /// Another pool holds the `listenPort`.
+        ListenPortTaken => "ListenPortTaken",
+        /// The node-local Service reaches an agent on every node.
+        Serving => "Serving",
+        /// The Event of a node-local Service that started serving.
+        LocalServiceServing => "LocalServiceServing",
+        /// Some nodes have no ready agent endpoint.
+        NodesWithoutEndpoint => "NodesWithoutEndpoint",
+        /// A Service of that name exists and the pool does not own it.
+        ServiceNameTaken => "ServiceNameTaken",
+        /// The operator runs without an agent selector.
+        AgentSelectorMissing => "AgentSelectorMissing",
+        /// A write of the node-local Service's objects failed.
+        WriteFailed => "WriteFailed",
+    }
+}
+
 fn condition(
     type_: &str,
     ok: bool,
-    reason: &str,
+    reason: Reason,
     message: String,
     generation: i64,
     now: &Time,
@@ -67,7 +114,7 @@ fn condition(
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message,
         observed_generation: Some(generation),
         last_transition_time: now.clone(),
@@ -82,11 +129,7 @@ pub fn compute(
     now: Time,
 ) -> ConnectionPoolStatus {
     let pool = inputs.pool;
-    let key = format!(
-        "{}/{}",
-        pool.namespace().unwrap_or_default(),
-        pool.name_any()
-    );
+    let key = PoolKey::of(pool).to_string();
     let uid = pool.uid().unwrap_or_default();
     let generation = pool.metadata.generation.unwrap_or_default();
 
@@ -169,7 +212,7 @@ pub fn compute(
         (None, _) => condition(
             "Ready",
             false,
-            "Pending",
+            Reason::Pending,
             "not reconciled yet".into(),
             generation,
             &now,
@@ -180,7 +223,7 @@ pub fn compute(
         _ if resolved_addresses == 0 => condition(
             "Ready",
             false,
-            "NoAddresses",
+            Reason::NoAddresses,
             "the target has no addresses".into(),
             generation,
             &now,
@@ -188,7 +231,7 @@ pub fn compute(
         _ if desired == 0 => condition(
             "Ready",
             false,
-            "NoAgents",
+            Reason::NoAgents,
             "no node runs an agent".into(),
             generation,
             &now,
@@ -196,7 +239,7 @@ pub fn compute(
         _ if rejected > 0 => condition(
             "Ready",
             false,
-            "AgentRejected",
+            Reason::AgentRejected,
             rejected_message(),
             generation,
             &now,
@@ -204,7 +247,7 @@ pub fn compute(
         _ if synced < desired => condition(
             "Ready",
             false,
-            "Progressing",
+            Reason::Progressing,
             agents_message.clone(),
             generation,
             &now,
@@ -212,7 +255,7 @@ pub fn compute(
         _ => condition(
             "Ready",
             true,
-            "Ready",
+            Reason::Ready,
             format!("{agents_message} with {resolved_addresses} addresses"),
             generation,
             &now,
@@ -222,7 +265,7 @@ pub fn compute(
         condition(
             "Distributed",
             false,
-            "NoAgents",
+            Reason::NoAgents,
             "no node runs an agent".into(),
             generation,
             &now,
@@ -231,7 +274,7 @@ pub fn compute(
         condition(
             "Distributed",
             true,
-            "AllAgentsSynced",
+            Reason::AllAgentsSynced,
             agents_message,
             generation,
             &now,
@@ -240,7 +283,7 @@ pub fn compute(
         condition(
             "Distributed",
             false,
-            "Progressing",
+            Reason::Progressing,
             agents_message,
             generation,
             &now,
@@ -258,7 +301,7 @@ pub fn compute(
         None if rejected > 0 => condition(
             "Degraded",
             true,
-            "AgentRejected",
+            Reason::AgentRejected,
             rejected_message(),
             generation,
             &now,
@@ -266,7 +309,7 @@ pub fn compute(
         None => condition(
             "Degraded",
             false,
-            "AsExpected",
+            Reason::AsExpected,
             "no agent rejected the pool".into(),
             generation,
             &now,
@@ -314,7 +357,7 @@ fn local_condition(inputs: &Inputs<'_>, generation: i64, now: &Time) -> Conditio
     let (ok, reason, message) = match inputs.local {
         None => (
             false,
-            "Pending",
+            Reason::Pending,
             format!("Service {name} not written yet"),
         ),
         Some(state @ LocalState::Serving { service, target_port, ready_nodes }) => {
@@ -335,7 +378,7 @@ fn local_condition(inputs: &Inputs<'_>, generation: i64, now: &Time) -> Conditio
             } else {
                 (
                     false,
-                    "NodesWithoutEndpoint",
+                    Reason::NodesWithoutEndpoint,
                     format!(
                         "{service}: no ready agent on {}; calls from there fail fast (no local endpoint); {served} of {} nodes served",
                         name_nodes(&missing),
@@ -405,13 +448,13 @@ pub fn transitions(
     if is_true(new_ready) && !is_true(old_ready) {
         out.push(Transition {
             warning: false,
-            reason: "Ready".into(),
+            reason: Reason::Ready.as_str().into(),
             note: new_ready.map(|c| c.message.clone()).unwrap_or_default(),
         });
     } else if is_true(old_ready) && !is_true(new_ready) {
         out.push(Transition {
             warning: true,
-            reason: "NotReady".into(),
+            reason: Reason::NotReady.as_str().into(),
             note: new_ready.map(|c| c.message.clone()).unwrap_or_default(),
         });
     }
@@ -428,14 +471,16 @@ pub fn transitions(
     } else if is_true(old_deg) {
         out.push(Transition {
             warning: false,
-            reason: "Recovered".into(),
+            reason: Reason::Recovered.as_str().into(),
             note: "the pool is no longer degraded".into(),
         });
     }
     // The node-local Service: each new reason of it being False, and its
     // recovery.
     let (old_local, new_local) = (find(old, "LocalService"), find(Some(new), "LocalService"));
-    if let Some(l) = new_local.filter(|l| l.status == "False" && l.reason != "Pending") {
+    if let Some(l) =
+        new_local.filter(|l| l.status == "False" && l.reason != Reason::Pending.as_str())
+    {
         if !old_local.is_some_and(|o| o.status == "False" && o.reason == l.reason) {
             out.push(Transition {
                 warning: true,
@@ -448,7 +493,7 @@ pub fn transitions(
     {
         out.push(Transition {
             warning: false,
-            reason: "LocalServiceServing".into(),
+            reason: Reason::LocalServiceServing.as_str().into(),
             note: l.message.clone(),
         });
     }
@@ -621,30 +666,27 @@ impl StatusWriter {
         old: Option<&ConnectionPoolStatus>,
         new: &ConnectionPoolStatus,
     ) -> bool {
-        let ns = pool.namespace().unwrap_or_default();
-        let name = pool.name_any();
+        let key = PoolKey::of(pool);
+        let (ns, name) = (&key.namespace, &key.name);
         if !self.fence.holds() {
-            tracing::debug!(pool = %format!("{ns}/{name}"), "status not written: this replica's lease is not certain");
+            tracing::debug!(pool = %key, "status not written: this replica's lease is not certain");
             return false;
         }
-        let api: Api<ConnectionPool> = Api::namespaced(self.client.clone(), &ns);
+        let api: Api<ConnectionPool> = Api::namespaced(self.client.clone(), ns);
         let patch = serde_json::json!({
             "apiVersion": "tidepool.dev/v1alpha1",
             "kind": "ConnectionPool",
             "status": new,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api
-            .patch_status(&name, &params, &Patch::Apply(&patch))
-            .await
-        {
+        match api.patch_status(name, &params, &Patch::Apply(&patch)).await {
             Ok(_) => {
                 self.metrics.status_writes.inc();
-                tracing::debug!(pool = %format!("{ns}/{name}"), "status written");
+                tracing::debug!(pool = %key, "status written");
             }
             Err(error) => {
                 self.metrics.status_write_errors.inc();
-                tracing::warn!(pool = %format!("{ns}/{name}"), %error, "status write failed; retried on the next tick");
+                tracing::warn!(pool = %key, %error, "status write failed; retried on the next tick");
                 return false;
             }
         }
@@ -662,7 +704,7 @@ impl StatusWriter {
                 secondary: None,
             };
             if let Err(error) = self.recorder.publish(&event, &reference).await {
-                tracing::warn!(pool = %format!("{ns}/{name}"), %error, "publishing an event failed");
+                tracing::warn!(pool = %key, %error, "publishing an event failed");
             }
         }
         true
@@ -670,11 +712,7 @@ impl StatusWriter {
 }
 
 fn key_of(pool: &ConnectionPool) -> String {
-    format!(
-        "{}/{}",
-        pool.namespace().unwrap_or_default(),
-        pool.name_any()
-    )
+    PoolKey::of(pool).to_string()
 }
 
 fn truncate(mut s: String, max: usize) -> String {

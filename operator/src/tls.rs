@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::{Authority, CaError};
-use crate::metrics::Metrics;
+use crate::metrics::{HandshakeFailure, Metrics};
 
 /// Most TLS handshakes in progress at once; more connections wait in the
 /// kernel's accept queue.
@@ -166,7 +166,7 @@ pub fn accept(
                     Err(reason) => {
                         metrics
                             .tls_handshake_failures
-                            .get_or_create(&crate::metrics::ReasonLabel { reason })
+                            .get_or_create(&crate::metrics::HandshakeLabel { reason })
                             .inc();
                     }
                 }
@@ -181,17 +181,17 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     timeout: Duration,
-) -> Result<TlsStream<TcpStream>, &'static str> {
+) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
     let _ = tcp.set_nodelay(true);
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(error)) => {
             tracing::info!(%peer, %error, "TLS handshake on the control port failed (a plain-text or untrusting client?)");
-            Err("handshake")
+            Err(HandshakeFailure::Handshake)
         }
         Err(_) => {
             tracing::info!(%peer, ?timeout, "TLS handshake on the control port did not finish in time; closed");
-            Err("timeout")
+            Err(HandshakeFailure::Timeout)
         }
     }
 }

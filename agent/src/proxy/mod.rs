@@ -29,6 +29,7 @@ pub use error::Error;
 pub use server::serve;
 pub use status::Code;
 
+use crate::metrics::Rejection;
 use crate::router::RouteError;
 use crate::runtime::Runtime;
 
@@ -51,7 +52,7 @@ pub(crate) async fn handle(
     mut respond: SendResponse<Bytes>,
 ) {
     if let Some((status, message)) = refuse_non_grpc(&request) {
-        runtime.metrics().rejected("not_grpc");
+        runtime.metrics().rejected(Rejection::NotGrpc);
         status::respond_http_error(&mut respond, status, message);
         return;
     }
@@ -125,7 +126,7 @@ fn refusal(runtime: &Runtime, error: Error, respond: &mut SendResponse<Bytes>) {
         error,
         Error::Route(RouteError::Unknown { .. } | RouteError::Ambiguous { .. })
     ) {
-        runtime.metrics().rejected("unknown_authority");
+        runtime.metrics().rejected(Rejection::UnknownAuthority);
     }
     tracing::debug!(%error, "stream refused before reaching a pool");
     status::respond_grpc_error(respond, error.code(), &format!("tidepool-agent: {error}"));

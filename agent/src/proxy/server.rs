@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::Target;
+use crate::metrics::Rejection;
 use crate::pool::h2::FlowLimits;
 use crate::runtime::Runtime;
 
@@ -34,7 +35,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let label = match target {
-        Target::Shared => "shared".to_owned(),
+        Target::Shared => crate::metrics::SHARED_LISTENER.to_owned(),
         Target::Dedicated(port) => port.to_string(),
     };
     let gauge = runtime.metrics().connections(&label);
@@ -100,7 +101,7 @@ async fn connection(
     match preface {
         Ok(Ok(Preface::H2)) => {}
         Ok(Ok(Preface::Http1)) => {
-            runtime.metrics().rejected("http1");
+            runtime.metrics().rejected(Rejection::Http1);
             let message = "tidepool-agent serves gRPC over HTTP/2 without TLS (h2c, prior knowledge) only; \
                            this request used HTTP/1.x\n";
             let response = format!(
@@ -113,12 +114,12 @@ async fn connection(
             return Ok(());
         }
         Ok(Ok(Preface::Other)) => {
-            runtime.metrics().rejected("bad_preface");
+            runtime.metrics().rejected(Rejection::BadPreface);
             return Err("the client did not send the HTTP/2 connection preface".into());
         }
         Ok(Err(error)) => return Err(error.into()),
         Err(_elapsed) => {
-            runtime.metrics().rejected("bad_preface");
+            runtime.metrics().rejected(Rejection::BadPreface);
             return Err("no HTTP/2 preface in time".into());
         }
     }

@@ -1,15 +1,13 @@
-//! The operator's long-lived tasks, under one supervisor.
+//! Long-lived tasks under one supervisor.
 //!
-//! Every task that should live as long as the process (reflectors, the
-//! controller, the push loop, the status writer, the CA keeper, the admin
-//! server, …) is spawned on a [`Supervisor`]. They all end at the stop
-//! token; one that ends before it, or panics, is a fault: [`app::run`]
-//! logs the task and its cause, fails `/healthz` ([`Health`]) and returns
-//! an error, so `main` exits non-zero and the kubelet restarts the pod.
-//! Short-lived tasks (one per control session, per TLS handshake, the
-//! initialization wait) are not supervised: they end by design.
-//!
-//! [`app::run`]: crate::app::run
+//! Every task that should live as long as the process (the operator's
+//! reflectors, controller and push loop; the agent's listeners, admin
+//! server and source of pools) is spawned on a [`Supervisor`]. They all end
+//! at the process's stop; one that ends before it, or panics, is a fault:
+//! the binary logs the task and its cause, fails `/healthz` ([`Health`])
+//! and exits non-zero, so the kubelet restarts the pod. Short-lived tasks
+//! (one per connection, per stream, per control session) are not
+//! supervised: they end by design.
 
 use std::fmt;
 use std::future::Future;
@@ -31,7 +29,7 @@ pub enum Cause {
 impl fmt::Display for Cause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Returned => f.write_str("returned before the operator stopped"),
+            Self::Returned => f.write_str("returned"),
             Self::Failed(e) => write!(f, "failed: {e}"),
             Self::Panicked(p) => write!(f, "panicked: {p}"),
         }
@@ -41,6 +39,8 @@ impl fmt::Display for Cause {
 /// A supervised task that ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
+    /// The process it belonged to (`operator`, `agent`), for messages.
+    pub process: &'static str,
     /// The task's name.
     pub task: &'static str,
     /// Why.
@@ -49,11 +49,21 @@ pub struct Exit {
 
 impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "task {} {}", self.task, self.cause)
+        match &self.cause {
+            Cause::Returned => write!(
+                f,
+                "task {} returned before the {} stopped",
+                self.task, self.process
+            ),
+            cause => write!(f, "task {} {cause}", self.task),
+        }
     }
 }
 
 /// What `/healthz` answers: healthy until a supervised task fails.
+///
+/// Clones share one state; the first failure stays until the process ends
+/// (a later one replaces its text).
 #[derive(Debug, Clone, Default)]
 pub struct Health(Arc<Mutex<Option<String>>>);
 
@@ -72,20 +82,26 @@ impl Health {
     }
 }
 
-/// Long-lived tasks, each with a name.
-#[derive(Debug, Default)]
+/// Long-lived tasks of one process, each with a name.
+#[derive(Debug)]
 pub struct Supervisor {
+    process: &'static str,
     tasks: JoinSet<(&'static str, Result<(), String>)>,
     names: Vec<(tokio::task::Id, &'static str)>,
 }
 
 impl Supervisor {
-    /// No tasks yet.
-    pub fn new() -> Self {
-        Self::default()
+    /// No tasks yet; `process` (`operator`, `agent`) names the process in
+    /// [`Exit`] messages.
+    pub fn new(process: &'static str) -> Self {
+        Self {
+            process,
+            tasks: JoinSet::new(),
+            names: Vec::new(),
+        }
     }
 
-    /// Spawns `task`, which should run until the operator stops.
+    /// Spawns `task`, which should run until the process stops.
     pub fn spawn<F>(&mut self, name: &'static str, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -121,15 +137,9 @@ impl Supervisor {
     /// The next task to end, and why; `None` once none is left.
     pub async fn next_exit(&mut self) -> Option<Exit> {
         let joined = self.tasks.join_next_with_id().await?;
-        Some(match joined {
-            Ok((_, (task, Ok(())))) => Exit {
-                task,
-                cause: Cause::Returned,
-            },
-            Ok((_, (task, Err(e)))) => Exit {
-                task,
-                cause: Cause::Failed(e),
-            },
+        let (task, cause) = match joined {
+            Ok((_, (task, Ok(())))) => (task, Cause::Returned),
+            Ok((_, (task, Err(e)))) => (task, Cause::Failed(e)),
             Err(join) => {
                 let id = join.id();
                 let task = self
@@ -148,8 +158,13 @@ impl Supervisor {
                 } else {
                     Cause::Failed("cancelled".into())
                 };
-                Exit { task, cause }
+                (task, cause)
             }
+        };
+        Some(Exit {
+            process: self.process,
+            task,
+            cause,
         })
     }
 }
@@ -160,7 +175,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exit_names_its_task_and_cause() {
-        let mut s = Supervisor::new();
+        let mut s = Supervisor::new("operator");
         s.spawn("forever", std::future::pending());
         s.spawn_fallible("broken", async { Err::<(), _>("the watch stream ended") });
         assert_eq!(s.len(), 2);
@@ -168,6 +183,7 @@ mod tests {
         assert_eq!(
             exit,
             Exit {
+                process: "operator",
                 task: "broken",
                 cause: Cause::Failed("the watch stream ended".into())
             }
@@ -179,8 +195,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_return_names_the_process_it_left() {
+        let mut s = Supervisor::new("agent");
+        s.spawn("admin server", async {});
+        let exit = s.next_exit().await.unwrap();
+        assert_eq!(exit.cause, Cause::Returned);
+        assert_eq!(
+            exit.to_string(),
+            "task admin server returned before the agent stopped"
+        );
+    }
+
+    #[tokio::test]
     async fn a_panic_is_caught_and_named() {
-        let mut s = Supervisor::new();
+        let mut s = Supervisor::new("operator");
         s.spawn("panics", async { panic!("boom") });
         let exit = s.next_exit().await.unwrap();
         assert_eq!(exit.task, "panics");
