@@ -53,6 +53,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod push;
+pub mod reason;
 pub mod reconcile;
 pub mod resolve;
 pub mod role;

@@ -50,8 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::leader::Fence;
 use crate::metrics::{LocalObject, LocalOp, LocalWriteLabel, Metrics, WriteResult};
+use crate::reason::Reason;
 use crate::resolve::SERVICE_NAME_LABEL;
-use crate::status::Reason;
 
 /// Set on every object the operator keeps for a pool: the pool's uid (a
 /// pool's name may be longer than a label value allows).

@@ -14,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tidepool_crds::v1alpha1::{ConnectionPoolSpec, ServiceTarget};
 
-use crate::status::Reason;
+use crate::reason::Reason;
 
 /// The label EndpointSlices carry with the name of their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
