@@ -25,10 +25,6 @@
 //! on a node whose clients and backends run elsewhere.
 #![allow(clippy::disallowed_types)] // std::time::Instant: wall-clock timing of whole processes.
 
-#[path = "../tests/support/mod.rs"]
-#[allow(unused_imports)]
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -36,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use support::{Backend, Client};
+use tidepool_testkit::{Backend, Client};
 use tokio::sync::mpsc;
 
 /// Concurrent streams in the saturation runs.
@@ -93,7 +89,7 @@ impl Proxy {
             ),
         )
         .unwrap();
-        let port = support::free_port();
+        let port = tidepool_testkit::free_port();
         let mut command = on_agent_cpus(env!("CARGO_BIN_EXE_tidepool-agent").as_ref());
         command
             .arg("--standalone")
@@ -101,7 +97,7 @@ impl Proxy {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args([
                 "--admin-listen",
-                &format!("127.0.0.1:{}", support::free_port()),
+                &format!("127.0.0.1:{}", tidepool_testkit::free_port()),
             ])
             .env("TIDEPOOL_LOG", "warn")
             .env("TIDEPOOL_WORKER_THREADS", agent_threads().to_string());
@@ -110,7 +106,7 @@ impl Proxy {
 
     /// This bench binary as a byte relay to `backend` (see [`relay`]).
     async fn relay(backend: &Backend) -> Proxy {
-        let port = support::free_port();
+        let port = tidepool_testkit::free_port();
         let mut command = on_agent_cpus(&std::env::current_exe().expect("the bench binary"));
         command.env(RELAY_ENV, format!("127.0.0.1:{port}>{}", backend.addr));
         Self::start(command, port, None).await

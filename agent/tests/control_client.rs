@@ -12,13 +12,12 @@ use std::time::Duration;
 use clap::Parser as _;
 
 use futures::Stream;
-use tidepool_agent::app::{App, AppOptions};
-use tidepool_agent::config::{Args, Config, Mode, ProxyOptions};
+use tidepool_agent::config::{Args, Config, Mode};
 use tidepool_agent::control::{self, ControlOptions};
-use tidepool_agent::pool::h2::H2Connector;
+use tidepool_crds::control::pb;
 use tidepool_crds::control::pb::agent_message::Kind;
 use tidepool_crds::control::pb::control_server::{Control, ControlServer};
-use tidepool_crds::control::{pb, spec_to_pb};
+use tidepool_testkit::{agent, pool};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -93,24 +92,16 @@ async fn next_answer(inbound: &mut Streaming<pb::AgentMessage>) -> Kind {
     }
 }
 
-/// Pool `shop/<name>` of this size (its generation) on one backend.
-fn pool(name: &str, size: i32, backend: &str) -> pb::Pool {
-    let spec: tidepool_crds::ConnectionPoolSpec = serde_yaml::from_str(&format!(
-        "target: {{service: {{name: {name}, port: 50051}}}}\nsize: {size}"
-    ))
-    .unwrap();
-    pb::Pool {
-        namespace: "shop".into(),
-        name: name.into(),
-        uid: format!("uid-{name}"),
-        generation: i64::from(size),
-        spec: Some(spec_to_pb(&spec)),
-        addresses: vec![backend.into()],
-    }
-}
-
+/// A full snapshot of pool `shop/api` of this size (its generation) on one
+/// backend, behind Service `api` port 50051.
 fn snapshot(version: &str, size: i32, backend: &str) -> pb::OperatorMessage {
-    delta(version, "", vec![pool("api", size, backend)], &[])
+    let api = pool("api", &[backend.into()])
+        .namespace("shop")
+        .service("api", 50051)
+        .size(size)
+        .generation(i64::from(size))
+        .pb();
+    delta(version, "", vec![api], &[])
 }
 
 /// A snapshot message; with `base` empty, a full one.
@@ -124,17 +115,6 @@ fn delta(version: &str, base: &str, pools: Vec<pb::Pool>, removed: &[&str]) -> p
             removed: removed.iter().map(|r| r.to_string()).collect(),
         })),
     }
-}
-
-async fn agent() -> App {
-    App::start(AppOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        proxy: ProxyOptions::default(),
-        connector: H2Connector::default(),
-    })
-    .await
-    .unwrap()
 }
 
 #[tokio::test]
@@ -239,7 +219,13 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
 
     // A delta for a version the agent does not run: nacked naming both
     // versions, nothing applied.
-    let add_web = |base| delta("v3", base, vec![pool("web", 2, "127.0.0.4:50051")], &[]);
+    let web = pool("web", &["127.0.0.4:50051".into()])
+        .namespace("shop")
+        .service("web", 50051)
+        .size(2)
+        .generation(2)
+        .pb();
+    let add_web = |base| delta("v3", base, vec![web.clone()], &[]);
     tx.send(Ok(add_web("v2"))).await.unwrap();
     let Kind::Nack(nack) = next_answer(&mut inbound).await else {
         panic!("a delta on another base must be nacked")

@@ -11,22 +11,11 @@ use tidepool_agent::pool::{
     CloseReason, ConnEvent, Connected, ConnectionState, Connector, Error, EvictionReason, Outcome,
     Pool, PoolMetrics, Settings, WhenFull,
 };
+use tidepool_testkit::memory_pool;
 use tokio::time::{Instant, advance};
 
 const A: &str = "10.0.0.1:50051";
 const B: &str = "10.0.0.2:50051";
-
-fn pool(settings: Settings) -> (Pool<MemoryConnector>, MemoryConnector) {
-    let connector = MemoryConnector::new();
-    let pool = Pool::new(
-        "shop/payments",
-        settings,
-        connector.clone(),
-        PoolMetrics::unregistered(),
-    )
-    .unwrap();
-    (pool, connector)
-}
 
 fn occupancy(pool: &Pool<MemoryConnector>, addr: &str) -> tidepool_agent::pool::AddressOccupancy {
     pool.snapshot()
@@ -173,7 +162,7 @@ async fn connections_are_closed_with_no_lock_held() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_misses_share_one_dial() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     connector.set_dial_delay(Duration::from_millis(50));
     let tasks: Vec<_> = (0..20)
         .map(|_| {
@@ -200,7 +189,7 @@ async fn concurrent_misses_share_one_dial() {
 #[tokio::test(start_paused = true)]
 async fn ttl_retires_a_busy_connection_which_closes_at_its_last_stream() {
     let ttl = Duration::from_secs(60);
-    let (pool, connector) = pool(Settings::default().ttl(ttl).max_streams(1));
+    let (pool, connector) = memory_pool(Settings::default().ttl(ttl).max_streams(1));
     let old = pool.acquire(A).await.unwrap();
     let old_id = old.conn().id();
     advance(ttl.mul_f64(1.11)).await;
@@ -223,7 +212,7 @@ async fn ttl_retires_a_busy_connection_which_closes_at_its_last_stream() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_connection_past_its_ttl_is_closed_by_its_timer() {
     let ttl = Duration::from_secs(60);
-    let (pool, connector) = pool(Settings::default().ttl(ttl));
+    let (pool, connector) = memory_pool(Settings::default().ttl(ttl));
     let id = {
         let lease = pool.acquire(A).await.unwrap();
         lease.conn().id()
@@ -241,7 +230,7 @@ async fn an_idle_connection_past_its_ttl_is_closed_by_its_timer() {
 #[tokio::test(start_paused = true)]
 async fn ttl_is_jittered_within_ten_percent() {
     let ttl = Duration::from_secs(100);
-    let (pool, _connector) = pool(
+    let (pool, _connector) = memory_pool(
         Settings::default()
             .ttl(ttl)
             .max_streams(1)
@@ -272,7 +261,7 @@ async fn ttl_is_jittered_within_ten_percent() {
 
 #[tokio::test(start_paused = true)]
 async fn an_application_error_keeps_the_connection_and_a_transport_error_evicts_it() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     let lease = pool.acquire(A).await.unwrap();
     let id = lease.conn().id();
     lease.finish(Outcome::ApplicationError);
@@ -293,7 +282,7 @@ async fn an_application_error_keeps_the_connection_and_a_transport_error_evicts_
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_caller_releases_its_stream_once() {
-    let (pool, _connector) = pool(Settings::default());
+    let (pool, _connector) = memory_pool(Settings::default());
     let holder = tokio::spawn({
         let pool = pool.clone();
         async move {
@@ -320,7 +309,7 @@ async fn a_waiter_cancelled_in_the_queue_leaves_it_and_loses_no_stream() {
         .max_idle(1)
         .max_streams(1)
         .when_full(WhenFull::Wait);
-    let (pool, _connector) = pool(settings.acquire_timeout(Duration::from_secs(10)));
+    let (pool, _connector) = memory_pool(settings.acquire_timeout(Duration::from_secs(10)));
     let first = pool.acquire(A).await.unwrap();
     let waiter = tokio::spawn({
         let pool = pool.clone();
@@ -342,7 +331,7 @@ async fn a_waiter_cancelled_in_the_queue_leaves_it_and_loses_no_stream() {
 
 #[tokio::test(start_paused = true)]
 async fn the_servers_stream_limit_caps_the_setting() {
-    let (pool, connector) = pool(Settings::default().max_streams(20));
+    let (pool, connector) = memory_pool(Settings::default().max_streams(20));
     connector.set_server_max_streams(Some(3));
     let leases: Vec<_> = futures::future::join_all((0..4).map(|_| pool.acquire(A))).await;
     let leases: Vec<_> = leases.into_iter().map(Result::unwrap).collect();
@@ -371,7 +360,7 @@ async fn the_servers_stream_limit_caps_the_setting() {
 
 #[tokio::test(start_paused = true)]
 async fn goaway_drains_a_busy_connection_and_closes_an_idle_one() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     let busy = pool.acquire(A).await.unwrap();
     let busy_id = busy.conn().id();
     let idle_id = pool.acquire(B).await.unwrap().conn().id();
@@ -395,7 +384,7 @@ async fn goaway_drains_a_busy_connection_and_closes_an_idle_one() {
 
 #[tokio::test(start_paused = true)]
 async fn overflow_dials_an_unpooled_connection_and_counts_it() {
-    let (pool, connector) = pool(Settings::default().size(1).max_idle(1).max_streams(1));
+    let (pool, connector) = memory_pool(Settings::default().size(1).max_idle(1).max_streams(1));
     let pooled = pool.acquire(A).await.unwrap();
     let extra = pool.acquire(A).await.unwrap();
     assert_ne!(extra.conn().id(), pooled.conn().id());
@@ -415,7 +404,7 @@ async fn overflow_dials_an_unpooled_connection_and_counts_it() {
 
 #[tokio::test(start_paused = true)]
 async fn overflow_never_refuses_a_burst_larger_than_the_queue_on_a_cold_address() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     connector.set_dial_delay(Duration::from_millis(10));
     let burst = tidepool_agent::pool::MAX_WAITERS + 50;
     let results = futures::future::join_all((0..burst).map(|_| pool.acquire(A))).await;
@@ -437,7 +426,7 @@ async fn wait_queues_in_order_and_then_reports_the_pool_full() {
         .max_streams(1)
         .when_full(WhenFull::Wait)
         .acquire_timeout(Duration::from_secs(1));
-    let (pool, connector) = pool(settings);
+    let (pool, connector) = memory_pool(settings);
     let first = pool.acquire(A).await.unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let waiters: Vec<_> = (0..3)
@@ -476,7 +465,7 @@ async fn wait_queues_in_order_and_then_reports_the_pool_full() {
 
 #[tokio::test(start_paused = true)]
 async fn a_smaller_size_drains_the_surplus_without_cutting_a_stream() {
-    let (pool, connector) = pool(Settings::default().size(4).max_idle(4).max_streams(1));
+    let (pool, connector) = memory_pool(Settings::default().size(4).max_idle(4).max_streams(1));
     let leases: Vec<_> = futures::future::join_all((0..4).map(|_| pool.acquire(A))).await;
     let mut leases: Vec<_> = leases.into_iter().map(Result::unwrap).collect();
     drop(leases.pop()); // one idle connection
@@ -502,7 +491,7 @@ async fn a_smaller_size_drains_the_surplus_without_cutting_a_stream() {
 
 #[tokio::test(start_paused = true)]
 async fn reconfigure_refuses_bad_settings_and_keeps_the_old_ones() {
-    let (pool, _connector) = pool(Settings::default());
+    let (pool, _connector) = memory_pool(Settings::default());
     let err = pool
         .reconfigure(Settings::default().size(2).max_idle(3))
         .unwrap_err();
@@ -521,7 +510,7 @@ async fn reconfigure_refuses_bad_settings_and_keeps_the_old_ones() {
 
 #[tokio::test(start_paused = true)]
 async fn switching_to_wait_queues_the_next_caller_instead_of_overflowing() {
-    let (pool, _connector) = pool(Settings::default().size(1).max_idle(1).max_streams(1));
+    let (pool, _connector) = memory_pool(Settings::default().size(1).max_idle(1).max_streams(1));
     let _held = pool.acquire(A).await.unwrap();
     pool.reconfigure(
         Settings::default()
@@ -585,7 +574,7 @@ async fn occupancy_and_metrics_report_the_state() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dial_failure_names_the_address_and_leaves_the_pool_consistent() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     connector.refuse(A, true);
     let err = pool.acquire(A).await.unwrap_err();
     assert!(matches!(err, Error::Dial { .. }));
@@ -605,7 +594,7 @@ async fn a_dial_failure_names_the_address_and_leaves_the_pool_consistent() {
 
 #[tokio::test(start_paused = true)]
 async fn every_caller_waiting_on_a_failed_dial_gets_the_error() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     connector.refuse(A, true);
     connector.set_dial_delay(Duration::from_millis(10));
     let results = futures::future::join_all((0..5).map(|_| pool.acquire(A))).await;
@@ -615,7 +604,7 @@ async fn every_caller_waiting_on_a_failed_dial_gets_the_error() {
 
 #[tokio::test(start_paused = true)]
 async fn a_removed_address_closes_idle_connections_and_drains_busy_ones() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     let busy = pool.acquire(A).await.unwrap();
     let idle_b = pool.acquire(B).await.unwrap().conn().id();
     pool.retain_addresses(&[]);
@@ -630,7 +619,7 @@ async fn a_removed_address_closes_idle_connections_and_drains_busy_ones() {
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_pool_closes_idle_connections_and_busy_ones_at_their_last_stream() {
-    let (pool, connector) = pool(Settings::default());
+    let (pool, connector) = memory_pool(Settings::default());
     let busy = pool.acquire(A).await.unwrap();
     let idle_b = pool.acquire(B).await.unwrap().conn().id();
     drop(pool);

@@ -11,6 +11,7 @@ use tidepool_agent::pool::h2::{H2Conn, H2Connector};
 use tidepool_agent::pool::{
     ConnectionState, Error, EvictionReason, Lease, Outcome, Pool, PoolMetrics, Settings,
 };
+use tidepool_testkit::eventually;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
@@ -94,15 +95,8 @@ async fn first_message(body: &mut h2::RecvStream) -> Bytes {
     chunk
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+/// How long a test waits for the pool to see what the server did.
+const WAIT: Duration = Duration::from_secs(2);
 
 /// A pool over the h2 connector, named "h2".
 fn h2_pool(settings: Settings) -> Pool<H2Connector> {
@@ -164,22 +158,25 @@ async fn goaway_from_the_server_drains_the_connection() {
     let mut watch = call(&lease, "Watch").await;
     first_message(&mut watch).await;
     server.stop.take().unwrap().send(()).unwrap();
-    eventually("the pool to see GOAWAY", || {
-        pool.connections(&addr)
-            .first()
-            .is_some_and(|c| c.state == ConnectionState::Draining(EvictionReason::GoAway))
-    })
-    .await;
+    assert!(
+        eventually(WAIT, || {
+            pool.connections(&addr)
+                .first()
+                .is_some_and(|c| c.state == ConnectionState::Draining(EvictionReason::GoAway))
+        })
+        .await,
+        "timed out waiting for the pool to see GOAWAY"
+    );
     let o = &pool.snapshot()[0];
     assert_eq!((o.connections, o.draining, o.streams), (0, 1, 1));
     // The running stream was not cut by the pool.
     assert!(!watch.is_end_stream());
     drop(watch);
     lease.finish(Outcome::Ok);
-    eventually("the drained connection to close", || {
-        pool.connections(&addr).is_empty()
-    })
-    .await;
+    assert!(
+        eventually(WAIT, || pool.connections(&addr).is_empty()).await,
+        "timed out waiting for the drained connection to close"
+    );
     // With the stream gone the server finishes its graceful shutdown.
     tokio::time::timeout(Duration::from_secs(5), server.done)
         .await
@@ -225,9 +222,9 @@ async fn an_unanswered_ping_evicts_the_connection() {
     drop(pool.acquire(&addr).await.unwrap());
     assert_eq!(pool.snapshot()[0].connections, 1);
     freeze.send(()).unwrap();
-    eventually("keepalive to evict the connection", || {
-        pool.snapshot()[0].evictions.keepalive == 1
-    })
-    .await;
+    assert!(
+        eventually(WAIT, || pool.snapshot()[0].evictions.keepalive == 1).await,
+        "timed out waiting for keepalive to evict the connection"
+    );
     assert_eq!(pool.snapshot()[0].connections, 0);
 }

@@ -7,14 +7,12 @@
 //! same way. Clients bind their socket to a
 //! chosen loopback address first, standing for a pod IP.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
 use tidepool_agent::clients::ClientMap;
+use tidepool_testkit::*;
 use tokio::time::timeout;
 use tonic::Code;
 

@@ -3,12 +3,10 @@
 //! HTTP/1, non-gRPC requests, malformed HTTP/2, and configurations that
 //! clash. Other clients keep being served throughout.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
+use tidepool_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

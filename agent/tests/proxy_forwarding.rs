@@ -3,13 +3,11 @@
 //! details, deadlines, cancellation, large and compressed messages, flow
 //! control and long-lived streams.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
+use tidepool_testkit::*;
 use tokio::time::timeout;
 use tonic::Code;
 use tonic::metadata::MetadataValue;

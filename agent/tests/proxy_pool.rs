@@ -3,15 +3,13 @@
 //! killed backend fails only its own streams and leaks nothing, settings
 //! change live without cutting streams, and 10,000 concurrent streams pass.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
 use tidepool_agent::config::ProxyOptions;
+use tidepool_testkit::*;
 use tokio::time::timeout;
 use tonic::Code;
 

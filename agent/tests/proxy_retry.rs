@@ -7,16 +7,14 @@
 //! is proven on the server side; `tidepool_proxy_retries_total` counts the
 //! retries.
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::Reason;
-use support::*;
 use tidepool_agent::app::App;
+use tidepool_testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;

@@ -3,16 +3,14 @@
 //! configuration kept, the admin endpoints, and the real binary serving and
 //! draining on SIGTERM.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
 use tidepool_agent::standalone;
+use tidepool_testkit::*;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
