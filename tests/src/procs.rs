@@ -466,6 +466,23 @@ impl Operator {
     pub async fn metric(&self, name: &str) -> Result<f64> {
         metric(self.admin, name).await
     }
+
+    /// Agents with an open control stream now
+    /// (`tidepool_operator_connected_agents`); `None` when the metric
+    /// cannot be read.
+    pub async fn connected_agents(&self) -> Option<f64> {
+        self.metric("tidepool_operator_connected_agents").await.ok()
+    }
+
+    /// Waits at most `limit` until exactly `n` agents have an open control
+    /// stream; the error carries the operator's log.
+    pub async fn wait_connected(&self, n: usize, limit: Duration) -> Result<()> {
+        eventually(limit, &format!("{n} agents connected"), || async {
+            (self.connected_agents().await? == n as f64).then_some(())
+        })
+        .await
+        .with_context(|| format!("operator log:\n{}", self.proc.log()))
+    }
 }
 
 /// Metric `name` on `admin`'s `/metrics` ([`metric_in`]).

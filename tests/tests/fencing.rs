@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use kube::api::Api;
 use tidepool_crds::ConnectionPool;
-use tidepool_e2e::objects::{apply_node, apply_service, apply_slice};
-use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
-use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin};
+use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually};
+use tidepool_e2e::setup;
+use tidepool_e2e::{cluster, kubectl};
 
 fn signal(op: &Operator, sig: &str) -> Result<()> {
     let pid = op.proc.pid().context("the operator is not running")?;
@@ -41,38 +41,10 @@ async fn lease_holder(ns: &str) -> String {
 
 #[tokio::test]
 async fn a_frozen_leader_writes_and_pushes_nothing_when_it_wakes() -> Result<()> {
-    ensure_crd().await?;
-    let ns = TestNamespace::new("fence").await?.name;
-    let client = cluster()?.client().await?;
-    let group = ("tidepool.dev/e2e-group", ns.as_str());
-    for n in 1..=2 {
-        apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
-    }
-    let port = free_port("127.0.0.2")?;
-    let _backend = tidepool_e2e::grpc::start_backend(
-        format!("127.0.0.2:{port}").parse()?,
-        Duration::from_millis(200),
-    )
-    .await?;
-    apply_service(&client, &ns, "api", &[("grpc", 50051)]).await?;
-    apply_slice(
-        &client,
-        &ns,
-        "api",
-        "api-2",
-        "grpc",
-        port,
-        &[(&published("127.0.0.2"), true)],
-    )
-    .await?;
-    let manifest = |max_streams: u32| {
-        format!(
-            "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: api, namespace: {ns}}}\nspec:\n  target: {{service: {{name: api, port: grpc}}}}\n  maxStreams: {max_streams}\n"
-        )
-    };
-    kubectl_stdin(&["apply", "-f", "-"], Some(&manifest(10)))
-        .await?
-        .ok()?;
+    let (ns, client) = setup::world("fence", 2).await?;
+    let _backend = setup::backends_behind_service(&client, &ns, 1).await?;
+    let spec = |max_streams: u32| format!("  maxStreams: {max_streams}\n");
+    setup::apply_pool(&ns, &spec(10)).await?;
 
     // Replica a leads (lease 3 s: renew deadline 2 s), b stands by.
     let a = Operator::start(&OperatorOptions {
@@ -126,9 +98,7 @@ async fn a_frozen_leader_writes_and_pushes_nothing_when_it_wakes() -> Result<()>
     .with_context(|| b.proc.log())?;
     // While a is frozen, the pool changes; b writes its view: the agent is
     // connected to a, not b, so b counts it as not synced.
-    kubectl_stdin(&["apply", "-f", "-"], Some(&manifest(20)))
-        .await?
-        .ok()?;
+    setup::apply_pool(&ns, &spec(20)).await?;
     eventually(
         Duration::from_secs(15),
         "b's status for generation 2",
@@ -226,13 +196,7 @@ async fn pump(
 
 #[tokio::test]
 async fn a_leader_cut_off_from_the_api_server_stops_acting_and_steps_down() -> Result<()> {
-    ensure_crd().await?;
-    let ns = TestNamespace::new("partition").await?.name;
-    let client = cluster()?.client().await?;
-    let group = ("tidepool.dev/e2e-group", ns.as_str());
-    for n in 1..=2 {
-        apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
-    }
+    let (ns, _) = setup::world("partition", 2).await?;
     // Replica a reaches the API server through the forwarder.
     let admin = std::fs::read_to_string(cluster()?.kubeconfig())?;
     let server = admin
@@ -271,14 +235,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_acting_and_steps_down() -> R
     )
     .await?;
     let mut first = Agent::start(&a, &format!("{ns}-n1"), "127.0.238.1").await?;
-    eventually(
-        Duration::from_secs(20),
-        "the agent connected to a",
-        || async {
-            (a.metric("tidepool_operator_connected_agents").await.ok()? == 1.0).then_some(())
-        },
-    )
-    .await?;
+    a.wait_connected(1, Duration::from_secs(20)).await?;
     first.proc.kill().await;
 
     // Cut a off: its renewals hang. b takes over once it has seen the

@@ -12,9 +12,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use tidepool_crds::ConnectionPool;
-use tidepool_e2e::objects::{PodExtras, apply_node, apply_pod_with, apply_service};
+use tidepool_e2e::objects::{PodExtras, apply_pod_with, apply_service};
 use tidepool_e2e::procs::{Operator, OperatorOptions, eventually};
-use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin};
+use tidepool_e2e::setup;
+use tidepool_e2e::{kubectl, kubectl_stdin};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -28,13 +29,7 @@ struct World {
 
 impl World {
     async fn new(prefix: &str) -> Result<Self> {
-        ensure_crd().await?;
-        let ns = TestNamespace::new(prefix).await?.name;
-        let client = cluster()?.client().await?;
-        let group = ("tidepool.dev/e2e-group", ns.as_str());
-        for n in 1..=3 {
-            apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
-        }
+        let (ns, client) = setup::world(prefix, 3).await?;
         let mut options = OperatorOptions::new(&ns);
         options.extra = vec![
             "--agent-selector".into(),
@@ -51,7 +46,7 @@ impl World {
     }
 
     fn node(&self, n: u8) -> String {
-        format!("{}-n{n}", self.ns)
+        setup::node(&self.ns, n)
     }
 
     /// Agent pod `agent-<n>` on node n at 10.9.0.<n>.

@@ -13,11 +13,10 @@ use anyhow::{Context as _, Result};
 use kube::api::Api;
 use tidepool_crds::ConnectionPool;
 use tidepool_e2e::grpc::{self, Backend};
-use tidepool_e2e::objects::{
-    apply_node, apply_pod, apply_service, apply_slice, delete_pod, delete_slice,
-};
+use tidepool_e2e::objects::{apply_pod, apply_service, apply_slice, delete_pod, delete_slice};
 use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
-use tidepool_e2e::{TestNamespace, cluster, ensure_crd, kubectl, kubectl_stdin};
+use tidepool_e2e::setup::{self, ServiceBackends};
+use tidepool_e2e::{TestNamespace, kubectl, kubectl_stdin};
 
 /// A test's world: namespace, nodes, backends, Service, operator, agents.
 struct World {
@@ -35,39 +34,10 @@ impl World {
     /// Three nodes with agents, `backends` backends on 127.0.0.2.. (one
     /// port), Service `api` (port `grpc` 50051) with one EndpointSlice per
     /// backend.
-    async fn new(prefix: &str, backends: usize) -> Result<Self> {
-        ensure_crd().await?;
-        let ns = TestNamespace::new(prefix).await?.name;
-        let client = cluster()?.client().await?;
-        let group = ("tidepool.dev/e2e-group", ns.as_str());
-        for n in 1..=3 {
-            apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
-        }
-        let port = free_port("127.0.0.2")?;
-        let mut world_backends = Vec::new();
-        for i in 0..backends {
-            world_backends.push(
-                grpc::start_backend(
-                    format!("127.0.0.{}:{port}", i + 2).parse()?,
-                    Duration::from_millis(200),
-                )
-                .await?,
-            );
-        }
-        apply_service(&client, &ns, "api", &[("grpc", 50051)]).await?;
-        for i in 0..backends {
-            let ip = published(&format!("127.0.0.{}", i + 2));
-            apply_slice(
-                &client,
-                &ns,
-                "api",
-                &format!("api-{}", i + 2),
-                "grpc",
-                port,
-                &[(&ip, true)],
-            )
-            .await?;
-        }
+    async fn new(prefix: &str, backends: u8) -> Result<Self> {
+        let (ns, client) = setup::world(prefix, 3).await?;
+        let ServiceBackends { port, backends } =
+            setup::backends_behind_service(&client, &ns, backends).await?;
         let operator = Operator::start(&OperatorOptions::new(&ns)).await?;
         // Each test's agents get their own loopback block, as nodes have
         // their own IPs.
@@ -76,41 +46,19 @@ impl World {
                 .bytes()
                 .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
                 % 200) as u8;
-        let mut agents = Vec::new();
-        for n in 1..=3 {
-            agents.push(
-                Agent::start(
-                    &operator,
-                    &format!("{ns}-n{n}"),
-                    &format!("127.0.{block}.{n}"),
-                )
-                .await?,
-            );
-        }
+        let agents = setup::start_agents(&operator, block, 1..=3).await?;
         // Every agent's control stream is open before a test starts its
         // clock: an agent that dialed while the operator was still settling
         // redials after a backoff, which is not what "apply reaches every
         // agent within 2 s" measures.
-        eventually(
-            Duration::from_secs(30),
-            "every agent connected to the operator",
-            || async {
-                let connected = operator
-                    .metric("tidepool_operator_connected_agents")
-                    .await
-                    .ok()?;
-                (connected == 3.0).then_some(())
-            },
-        )
-        .await
-        .with_context(|| operator.proc.log())?;
+        operator.wait_connected(3, Duration::from_secs(30)).await?;
         Ok(Self {
             ns,
             block,
             client,
             operator,
             agents,
-            backends: world_backends,
+            backends,
             port,
         })
     }
@@ -120,14 +68,7 @@ impl World {
     }
 
     async fn apply_pool(&self, spec: &str) -> Result<()> {
-        let manifest = format!(
-            "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata:\n  name: api\n  namespace: {}\nspec:\n  target: {{service: {{name: api, port: grpc}}}}\n{spec}",
-            self.ns
-        );
-        kubectl_stdin(&["apply", "-f", "-"], Some(&manifest))
-            .await?
-            .ok()?;
-        Ok(())
+        setup::apply_pool(&self.ns, spec).await
     }
 
     async fn pool(&self) -> Result<ConnectionPool> {
@@ -168,19 +109,10 @@ impl World {
         status: &str,
         limit: Duration,
     ) -> Result<ConnectionPool> {
-        eventually(limit, &format!("condition {type_}={status}"), || async {
-            let p = self.pool().await.ok()?;
-            let c = p
-                .status
-                .as_ref()?
-                .conditions
-                .iter()
-                .find(|c| c.type_ == type_)?;
-            // Only a condition about the current generation counts.
-            (c.status == status && c.observed_generation == p.metadata.generation).then_some(p)
-        })
-        .await
-        .map_err(|e| self.explain(e))
+        let pools = Api::<ConnectionPool>::namespaced(self.client.clone(), &self.ns);
+        setup::condition(&pools, "api", type_, status, limit)
+            .await
+            .map_err(|e| self.explain(e))
     }
 
     /// An error with the processes' logs and the pool's status attached.

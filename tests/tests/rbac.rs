@@ -13,8 +13,8 @@ use kube::api::Api;
 use tidepool_crds::ConnectionPool;
 use tidepool_e2e::grpc;
 use tidepool_e2e::helm::{chart_dir, helm};
-use tidepool_e2e::objects::{apply_node, apply_service, apply_slice};
-use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually, free_port, published};
+use tidepool_e2e::procs::{Agent, Operator, OperatorOptions, eventually};
+use tidepool_e2e::setup;
 use tidepool_e2e::{TestNamespace, cluster, kubectl, kubectl_stdin};
 
 const SA: &str = "tp-tidepool-operator";
@@ -49,24 +49,6 @@ async fn helm_install(ns: &str) -> Result<()> {
         .ok()
         .context("helm install failed")?;
     Ok(())
-}
-
-async fn ready(api: &Api<ConnectionPool>, limit: Duration) -> Result<ConnectionPool> {
-    eventually(
-        limit,
-        "the pool's Ready=True for its generation",
-        || async {
-            let p = api.get("api").await.ok()?;
-            let c = p
-                .status
-                .as_ref()?
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")?;
-            (c.status == "True" && c.observed_generation == p.metadata.generation).then_some(p)
-        },
-    )
-    .await
 }
 
 #[tokio::test]
@@ -109,27 +91,8 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
     }
 
     // The world: two nodes, one backend behind Service `api`.
-    let group = ("tidepool.dev/e2e-group", ns.as_str());
-    for n in 1..=2 {
-        apply_node(&client, &format!("{ns}-n{n}"), &[group]).await?;
-    }
-    let port = free_port("127.0.0.2")?;
-    let _backend = grpc::start_backend(
-        format!("127.0.0.2:{port}").parse()?,
-        Duration::from_millis(200),
-    )
-    .await?;
-    apply_service(&client, &ns, "api", &[("grpc", 50051)]).await?;
-    apply_slice(
-        &client,
-        &ns,
-        "api",
-        "api-2",
-        "grpc",
-        port,
-        &[(&published("127.0.0.2"), true)],
-    )
-    .await?;
+    setup::add_nodes(&client, &ns, 1..=2).await?;
+    let _backend = setup::backends_behind_service(&client, &ns, 1).await?;
 
     let options = OperatorOptions {
         // The chart's own objects and ServiceAccount.
@@ -139,21 +102,12 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
     };
     let operator = Operator::spawn_as(&options, &kubeconfig).await?;
     operator.wait_ready().await?;
-    let mut agents = Vec::new();
-    for n in 1..=2 {
-        agents
-            .push(Agent::start(&operator, &format!("{ns}-n{n}"), &format!("127.0.250.{n}")).await?);
-    }
-    let manifest = format!(
-        "apiVersion: tidepool.dev/v1alpha1\nkind: ConnectionPool\nmetadata: {{name: api, namespace: {ns}}}\nspec:\n  target: {{service: {{name: api, port: grpc}}}}\n"
-    );
-    kubectl_stdin(&["apply", "-f", "-"], Some(&manifest))
-        .await?
-        .ok()?;
+    let agents = setup::start_agents(&operator, 250, 1..=2).await?;
+    setup::apply_pool(&ns, "").await?;
 
     // The main scenario, as the chart's ServiceAccount.
     let api: Api<ConnectionPool> = Api::namespaced(client.clone(), &ns);
-    let pool = ready(&api, Duration::from_secs(30))
+    let pool = setup::condition(&api, "api", "Ready", "True", Duration::from_secs(30))
         .await
         .with_context(|| format!("operator log:\n{}", operator.proc.log()))?;
     let agents_status = pool
@@ -299,7 +253,7 @@ async fn the_chart_grants_the_operator_enough_and_a_missing_rule_shows() -> Resu
     kubectl_stdin(&["replace", "-f", "-"], Some(&role.to_string()))
         .await?
         .ok()?;
-    apply_node(&client, &format!("{ns}-n3"), &[group]).await?;
+    setup::add_nodes(&client, &ns, 3..=3).await?;
     let late = Agent::start(&operator, &format!("{ns}-n3"), "127.0.250.3").await?;
     eventually(
         Duration::from_secs(30),

@@ -30,26 +30,15 @@ use tidepool_crds::control::pb::control_client::ControlClient;
 use tidepool_e2e::identity::{
     AGENT_SA, AUDIENCE, agent_token, apply_pod, apply_service_account, token,
 };
-use tidepool_e2e::objects::apply_node;
 use tidepool_e2e::procs::{Agent, Join, Operator, OperatorOptions, eventually};
-use tidepool_e2e::{TestNamespace, cluster, ensure_crd};
+use tidepool_e2e::{cluster, setup};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// A namespace with nodes `<ns>-n1..n<nodes>` and the agent ServiceAccount.
-async fn world(prefix: &str, nodes: usize) -> Result<(String, kube::Client)> {
-    ensure_crd().await?;
-    let ns = TestNamespace::new(prefix).await?.name;
-    let client = cluster()?.client().await?;
-    for n in 1..=nodes {
-        apply_node(
-            &client,
-            &format!("{ns}-n{n}"),
-            &[("tidepool.dev/e2e-group", ns.as_str())],
-        )
-        .await?;
-    }
+async fn world(prefix: &str, nodes: u8) -> Result<(String, kube::Client)> {
+    let (ns, client) = setup::world(prefix, nodes).await?;
     apply_service_account(&client, &ns, AGENT_SA).await?;
     Ok((ns, client))
 }
@@ -129,20 +118,6 @@ fn refused(r: Result<(), tonic::Status>, code: Code, needle: &str, what: &str) -
     }
 }
 
-async fn connected(op: &Operator) -> f64 {
-    op.metric("tidepool_operator_connected_agents")
-        .await
-        .unwrap_or(-1.0)
-}
-
-async fn wait_connected(op: &Operator, n: f64) -> Result<()> {
-    eventually(Duration::from_secs(30), "agents connected", || async {
-        (connected(op).await == n).then_some(())
-    })
-    .await
-    .with_context(|| op.proc.log())
-}
-
 /// A log without its colours.
 fn plain(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
@@ -218,7 +193,7 @@ async fn every_identity_but_the_agents_own_is_refused_with_its_code() -> Result<
     // A short cache, for the revocation case at the end.
     let op = Operator::start(&options(&ns, &["--token-review-cache-ttl=1s"])).await?;
     let mut good = Agent::start(&op, &n1, "127.0.241.1").await?;
-    wait_connected(&op, 1.0).await?;
+    op.wait_connected(1, Duration::from_secs(30)).await?;
 
     let t1 = agent_token(&client, &ns, AGENT_SA, &n1).await?;
     let t2 = agent_token(&client, &ns, AGENT_SA, &n2).await?;
@@ -360,7 +335,7 @@ async fn every_identity_but_the_agents_own_is_refused_with_its_code() -> Result<
             .with_context(|| format!("no refusal counted as {reason}"))?;
         assert!(n >= 1.0, "{reason}: {n}");
     }
-    wait_connected(&op, 1.0).await?;
+    op.wait_connected(1, Duration::from_secs(30)).await?;
     assert_eq!(
         sessions(&op, &n1).1,
         0,
@@ -386,7 +361,7 @@ async fn sessions_end_with_their_token_and_agents_rejoin_with_the_refreshed_one(
     let n1 = format!("{ns}-n1");
     let op = Operator::start(&options(&ns, &["--control-max-session=3s"])).await?;
     let agent = Agent::start(&op, &n1, "127.0.242.1").await?;
-    wait_connected(&op, 1.0).await?;
+    op.wait_connected(1, Duration::from_secs(30)).await?;
     eventually(
         Duration::from_secs(10),
         "the first snapshot acknowledged",
@@ -410,7 +385,7 @@ async fn sessions_end_with_their_token_and_agents_rejoin_with_the_refreshed_one(
     )
     .await
     .with_context(|| op.proc.log())?;
-    wait_connected(&op, 1.0).await?;
+    op.wait_connected(1, Duration::from_secs(30)).await?;
     // The agent rejoined each time, with the new token's id in the log...
     let credentials: std::collections::BTreeSet<String> = plain(&op.proc.log())
         .lines()
@@ -443,7 +418,7 @@ async fn the_tls_port_refuses_plain_text_and_stalled_handshakes() -> Result<()> 
     let (n1, n2, n3) = (format!("{ns}-n1"), format!("{ns}-n2"), format!("{ns}-n3"));
     let op = Operator::start(&options(&ns, &["--tls-handshake-timeout=2s"])).await?;
     let _good = Agent::start(&op, &n1, "127.0.243.1").await?;
-    wait_connected(&op, 1.0).await?;
+    op.wait_connected(1, Duration::from_secs(30)).await?;
     // An h2c agent (what this version's agents spoke before TLS).
     let plain = Agent::start_with(
         &Join {
@@ -500,7 +475,7 @@ async fn the_tls_port_refuses_plain_text_and_stalled_handshakes() -> Result<()> 
         .await
             >= 50.0
     );
-    assert_eq!(connected(&op).await, 1.0);
+    assert_eq!(op.connected_agents().await, Some(1.0));
     assert_eq!(
         sessions(&op, &n2).0,
         0,
@@ -582,7 +557,7 @@ async fn agents_refuse_an_operator_they_do_not_trust_and_never_send_it_a_token()
         metric_or_zero(&real, "tidepool_operator_token_reviews_total").await,
         reviews
     );
-    assert_eq!(connected(&real).await, 0.0);
+    assert_eq!(real.connected_agents().await, Some(0.0));
     Ok(())
 }
 
@@ -613,7 +588,7 @@ async fn certificates_rotate_and_the_ca_rolls_over_without_dropping_agents() -> 
     .await?;
     let _a1 = Agent::start(&op, &n1, "127.0.245.1").await?;
     let _a2 = Agent::start(&op, &n2, "127.0.245.2").await?;
-    wait_connected(&op, 2.0).await?;
+    op.wait_connected(2, Duration::from_secs(30)).await?;
     // Two serving-certificate renewals (at half of 10 s each).
     eventually(
         Duration::from_secs(30),
@@ -676,7 +651,7 @@ async fn certificates_rotate_and_the_ca_rolls_over_without_dropping_agents() -> 
     .await
     .with_context(|| op.proc.log())?;
     // Throughout, the agents' streams stayed up: one session each.
-    assert_eq!(connected(&op).await, 2.0);
+    assert_eq!(op.connected_agents().await, Some(2.0));
     for n in [&n1, &n2] {
         assert_eq!(sessions(&op, n), (1, 0), "{n}:\n{}", op.proc.log());
     }
