@@ -15,8 +15,9 @@ mapfile -t targets < <(PATH="$fuzz_bin:$PATH" cargo "+$toolchain" fuzz list --fu
 out="$target_dir/x86_64-unknown-linux-gnu/release"
 
 . scripts/lib/bin-cache.sh
+# shellcheck disable=SC2086 # $sources is a list of paths without spaces
 key=$(printf '%s\n' "${targets[*]}" "$(rustup run "$toolchain" rustc -vV)" "$("$fuzz_bin/cargo-fuzz" --version)" |
-  bin_cache_key Cargo.toml Cargo.lock crds operator agent fuzz/Cargo.toml fuzz/Cargo.lock fuzz/src fuzz/fuzz_targets)
+  bin_cache_key $sources fuzz/Cargo.toml fuzz/Cargo.lock fuzz/src fuzz/fuzz_targets)
 if ! bin_cache_restore fuzz "$key" "$out" "${targets[@]}"; then
   PATH="$fuzz_bin:$PATH" cargo "+$toolchain" fuzz build --fuzz-dir fuzz --target-dir "$target_dir" >&2
   bin_cache_store fuzz "$key" "$out" "${targets[@]}"

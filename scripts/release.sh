@@ -22,8 +22,9 @@ rustflags="${RUSTFLAGS:-} -C target-feature=+crt-static"
 out="${CARGO_TARGET_DIR:-target}/$target/release"
 
 . scripts/lib/bin-cache.sh
+# shellcheck disable=SC2086 # $sources is a list of paths without spaces
 key=$(printf '%s\n' "$target" "$rustflags" "${bins[*]}" "$(rustc -vV)" |
-  bin_cache_key Cargo.toml Cargo.lock crds operator agent tests/Cargo.toml tests/src)
+  bin_cache_key $sources tests/Cargo.toml tests/src)
 if bin_cache_restore release "$key" "$out" "${bins[@]}"; then
   for bin in "${bins[@]}"; do echo "$out/$bin"; done
   exit 0

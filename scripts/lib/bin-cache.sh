@@ -13,6 +13,12 @@
 # TIDEPOOL_BIN_CACHE=0 turns it off (restore always misses, store does
 # nothing); so does a directory that is not a git checkout.
 
+# What the product's binaries are built from: the workspace manifest and
+# lock, and each library crate's manifest, build script and sources (not
+# its tests or benches, which no binary contains).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+sources="Cargo.toml Cargo.lock common/Cargo.toml common/src crds/Cargo.toml crds/build.rs crds/proto crds/src operator/Cargo.toml operator/src agent/Cargo.toml agent/src"
+
 bin_cache_root="${TIDEPOOL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tidepool}/bin-cache"
 
 bin_cache_key() {
