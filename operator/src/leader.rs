@@ -418,6 +418,13 @@ mod tests {
                 let _ = self.answer.send(response);
             }
 
+            /// Answers with `status` and the object the request sent, as
+            /// the API server answers a create or an update that succeeds.
+            pub fn echo(self, status: StatusCode) {
+                let body = self.body.clone();
+                self.respond(status, &body);
+            }
+
             /// A Kubernetes error Status with `code` and `reason`.
             pub fn fail(self, code: u16, reason: &str) {
                 let status = serde_json::json!({
@@ -522,8 +529,7 @@ mod tests {
         assert_eq!(create.body["spec"]["holderIdentity"], "me");
         assert_eq!(create.body["spec"]["leaseDurationSeconds"], 15);
         assert_eq!(create.body["spec"]["leaseTransitions"], 0);
-        let body = create.body.clone();
-        create.respond(StatusCode::CREATED, &body);
+        create.echo(StatusCode::CREATED);
         assert!(task.await.unwrap().unwrap(), "the creator holds the lease");
         server.nothing_more().await;
     }
@@ -587,8 +593,7 @@ mod tests {
             put.body["spec"]["acquireTime"], "2026-12-01T10:00:00.000000Z",
             "a new holder's acquireTime is its own"
         );
-        let body = put.body.clone();
-        put.respond(StatusCode::OK, &body);
+        put.echo(StatusCode::OK);
         assert!(task.await.unwrap().unwrap());
         server.nothing_more().await;
     }
@@ -640,8 +645,7 @@ mod tests {
         );
         assert_eq!(put.body["spec"]["leaseTransitions"], 2);
         assert_ne!(put.body["spec"]["renewTime"], "2026-12-01T10:00:05.000000Z");
-        let body = put.body.clone();
-        put.respond(StatusCode::OK, &body);
+        put.echo(StatusCode::OK);
         assert!(task.await.unwrap().unwrap());
         server.nothing_more().await;
     }
@@ -666,8 +670,7 @@ mod tests {
         assert_eq!(put.method, Method::PUT);
         assert_eq!(put.body["spec"]["holderIdentity"], serde_json::Value::Null);
         assert_eq!(put.body["spec"]["renewTime"], serde_json::Value::Null);
-        let body = put.body.clone();
-        put.respond(StatusCode::OK, &body);
+        put.echo(StatusCode::OK);
         task.await.unwrap();
         server.nothing_more().await;
     }
@@ -683,8 +686,7 @@ mod tests {
         // It takes the lease.
         server.next().await.fail(404, "NotFound");
         let create = server.next().await;
-        let body = create.body.clone();
-        create.respond(StatusCode::CREATED, &body);
+        create.echo(StatusCode::CREATED);
         led.wait_for(|l| *l).await.unwrap();
         assert!(fence.holds());
         // From now on the API server hangs: every call is left unanswered.
