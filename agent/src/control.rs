@@ -135,6 +135,7 @@ pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
                 idle: count(a.idle),
                 streams: count(a.streams),
                 overflow: count(a.overflow),
+                observed: None,
             })
             .collect(),
     }

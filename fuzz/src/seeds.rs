@@ -196,6 +196,7 @@ pub fn all() -> Vec<Seed> {
                     idle: 1,
                     streams: 25,
                     overflow: 0,
+                    observed: None,
                 })
                 .into(),
         }],

@@ -737,6 +737,7 @@ mod tests {
                         idle: 0,
                         streams: *streams,
                         overflow: 0,
+                        observed: None,
                     })
                     .collect(),
             }],

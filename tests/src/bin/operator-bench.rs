@@ -141,6 +141,7 @@ impl Apply for SimAgent {
                                 idle: i64::from(streams == 0),
                                 streams,
                                 overflow: 0,
+                                observed: None,
                             }
                         })
                         .collect(),
