@@ -189,6 +189,8 @@ pub fn spec_from_pb(pool: &str, spec: pb::PoolSpec) -> Result<ConnectionPoolSpec
         listen_port: spec.listen_port,
         // The operator's concern alone: agents serve `listen_port`.
         node_local_service: None,
+        // The operator's concern alone: agents run the settings they are sent.
+        tuning: None,
         // Absent (an operator built before the field): every client.
         clients: spec.clients.map(|c| Clients {
             namespaces: c.namespaces.into_iter().map(NamespaceName).collect(),

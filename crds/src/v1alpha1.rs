@@ -54,6 +54,7 @@ pub const MAX_CLIENT_NAMESPACES: usize = 64;
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.agents.desired","description":"Agents that should run this pool"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Every desired agent runs the current generation and the pool has addresses"}"#,
     printcolumn = r#"{"name":"Local","type":"string","jsonPath":".status.conditions[?(@.type==\"LocalService\")].status","description":"The node-local Service reaches a ready agent on every node (empty: the pool has none)"}"#,
+    printcolumn = r#"{"name":"Advice","type":"string","jsonPath":".status.recommendation.summary","description":"ok when the settings running match the tuning advice; else the settings that differ, or how much is still to observe"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -148,6 +149,87 @@ pub struct ConnectionPoolSpec {
     /// backend is dialed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clients: Option<Clients>,
+
+    /// Tuning advice from observed occupancy. The operator always writes a
+    /// recommendation for `size`, `maxIdle`, `maxStreams` and `whenFull` in
+    /// `status.recommendation`; with `mode: Apply` it also runs it, within
+    /// the bounds set here. Unset: `mode: Recommend`, no bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<Tuning>,
+}
+
+/// Whether the operator applies its tuning advice, and within what bounds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.size) || !has(self.size.min) || !has(self.size.max) || self.size.min <= self.size.max")
+    .message(Message::Expression("'spec.tuning.size.min (' + string(self.size.min) + ') must be less than or equal to spec.tuning.size.max (' + string(self.size.max) + ')'".into()))
+    .field_path(".size.min")
+    .reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.maxIdle) || !has(self.maxIdle.min) || !has(self.maxIdle.max) || self.maxIdle.min <= self.maxIdle.max")
+    .message(Message::Expression("'spec.tuning.maxIdle.min (' + string(self.maxIdle.min) + ') must be less than or equal to spec.tuning.maxIdle.max (' + string(self.maxIdle.max) + ')'".into()))
+    .field_path(".maxIdle.min")
+    .reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.maxStreams) || !has(self.maxStreams.min) || !has(self.maxStreams.max) || self.maxStreams.min <= self.maxStreams.max")
+    .message(Message::Expression("'spec.tuning.maxStreams.min (' + string(self.maxStreams.min) + ') must be less than or equal to spec.tuning.maxStreams.max (' + string(self.maxStreams.max) + ')'".into()))
+    .field_path(".maxStreams.min")
+    .reason(Reason::FieldValueInvalid))]
+pub struct Tuning {
+    /// `Recommend` (the default) only writes the advice to
+    /// `status.recommendation`. `Apply` also runs it: the operator sends
+    /// agents the recommended settings in place of the spec's (which stay
+    /// as written, the starting point), at most once per tuning interval
+    /// (the operator's `--tuning-interval`, 10m by default), live, and
+    /// records each change in `status.tuned` and as an Event.
+    #[serde(default)]
+    pub mode: TuningMode,
+
+    /// Bounds for the advised `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Bounds>,
+
+    /// Bounds for the advised `maxIdle`; it never exceeds the advised size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle: Option<Bounds>,
+
+    /// Bounds for the advised `maxStreams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<Bounds>,
+}
+
+/// Whether tuning advice is applied.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TuningMode {
+    /// Write the advice in `status.recommendation` only.
+    #[default]
+    Recommend,
+    /// Write it and run it, within the bounds.
+    Apply,
+}
+
+/// The range a tuned setting is kept in, both ends included.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Bounds {
+    /// The smallest value advised; unset: no lower bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub min: Option<i32>,
+    /// The largest value advised; unset: no upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max: Option<i32>,
+}
+
+impl Bounds {
+    /// `value` kept within the bounds (`min` wins if they cross, which
+    /// admission refuses).
+    pub fn clamp(bounds: Option<&Self>, value: i32) -> i32 {
+        let Some(b) = bounds else {
+            return value;
+        };
+        let value = b.max.map_or(value, |max| value.min(max));
+        b.min.map_or(value, |min| value.max(min))
+    }
 }
 
 /// The node-local Service of a pool.
@@ -325,6 +407,75 @@ pub struct ConnectionPoolStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub addresses: Vec<AddressStatus>,
+
+    /// Tuning advice from the occupancy agents observed over their window:
+    /// each setting with the reason and the numbers behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommendation: Option<Recommendation>,
+
+    /// With `spec.tuning.mode: Apply`, the settings the operator runs in
+    /// place of the spec's, and when it last changed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned: Option<Tuned>,
+}
+
+/// Tuning advice for a pool.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    /// `ok` when the settings running match the advice; else the settings
+    /// that differ (`size 100→4, maxStreams 20→100`), or `observing 2m/10m`
+    /// until enough was observed, or `no traffic`.
+    pub summary: String,
+    /// How long the agents have observed (the longest any of them has, up
+    /// to their window), such as `10m0s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<String>,
+    /// The advised `size`; unset until there is advice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i32>,
+    /// The advised `maxIdle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle: Option<i32>,
+    /// The advised `maxStreams`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<i32>,
+    /// The advised `whenFull`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_full: Option<WhenFull>,
+    /// Why, per setting, with the numbers behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<Reasons>,
+}
+
+/// One short reason per advised setting.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reasons {
+    /// Why this `size`.
+    pub size: String,
+    /// Why this `maxIdle`.
+    pub max_idle: String,
+    /// Why this `maxStreams`.
+    pub max_streams: String,
+    /// Why this `whenFull`.
+    pub when_full: String,
+}
+
+/// The settings `spec.tuning.mode: Apply` runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tuned {
+    /// The `size` running.
+    pub size: i32,
+    /// The `maxIdle` running.
+    pub max_idle: i32,
+    /// The `maxStreams` running.
+    pub max_streams: i32,
+    /// The `whenFull` running.
+    pub when_full: WhenFull,
+    /// When the operator last changed them.
+    pub applied_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 }
 
 /// Agents for a pool.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::v1alpha1::{
-    ConnectionPoolSpec, MAX_CLIENT_NAMESPACES, MAX_STATIC_ADDRESSES, effective_max_idle,
+    Bounds, ConnectionPoolSpec, MAX_CLIENT_NAMESPACES, MAX_STATIC_ADDRESSES, effective_max_idle,
 };
 
 /// One rule a field breaks.
@@ -296,6 +296,28 @@ impl ConnectionPoolSpec {
             );
         }
 
+        if let Some(tuning) = &self.tuning {
+            for (field, bounds) in [
+                ("size", tuning.size),
+                ("maxIdle", tuning.max_idle),
+                ("maxStreams", tuning.max_streams),
+            ] {
+                if let Some(Bounds {
+                    min: Some(min),
+                    max: Some(max),
+                }) = bounds
+                    && min > max
+                {
+                    err(
+                        &format!("spec.tuning.{field}.min"),
+                        format!(
+                            "{min} must be less than or equal to spec.tuning.{field}.max ({max})"
+                        ),
+                    );
+                }
+            }
+        }
+
         if let Some(local) = &self.node_local_service {
             if let Err(m) = check_service_name(&local.name) {
                 err("spec.nodeLocalService.name", m);
@@ -427,6 +449,26 @@ mod tests {
     }
 
     #[test]
+    fn tuning_bounds_that_cross_are_refused_naming_both_fields() {
+        let s: ConnectionPoolSpec = serde_yaml::from_str(
+            "target: {addresses: ['10.0.0.1:50051']}\ntuning: {mode: Apply, size: {min: 8, max: 4}, maxIdle: {min: 2, max: 2}, maxStreams: {min: 50, max: 10}}",
+        )
+        .unwrap();
+        let errs = s.settings().unwrap_err().to_string();
+        assert!(
+            errs.contains("spec.tuning.size.min: 8 must be less than or equal to spec.tuning.size.max (4)"),
+            "{errs}"
+        );
+        assert!(errs.contains("spec.tuning.maxStreams.min: 50"), "{errs}");
+        assert!(!errs.contains("maxIdle"), "equal bounds are fine: {errs}");
+        let ok: ConnectionPoolSpec = serde_yaml::from_str(
+            "target: {addresses: ['10.0.0.1:50051']}\ntuning: {size: {min: 2}, maxStreams: {max: 100}}",
+        )
+        .unwrap();
+        assert!(ok.settings().is_ok());
+    }
+
+    #[test]
     fn max_idle_defaults_to_size_when_size_is_small() {
         let mut s = spec();
         s.size = 10;
@@ -536,6 +578,7 @@ mod tests {
             clients: Some(Clients {
                 namespaces: vec![NamespaceName("Shop".into())],
             }),
+            tuning: None,
         };
         let errs = s.settings().unwrap_err().0;
         let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
