@@ -456,7 +456,9 @@ mod tests {
         .unwrap();
         let errs = s.settings().unwrap_err().to_string();
         assert!(
-            errs.contains("spec.tuning.size.min: 8 must be less than or equal to spec.tuning.size.max (4)"),
+            errs.contains(
+                "spec.tuning.size.min: 8 must be less than or equal to spec.tuning.size.max (4)"
+            ),
             "{errs}"
         );
         assert!(errs.contains("spec.tuning.maxStreams.min: 50"), "{errs}");

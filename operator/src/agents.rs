@@ -18,6 +18,7 @@ use tidepool_crds::control::pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::advice::{Absurd, Observed, count};
 use crate::desired::Snapshot;
 
 /// A snapshot sent and not yet answered.
@@ -118,6 +119,52 @@ pub struct AddressUsage {
     pub streams: i64,
     /// Open overflow connections.
     pub overflow: i64,
+    /// What the agent observed of the address over its window, checked;
+    /// `None` from an agent built before observations, and for an address
+    /// the pool does not resolve on the node.
+    pub observed: Option<Observed>,
+}
+
+/// Why part of a report was ignored: the `reason` label of
+/// `tidepool_operator_report_values_ignored_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ignored {
+    /// A value was absurd; the address's entry was dropped.
+    Absurd(Absurd),
+    /// A pool the node does not run (or another uid of it); dropped.
+    UnknownPool,
+    /// An address the pool does not resolve on the node, such as a
+    /// removed one still draining: its occupancy is kept, its observation
+    /// is not used for advice.
+    UnknownAddress,
+}
+
+impl Ignored {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Absurd(a) => a.as_str(),
+            Self::UnknownPool => "unknown_pool",
+            Self::UnknownAddress => "unknown_address",
+        }
+    }
+}
+
+/// An address's entry, checked: every occupancy count in range and the
+/// observation sane. `Err` says why the entry is dropped.
+fn address_usage(a: pb::AddressReport, address: Arc<str>) -> Result<AddressUsage, Absurd> {
+    for n in [a.connections, a.busy, a.idle, a.streams, a.overflow] {
+        count(n)?;
+    }
+    Ok(AddressUsage {
+        address,
+        connections: a.connections,
+        busy: a.busy,
+        idle: a.idle,
+        streams: a.streams,
+        overflow: a.overflow,
+        observed: a.observed.as_ref().map(Observed::from_pb).transpose()?,
+    })
 }
 
 /// Shared strings for reports. Entries nobody else holds are dropped every
@@ -142,35 +189,36 @@ impl Interner {
         a
     }
 
-    fn store(&mut self, report: pb::Report) -> HashMap<Arc<str>, StoredReport> {
+    /// The report, stored; entries with absurd values are dropped and
+    /// named in `ignored`.
+    fn store(
+        &mut self,
+        report: pb::Report,
+        ignored: &mut Vec<Ignored>,
+    ) -> HashMap<Arc<str>, StoredReport> {
         self.reports += 1;
         if self.reports.is_multiple_of(PRUNE_EVERY) {
             self.set.retain(|a| Arc::strong_count(a) > 1);
         }
-        report
-            .pools
-            .into_iter()
-            .map(|p| {
-                let key = self.get(p.key());
-                let stored = StoredReport {
-                    uid: self.get(p.uid),
-                    generation: p.generation,
-                    addresses: p
-                        .addresses
-                        .into_iter()
-                        .map(|a| AddressUsage {
-                            address: self.get(a.address),
-                            connections: a.connections,
-                            busy: a.busy,
-                            idle: a.idle,
-                            streams: a.streams,
-                            overflow: a.overflow,
-                        })
-                        .collect(),
-                };
-                (key, stored)
-            })
-            .collect()
+        let mut out = HashMap::with_capacity(report.pools.len());
+        for p in report.pools {
+            let key = self.get(p.key());
+            let mut addresses = Vec::with_capacity(p.addresses.len());
+            for a in p.addresses {
+                let address = self.get(a.address.clone());
+                match address_usage(a, address) {
+                    Ok(usage) => addresses.push(usage),
+                    Err(absurd) => ignored.push(Ignored::Absurd(absurd)),
+                }
+            }
+            let stored = StoredReport {
+                uid: self.get(p.uid),
+                generation: p.generation,
+                addresses: addresses.into_boxed_slice(),
+            };
+            out.insert(key, stored);
+        }
+        out
     }
 }
 
@@ -415,23 +463,51 @@ impl Agents {
         }
     }
 
-    /// Stores a session's report, replacing the last.
-    pub fn report(&self, node: &str, session: u64, report: pb::Report) {
+    /// Stores a session's report, replacing the last, and says what of
+    /// it was ignored: entries with absurd values, pools the node does not
+    /// run (checked against what it acknowledged or was last sent), and
+    /// the observations of addresses the pool does not resolve there.
+    pub fn report(&self, node: &str, session: u64, report: pb::Report) -> Vec<Ignored> {
         // Converted before the registry is locked: sessions' answers and the
         // status writer do not wait for it.
-        let reports = self
+        let mut ignored = Vec::new();
+        let mut reports = self
             .interner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .store(report);
+            .store(report, &mut ignored);
         let mut inner = self.lock();
         let inner = &mut *inner;
-        if let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session)
-            && reports != agent.reports
-        {
+        let Some(agent) = inner.by_node.get_mut(node).filter(|a| a.session == session) else {
+            return ignored;
+        };
+        let runs = |key: &str| {
+            [
+                agent.applied.as_deref(),
+                agent.sent.as_ref().map(|s| &*s.snapshot),
+            ]
+            .into_iter()
+            .flatten()
+            .find_map(|snapshot| snapshot.pool(key))
+        };
+        reports.retain(|key, report| {
+            let Some(pool) = runs(key).filter(|p| *p.uid == *report.uid) else {
+                ignored.push(Ignored::UnknownPool);
+                return false;
+            };
+            for a in &mut report.addresses {
+                if a.observed.is_some() && !pool.addresses.iter().any(|r| *r == *a.address) {
+                    a.observed = None;
+                    ignored.push(Ignored::UnknownAddress);
+                }
+            }
+            true
+        });
+        if reports != agent.reports {
             agent.reports = reports;
             inner.changes += 1;
         }
+        ignored
     }
 
     /// A counter bumped by every change a status could show (sessions,

@@ -521,6 +521,7 @@ pub async fn run(
             desired: desired.clone(),
             agents: agents.clone(),
             interval: config.status_interval,
+            tuning: config.tuning,
             metrics: metrics.clone(),
             fence: fence.clone(),
             local: local_states.clone(),

@@ -41,6 +41,17 @@ pub struct Args {
     #[arg(long, env = "TIDEPOOL_STATUS_INTERVAL", default_value = "5s", value_parser = duration)]
     pub status_interval: Duration,
 
+    /// How long agents must have observed a pool before the operator
+    /// advises its settings (status.recommendation). At most the agents'
+    /// `--observe-window` is useful: they observe no longer than that.
+    #[arg(long, env = "TIDEPOOL_ADVICE_AFTER", default_value = "10m", value_parser = duration)]
+    pub advice_after: Duration,
+
+    /// The least time between two applies of advised settings to one pool
+    /// with `spec.tuning.mode: Apply`.
+    #[arg(long, env = "TIDEPOOL_TUNING_INTERVAL", default_value = "10m", value_parser = duration)]
+    pub tuning_interval: Duration,
+
     /// How long the desired pools must be quiet before a push.
     #[arg(long, env = "TIDEPOOL_PUSH_DEBOUNCE", default_value = "100ms", value_parser = duration)]
     pub push_debounce: Duration,
@@ -234,6 +245,8 @@ pub struct Config {
     pub node_selector: Option<String>,
     /// Least time between two status writes of a pool.
     pub status_interval: Duration,
+    /// Tuning advice and apply.
+    pub tuning: crate::advice::Options,
     /// Push debounce.
     pub push_debounce: Duration,
     /// Push fan-out bound.
@@ -396,6 +409,10 @@ impl Config {
             watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
             node_selector: args.node_selector.filter(|s| !s.is_empty()),
             status_interval: args.status_interval,
+            tuning: crate::advice::Options {
+                advice_after: args.advice_after,
+                interval: args.tuning_interval,
+            },
             push_debounce: args.push_debounce,
             push_concurrency: args.push_concurrency,
             leader,

@@ -33,7 +33,7 @@ use tracing::Instrument as _;
 use crate::agents::{Agents, Answer};
 use crate::auth::{Authenticator, Identity, Lookup, Refusal};
 use crate::desired::Desired;
-use crate::metrics::Metrics;
+use crate::metrics::{IgnoredLabel, Metrics};
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,7 +152,14 @@ pub fn receive(
         }
         Some(Kind::Report(report)) => {
             metrics.reports.inc();
-            agents.report(node, session, report);
+            for ignored in agents.report(node, session, report) {
+                metrics
+                    .report_values_ignored
+                    .get_or_create(&IgnoredLabel {
+                        reason: ignored.as_str(),
+                    })
+                    .inc();
+            }
         }
         other @ (Some(Kind::Hello(_)) | None) => {
             return Err(Status::invalid_argument(format!(

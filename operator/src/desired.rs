@@ -82,6 +82,21 @@ impl Snapshot {
         }
     }
 
+    /// The pool `key` (`namespace/name`), found by binary search: the
+    /// pools are sorted by that text.
+    pub fn pool(&self, key: &str) -> Option<&pb::Pool> {
+        self.pools
+            .binary_search_by(|p| {
+                p.namespace
+                    .bytes()
+                    .chain(std::iter::once(b'/'))
+                    .chain(p.name.bytes())
+                    .cmp(key.bytes())
+            })
+            .ok()
+            .map(|i| &self.pools[i])
+    }
+
     /// Whether this snapshot runs `key` with this uid at this generation.
     pub fn runs(&self, key: &str, uid: &str, generation: i64) -> bool {
         self.generations

@@ -41,6 +41,7 @@
 //! namespace), always need a ClusterRole.
 
 pub mod admin;
+pub mod advice;
 pub mod agents;
 pub mod app;
 pub mod auth;

@@ -118,6 +118,21 @@ pub struct LocalWriteLabel {
     pub result: WriteResult,
 }
 
+/// Why part of an agent's report was ignored.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredLabel {
+    /// `negative`, `overflow`, `inconsistent`, `unknown_pool` or
+    /// `unknown_address` ([`Ignored`](crate::agents::Ignored)).
+    pub reason: &'static str,
+}
+
+/// Where a pool's tuning advice stands.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdviceLabel {
+    /// `ok`, `differs`, `observing` or `no_traffic`.
+    pub state: &'static str,
+}
+
 /// Every metric the operator exports (prefix `tidepool_operator_`).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -172,6 +187,14 @@ pub struct Metrics {
     pub sessions_expired: Counter,
     /// Writes of node-local Services and their EndpointSlices.
     pub local_service_writes: Family<LocalWriteLabel, Counter>,
+    /// Parts of agents' reports ignored, by reason.
+    pub report_values_ignored: Family<IgnoredLabel, Counter>,
+    /// Pools by where their tuning advice stands.
+    pub pools_by_advice: Family<AdviceLabel, Gauge>,
+    /// Changes of a pool's advised settings (each also an Event).
+    pub advice_changes: Counter,
+    /// Tuned settings applied to pools with `spec.tuning.mode: Apply`.
+    pub tuning_applies: Counter,
 }
 
 impl Metrics {
@@ -203,6 +226,10 @@ impl Metrics {
             control_cert_expiry: Gauge::default(),
             control_cert_renewals: Counter::default(),
             sessions_expired: Counter::default(),
+            report_values_ignored: Family::default(),
+            pools_by_advice: Family::default(),
+            advice_changes: Counter::default(),
+            tuning_applies: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("operator");
         r.register(
@@ -270,6 +297,26 @@ impl Metrics {
             "local_service_writes",
             "Writes of node-local Services and their EndpointSlices, by object, operation and result",
             m.local_service_writes.clone(),
+        );
+        r.register(
+            "report_values_ignored",
+            "Parts of agents' occupancy reports ignored, by reason: an address entry with a negative, overflowing or inconsistent value (dropped), a pool the node does not run (dropped), an observation of an address the pool does not resolve there (not used for advice)",
+            m.report_values_ignored.clone(),
+        );
+        r.register(
+            "pools_by_advice",
+            "ConnectionPools by where their tuning advice stands: ok, differs, observing, no_traffic",
+            m.pools_by_advice.clone(),
+        );
+        r.register(
+            "advice_changes",
+            "Changes of a pool's advised settings",
+            m.advice_changes.clone(),
+        );
+        r.register(
+            "tuning_applies",
+            "Advised settings applied to pools with spec.tuning.mode Apply",
+            m.tuning_applies.clone(),
         );
         r.register(
             "status_writes",

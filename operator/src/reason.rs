@@ -46,5 +46,17 @@ tidepool_common::text_enum! {
         AgentSelectorMissing => "AgentSelectorMissing",
         /// A write of the node-local Service's objects failed.
         WriteFailed => "WriteFailed",
+        /// Not observed long enough for tuning advice.
+        Observing => "Observing",
+        /// Observed long enough, and no stream was seen.
+        NoTraffic => "NoTraffic",
+        /// The settings running match the tuning advice.
+        AsAdvised => "AsAdvised",
+        /// The settings running differ from the tuning advice.
+        AdviceDiffers => "AdviceDiffers",
+        /// The Event of a pool's advice that changed.
+        AdviceChanged => "AdviceChanged",
+        /// The Event of advised settings applied (`spec.tuning.mode: Apply`).
+        Tuned => "Tuned",
     }
 }

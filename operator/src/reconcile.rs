@@ -113,7 +113,9 @@ pub async fn reconcile(pool: Arc<ConnectionPool>, ctx: Arc<Context>) -> Result<A
         Ok(a) => (a, Ok(())),
         Err(e) => (Vec::new(), Err(e)),
     };
-    let mut wire = spec_to_pb(spec);
+    // With `spec.tuning.mode: Apply`, the tuned settings in place of the
+    // spec's (the status writer decides them; its write wakes this).
+    let mut wire = spec_to_pb(&crate::advice::running_spec(&pool));
     if let Some(port) = spec.listen_port
         && let Some(other) = listen_port_holder(&ctx.pools.state(), port)
         && other != key

@@ -21,15 +21,18 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
-use tidepool_crds::v1alpha1::{AddressStatus, AgentCounts, Totals};
+use tidepool_crds::v1alpha1::{
+    AddressStatus, AgentCounts, Bounds, Recommendation, Totals, Tuned, Tuning as TuningSpec,
+};
 use tidepool_crds::{ConnectionPool, ConnectionPoolStatus, PoolKey};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::advice::{self, Advice, Aggregate, Running, advise};
 use crate::agents::{Agent, Agents};
 use crate::desired::{Desired, Entry};
 use crate::local::LocalState;
-use crate::metrics::Metrics;
+use crate::metrics::{AdviceLabel, Metrics};
 use crate::reason::Reason;
 use crate::resolve::describe_target;
 
@@ -55,6 +58,8 @@ pub struct Inputs<'a> {
     pub agents: &'a HashMap<String, Agent>,
     /// What became of its node-local Service, if it asks for one.
     pub local: Option<&'a LocalState>,
+    /// How tuning advice is made and applied.
+    pub tuning: &'a advice::Options,
 }
 
 fn condition(
@@ -90,6 +95,7 @@ pub fn compute(
     let mut synced = 0;
     let mut rejections: Vec<(&str, &str)> = Vec::new();
     let mut by_address: BTreeMap<&str, AddressStatus> = BTreeMap::new();
+    let mut observed = Aggregate::default();
     for node in inputs.nodes {
         let Some(agent) = inputs.agents.get(node) else {
             continue;
@@ -122,6 +128,9 @@ pub fn compute(
                 s.streams = s.streams.saturating_add(a.streams);
                 s.overflow = s.overflow.saturating_add(a.overflow);
                 s.nodes = s.nodes.saturating_add(1);
+                if let Some(o) = &a.observed {
+                    observed.add(o);
+                }
             }
         }
     }
@@ -270,10 +279,12 @@ pub fn compute(
         ),
     };
 
+    let tuning = tune(pool, &observed, previous, inputs.tuning, &now);
     let mut conditions = vec![ready, distributed, degraded];
     if pool.spec.node_local_service.is_some() {
         conditions.push(local_condition(inputs, generation, &now));
     }
+    conditions.push(tuning.condition(pool, inputs.tuning, generation, &now));
     if let Some(previous) = previous {
         for c in &mut conditions {
             if let Some(old) = previous
@@ -296,6 +307,159 @@ pub fn compute(
         }),
         totals: Some(totals),
         addresses,
+        recommendation: Some(tuning.recommendation),
+        tuned: tuning.tuned,
+    }
+}
+
+/// A pool's advice and, with `mode: Apply`, the settings it runs.
+struct Tuning {
+    advice: Advice,
+    recommendation: Recommendation,
+    tuned: Option<Tuned>,
+}
+
+/// The advice for a pool and, when it applies advice, whether to apply it
+/// now: when it differs from what runs and the last apply is at least
+/// `--tuning-interval` old. Tuned settings are kept within the bounds
+/// even between applies (a bound the user moves takes effect at once).
+fn tune(
+    pool: &ConnectionPool,
+    observed: &Aggregate,
+    previous: Option<&ConnectionPoolStatus>,
+    options: &advice::Options,
+    now: &Time,
+) -> Tuning {
+    let spec = &pool.spec;
+    let bounds = spec.tuning.as_ref();
+    let previous_advice =
+        advice::previous_settings(previous.and_then(|p| p.recommendation.as_ref()));
+    let before = previous
+        .and_then(|p| p.tuned.as_ref())
+        .filter(|_| advice::applies(spec));
+    let running = before.map_or_else(|| Running::of_spec(spec), Running::of_tuned);
+    let advice = advise(
+        &running,
+        observed,
+        previous_advice.as_ref(),
+        bounds,
+        options.advice_after,
+    );
+    let tuned = if advice::applies(spec) {
+        let due = before.is_none_or(|t| {
+            now.0.as_second().saturating_sub(t.applied_at.0.as_second())
+                >= i64::try_from(options.interval.as_secs()).unwrap_or(i64::MAX)
+        });
+        match advice.settings() {
+            Some(a) if *a != running && due => Some(tuned(a, now)),
+            _ => before.map(|t| {
+                let kept = within(bounds, Running::of_tuned(t));
+                if kept == Running::of_tuned(t) {
+                    t.clone()
+                } else {
+                    tuned(&kept, now)
+                }
+            }),
+        }
+    } else {
+        None
+    };
+    let running = tuned.as_ref().map_or(running, Running::of_tuned);
+    Tuning {
+        recommendation: advice.to_status(&running),
+        advice,
+        tuned,
+    }
+}
+
+fn tuned(s: &Running, now: &Time) -> Tuned {
+    Tuned {
+        size: s.size,
+        max_idle: s.max_idle,
+        max_streams: s.max_streams,
+        when_full: s.when_full,
+        applied_at: now.clone(),
+    }
+}
+
+/// `s` within the spec's bounds, `maxIdle` at most `size`.
+fn within(tuning: Option<&TuningSpec>, s: Running) -> Running {
+    let size = Bounds::clamp(tuning.and_then(|t| t.size).as_ref(), s.size).max(1);
+    Running {
+        size,
+        max_idle: Bounds::clamp(tuning.and_then(|t| t.max_idle).as_ref(), s.max_idle).min(size),
+        max_streams: Bounds::clamp(tuning.and_then(|t| t.max_streams).as_ref(), s.max_streams)
+            .max(1),
+        when_full: s.when_full,
+    }
+}
+
+impl Tuning {
+    /// The `Tuned` condition: True when the settings running match the
+    /// advice, False when they differ, Unknown while observing or with no
+    /// traffic.
+    fn condition(
+        &self,
+        pool: &ConnectionPool,
+        options: &advice::Options,
+        generation: i64,
+        now: &Time,
+    ) -> Condition {
+        let (status, reason, message) = match &self.advice {
+            Advice::Observing { observed, needed } => (
+                "Unknown",
+                Reason::Observing,
+                format!(
+                    "agents have observed the pool for {} of the {} advice needs",
+                    advice::human(*observed),
+                    advice::human(*needed)
+                ),
+            ),
+            Advice::NoTraffic { observed } => (
+                "Unknown",
+                Reason::NoTraffic,
+                format!(
+                    "no stream in the last {}: nothing to advise",
+                    advice::human(*observed)
+                ),
+            ),
+            Advice::Advised { .. } if self.recommendation.summary == "ok" => (
+                "True",
+                Reason::AsAdvised,
+                if self.tuned.is_some() {
+                    "the tuned settings running match the advice".to_string()
+                } else {
+                    "the settings running match the advice".to_string()
+                },
+            ),
+            Advice::Advised { .. } => {
+                let next = match &self.tuned {
+                    Some(t) if advice::applies(&pool.spec) => {
+                        let at = t.applied_at.0.as_second().saturating_add(
+                            i64::try_from(options.interval.as_secs()).unwrap_or(i64::MAX),
+                        );
+                        let at = k8s_openapi::jiff::Timestamp::from_second(at)
+                            .map_or_else(|_| "later".to_string(), |t| t.to_string());
+                        format!("applied at {at}, a tuning interval after the last apply")
+                    }
+                    _ if advice::applies(&pool.spec) => "applied at the next status pass".into(),
+                    _ => "set them in the spec, or set spec.tuning.mode: Apply".into(),
+                };
+                (
+                    "False",
+                    Reason::AdviceDiffers,
+                    format!("advice differs: {}; {next}", self.recommendation.summary),
+                )
+            }
+        };
+        Condition {
+            type_: "Tuned".into(),
+            status: status.into(),
+            reason: reason.as_str().into(),
+            message,
+            observed_generation: Some(generation),
+            last_transition_time: now.clone(),
+        }
     }
 }
 
@@ -451,6 +615,59 @@ pub fn transitions(
             note: l.message.clone(),
         });
     }
+    // Tuning: advised settings that changed (hysteresis already kept
+    // small moves out), and tuned settings applied.
+    let advised = |s: Option<&ConnectionPoolStatus>| {
+        advice::previous_settings(s.and_then(|s| s.recommendation.as_ref()))
+    };
+    if let Some(now) = advised(Some(new))
+        && advised(old) != Some(now)
+        && let Some(r) = &new.recommendation
+    {
+        let was = advised(old).map_or_else(
+            || "first advice".to_string(),
+            |before| {
+                let changes = before.differences(&now);
+                format!("was {}", changes.join(", "))
+            },
+        );
+        let reasons = r
+            .reasons
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "size: {}; maxIdle: {}; maxStreams: {}; whenFull: {}",
+                    r.size, r.max_idle, r.max_streams, r.when_full
+                )
+            })
+            .unwrap_or_default();
+        out.push(Transition {
+            warning: false,
+            reason: Reason::AdviceChanged.as_str().into(),
+            note: format!(
+                "advice: size {}, maxIdle {}, maxStreams {}, whenFull {:?} ({was}); running: {}. {reasons}",
+                now.size, now.max_idle, now.max_streams, now.when_full, r.summary
+            ),
+        });
+    }
+    let tuned =
+        |s: Option<&ConnectionPoolStatus>| s.and_then(|s| s.tuned.as_ref()).map(Running::of_tuned);
+    if let Some(now) = tuned(Some(new))
+        && tuned(old) != Some(now)
+    {
+        let from = tuned(old).map_or_else(
+            || "from the spec's settings".to_string(),
+            |before| format!("({})", before.differences(&now).join(", ")),
+        );
+        out.push(Transition {
+            warning: false,
+            reason: Reason::Tuned.as_str().into(),
+            note: format!(
+                "applied size {}, maxIdle {}, maxStreams {}, whenFull {:?} {from}",
+                now.size, now.max_idle, now.max_streams, now.when_full
+            ),
+        });
+    }
     out
 }
 
@@ -476,6 +693,8 @@ pub struct StatusWriter {
     pub agents: Arc<Agents>,
     /// The least time between two writes of one pool's status.
     pub interval: Duration,
+    /// How tuning advice is made and applied.
+    pub tuning: advice::Options,
     /// Metrics.
     pub metrics: Metrics,
     /// Publishes Events.
@@ -574,6 +793,7 @@ impl StatusWriter {
         let live: BTreeSet<String> = pools.iter().map(|p| key_of(p)).collect();
         written.retain(|k, _| live.contains(k));
         let nodes: BTreeSet<String> = self.nodes.state().iter().map(|n| n.name_any()).collect();
+        self.count_advice(&pools, written);
         let now = Instant::now();
         let mut due = Vec::new();
         let mut held = false;
@@ -600,6 +820,7 @@ impl StatusWriter {
                     nodes: &nodes,
                     agents,
                     local: local.as_ref(),
+                    tuning: &self.tuning,
                 };
                 compute(
                     &inputs,
@@ -612,6 +833,33 @@ impl StatusWriter {
             }
         }
         (due, held)
+    }
+
+    /// Sets `tidepool_operator_pools_by_advice` from the statuses last
+    /// written (or, before a write, the resources').
+    fn count_advice(&self, pools: &[Arc<ConnectionPool>], written: &HashMap<String, Written>) {
+        let mut counts: BTreeMap<&'static str, i64> = ["ok", "differs", "observing", "no_traffic"]
+            .map(|s| (s, 0))
+            .into();
+        for pool in pools {
+            let status = written
+                .get(&key_of(pool))
+                .map(|w| &w.status)
+                .or(pool.status.as_ref());
+            let state = match find(status, "Tuned").map(|c| c.reason.as_str()) {
+                Some(r) if r == Reason::AsAdvised.as_str() => "ok",
+                Some(r) if r == Reason::AdviceDiffers.as_str() => "differs",
+                Some(r) if r == Reason::NoTraffic.as_str() => "no_traffic",
+                _ => "observing",
+            };
+            *counts.entry(state).or_default() += 1;
+        }
+        for (state, n) in counts {
+            self.metrics
+                .pools_by_advice
+                .get_or_create(&AdviceLabel { state })
+                .set(n);
+        }
     }
 
     async fn write(
@@ -646,6 +894,11 @@ impl StatusWriter {
         }
         let reference = pool.object_ref(&());
         for t in transitions(old, new) {
+            if t.reason == Reason::AdviceChanged.as_str() {
+                self.metrics.advice_changes.inc();
+            } else if t.reason == Reason::Tuned.as_str() {
+                self.metrics.tuning_applies.inc();
+            }
             let event = Event {
                 type_: if t.warning {
                     EventType::Warning
@@ -714,7 +967,14 @@ mod tests {
     fn snapshot(version: &str, generation: i64) -> Arc<Snapshot> {
         Arc::new(Snapshot {
             version: version.into(),
-            pools: vec![],
+            pools: vec![pb::Pool {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u".into(),
+                generation,
+                spec: None,
+                addresses: vec!["127.0.0.2:1".into(), "127.0.0.3:1".into()],
+            }],
             generations: [("ns/p".to_string(), ("u".to_string(), generation))].into(),
             changed_at: Instant::now(),
             deltas: Default::default(),
@@ -764,21 +1024,39 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::now())
     }
 
-    /// Reports are the agents' word: counts near `i64::MAX` from two nodes
-    /// (or two addresses) must not overflow the sums (a panic in debug
-    /// builds, a negative count in release ones).
+    /// Reports are the agents' word: an entry with an absurd count
+    /// (negative, or past `advice::MAX_COUNT`) is dropped and counted, and
+    /// the rest is summed; a pool the node does not run is dropped too.
     #[tokio::test]
-    async fn huge_reported_counts_saturate_instead_of_overflowing() {
+    async fn absurd_reported_counts_are_ignored_and_counted_and_the_rest_is_summed() {
         let agents = Agents::default();
         let v1 = snapshot("v1", 1);
-        let max = i64::MAX;
-        synced(
-            &agents,
-            "n1",
-            &v1,
-            report(&[("127.0.0.2:1", max, max), ("127.0.0.3:1", max, 1)]),
+        let reg = agents.register("n1", "pod", &v1.version, false, Some(Arc::clone(&v1)));
+        let mut r = report(&[
+            ("127.0.0.2:1", i64::MAX, i64::MAX),
+            ("127.0.0.3:1", 5, -1),
+            ("127.0.0.3:1", 5, 2),
+        ]);
+        let mut stranger = r.pools[0].clone();
+        stranger.name = "other".into();
+        r.pools.push(stranger);
+        let mut ignored: Vec<&str> = agents
+            .report("n1", reg.session, r)
+            .into_iter()
+            .map(crate::agents::Ignored::as_str)
+            .collect();
+        ignored.sort_unstable();
+        assert_eq!(
+            ignored,
+            [
+                "negative",
+                "negative",
+                "overflow",
+                "overflow",
+                "unknown_pool"
+            ]
         );
-        synced(&agents, "n2", &v1, report(&[("127.0.0.2:1", max, max)]));
+        synced(&agents, "n2", &v1, report(&[("127.0.0.2:1", 2, 3)]));
         let nodes: BTreeSet<String> = ["n1", "n2"].map(String::from).into();
         let (p, e) = (pool(1), entry(&["127.0.0.2:1", "127.0.0.3:1"]));
         let s = agents.with(|a| {
@@ -788,15 +1066,179 @@ mod tests {
                 nodes: &nodes,
                 agents: a,
                 local: None,
+                tuning: &advice::Options::default(),
             };
             compute(&inputs, None, now())
         });
-        assert_eq!(
-            (s.addresses[0].connections, s.addresses[0].streams),
-            (max, max)
-        );
         let t = s.totals.unwrap();
-        assert_eq!((t.connections, t.streams), (max, max));
+        assert_eq!((t.connections, t.streams), (7, 5));
+    }
+
+    fn observed(peak: i64, p95: i64, window: i64) -> pb::Observation {
+        pb::Observation {
+            window_seconds: window,
+            peak_streams: peak,
+            p95_streams: p95,
+            peak_connections: (peak + 19) / 20,
+            server_max_streams: 100,
+            ..pb::Observation::default()
+        }
+    }
+
+    fn observing(r: &mut pb::Report, address: &str, o: pb::Observation) {
+        for a in &mut r.pools[0].addresses {
+            if a.address == address {
+                a.observed = Some(o);
+            }
+        }
+    }
+
+    fn tuned_pool(mode: &str) -> ConnectionPool {
+        let mut p = pool(1);
+        p.spec.tuning = Some(serde_yaml::from_str(&format!("mode: {mode}")).unwrap());
+        p
+    }
+
+    /// What the status says of a pool whose agents report `reports`, at
+    /// `now`, after `previous`.
+    fn advised(
+        p: &ConnectionPool,
+        reports: Vec<(&str, pb::Report)>,
+        previous: Option<&ConnectionPoolStatus>,
+        now: Time,
+    ) -> ConnectionPoolStatus {
+        let agents = Agents::default();
+        let v1 = snapshot("v1", 1);
+        for (node, r) in reports {
+            synced(&agents, node, &v1, r);
+        }
+        let nodes: BTreeSet<String> = ["n1", "n2"].map(String::from).into();
+        let e = entry(&["127.0.0.2:1", "127.0.0.3:1"]);
+        agents.with(|a| {
+            let inputs = Inputs {
+                pool: p,
+                entry: Some(&e),
+                nodes: &nodes,
+                agents: a,
+                local: None,
+                tuning: &advice::Options {
+                    advice_after: Duration::from_secs(60),
+                    interval: Duration::from_secs(600),
+                },
+            };
+            compute(&inputs, previous, now)
+        })
+    }
+
+    #[tokio::test]
+    async fn the_advice_takes_the_busiest_address_on_any_node_and_ignores_absurd_observations() {
+        let mut r1 = report(&[("127.0.0.2:1", 2, 37), ("127.0.0.3:1", 1, 5)]);
+        observing(&mut r1, "127.0.0.2:1", observed(37, 30, 60));
+        observing(&mut r1, "127.0.0.3:1", observed(5, 5, 60));
+        // Node 2 claims an impossible p95 on the second address: its entry
+        // is dropped, and it cannot raise the advice.
+        let mut r2 = report(&[("127.0.0.2:1", 1, 10), ("127.0.0.3:1", 9, 9)]);
+        observing(&mut r2, "127.0.0.2:1", observed(10, 8, 60));
+        observing(&mut r2, "127.0.0.3:1", observed(500, 900, 60));
+        let s = advised(&pool(1), vec![("n1", r1), ("n2", r2)], None, now());
+        let r = s.recommendation.clone().unwrap();
+        assert_eq!(
+            (r.size, r.max_idle, r.max_streams),
+            (Some(2), Some(1), Some(100))
+        );
+        assert_eq!(r.summary, "size 100→2, maxIdle 50→1, maxStreams 20→100");
+        assert_eq!(r.observed.as_deref(), Some("1m"));
+        let c = cond(&s, "Tuned");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "AdviceDiffers")
+        );
+        assert!(
+            c.message.contains("set spec.tuning.mode: Apply"),
+            "{}",
+            c.message
+        );
+        assert!(s.tuned.is_none(), "Recommend never tunes");
+    }
+
+    #[tokio::test]
+    async fn until_enough_is_observed_the_condition_says_how_much() {
+        let mut r1 = report(&[("127.0.0.2:1", 2, 37)]);
+        observing(&mut r1, "127.0.0.2:1", observed(37, 30, 20));
+        let s = advised(&pool(1), vec![("n1", r1)], None, now());
+        assert_eq!(s.recommendation.clone().unwrap().summary, "observing 20s/1m");
+        let c = cond(&s, "Tuned");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "Observing")
+        );
+        // An agent built before observations: nothing to go on.
+        let s = advised(
+            &pool(1),
+            vec![("n1", report(&[("127.0.0.2:1", 2, 37)]))],
+            None,
+            now(),
+        );
+        assert_eq!(s.recommendation.unwrap().summary, "observing 0s/1m");
+    }
+
+    #[tokio::test]
+    async fn apply_runs_the_advice_at_most_once_per_interval_and_keeps_bounds() {
+        let mut r1 = report(&[("127.0.0.2:1", 2, 37)]);
+        observing(&mut r1, "127.0.0.2:1", observed(37, 30, 60));
+        let p = tuned_pool("Apply");
+        let t0 = now();
+        let first = advised(&p, vec![("n1", r1.clone())], None, t0.clone());
+        let tuned = first.tuned.clone().unwrap();
+        assert_eq!((tuned.size, tuned.max_idle, tuned.max_streams), (2, 1, 100));
+        assert_eq!(first.recommendation.as_ref().unwrap().summary, "ok");
+        assert_eq!(cond(&first, "Tuned").status, "True");
+        let events: Vec<String> = transitions(None, &first)
+            .into_iter()
+            .map(|t| t.reason)
+            .collect();
+        assert!(
+            events.contains(&"AdviceChanged".to_string()) && events.contains(&"Tuned".to_string()),
+            "{events:?}"
+        );
+        // Demand grows a minute later: advised at once, applied only a
+        // tuning interval after the last apply.
+        let mut p = p;
+        p.status = Some(first.clone());
+        let mut r2 = report(&[("127.0.0.2:1", 5, 370)]);
+        observing(&mut r2, "127.0.0.2:1", observed(370, 300, 60));
+        let later = |secs: i64| {
+            Time(k8s_openapi::jiff::Timestamp::from_second(t0.0.as_second() + secs).unwrap())
+        };
+        let second = advised(&p, vec![("n1", r2.clone())], Some(&first), later(60));
+        assert_eq!(second.tuned, first.tuned, "not yet");
+        assert_eq!(
+            second.recommendation.as_ref().unwrap().summary,
+            "size 2→8, maxIdle 1→4"
+        );
+        assert!(
+            cond(&second, "Tuned")
+                .message
+                .contains("a tuning interval after the last apply")
+        );
+        let third = advised(&p, vec![("n1", r2)], Some(&second), later(600));
+        assert_eq!(third.tuned.as_ref().map(|t| t.size), Some(8));
+        let events: Vec<String> = transitions(Some(&second), &third)
+            .into_iter()
+            .map(|t| t.note)
+            .collect();
+        assert!(events.iter().any(|n| n.contains("applied size 8, maxIdle 4, maxStreams 100, whenFull Overflow (size 2→8, maxIdle 1→4)")), "{events:?}");
+        // A bound set later holds at once, between applies.
+        p.spec.tuning = Some(serde_yaml::from_str("{mode: Apply, size: {max: 6}}").unwrap());
+        p.status = Some(third.clone());
+        let fourth = advised(&p, vec![("n1", r1)], Some(&third), later(660));
+        assert_eq!(
+            fourth.tuned.as_ref().map(|t| (t.size, t.max_idle)),
+            Some((6, 4))
+        );
+        // Back to Recommend: the spec's settings run again.
+        p.spec.tuning = None;
+        assert_eq!(crate::advice::running_spec(&p).size, 100);
     }
 
     #[tokio::test]
@@ -821,6 +1263,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 None,
                 now(),
@@ -862,6 +1305,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 Some(&s),
                 now(),
@@ -891,6 +1335,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 Some(&s2),
                 now(),
@@ -922,6 +1367,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 None,
                 now(),
@@ -963,6 +1409,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 None,
                 now(),
@@ -1011,6 +1458,7 @@ mod tests {
                     nodes: &nodes,
                     agents: a,
                     local: None,
+                    tuning: &advice::Options::default(),
                 },
                 None,
                 now(),
