@@ -1166,7 +1166,10 @@ mod tests {
         let mut r1 = report(&[("127.0.0.2:1", 2, 37)]);
         observing(&mut r1, "127.0.0.2:1", observed(37, 30, 20));
         let s = advised(&pool(1), vec![("n1", r1)], None, now());
-        assert_eq!(s.recommendation.clone().unwrap().summary, "observing 20s/1m");
+        assert_eq!(
+            s.recommendation.clone().unwrap().summary,
+            "observing 20s/1m"
+        );
         let c = cond(&s, "Tuned");
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),

@@ -43,12 +43,22 @@ impl Drop for Backend {
 /// Starts a backend on `addr` (port 0 picks one). Service "" is SERVING;
 /// [`FLIP_SERVICE`] flips between SERVING and NOT_SERVING every `flip_every`.
 pub async fn start_backend(addr: SocketAddr, flip_every: Duration) -> Result<Backend> {
+    start_backend_with(addr, flip_every, None).await
+}
+
+/// [`start_backend`] advertising `max_streams` as its
+/// SETTINGS_MAX_CONCURRENT_STREAMS (`None`: tonic's default).
+pub async fn start_backend_with(
+    addr: SocketAddr,
+    flip_every: Duration,
+    max_streams: Option<u32>,
+) -> Result<Backend> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("backend cannot listen on {addr}"))?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
-    serve_backend(listener, flip_every, stop.clone());
+    serve(listener, flip_every, max_streams, stop.clone());
     Ok(Backend { addr, stop })
 }
 
@@ -57,6 +67,15 @@ pub async fn start_backend(addr: SocketAddr, flip_every: Duration) -> Result<Bac
 pub fn serve_backend(
     listener: tokio::net::TcpListener,
     flip_every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    serve(listener, flip_every, None, stop)
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    flip_every: Duration,
+    max_streams: Option<u32>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
     let addr = listener
@@ -97,6 +116,7 @@ pub fn serve_backend(
         });
     tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(max_streams)
             .layer(header)
             .add_service(service)
             .serve_with_incoming_shutdown(
