@@ -165,6 +165,7 @@ async fn a_known_load_gets_the_expected_advice_and_apply_runs_it_without_a_faile
 
     // Where people see it: the ADVICE column, describe, an Event.
     let table = kubectl(&["get", "cpool", "-n", &ns]).await?.ok()?;
+    println!("$ kubectl get cpool\n{table}");
     assert!(
         table.lines().next().unwrap_or("").contains("ADVICE"),
         "{table}"
