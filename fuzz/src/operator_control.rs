@@ -19,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use prometheus_client::registry::Registry;
 use tidepool_crds::ConnectionPool;
 use tidepool_crds::control::{pb, spec_to_pb};
+use tidepool_operator::advice;
 use tidepool_operator::agents::Agents;
 use tidepool_operator::control::{check_hello, receive};
 use tidepool_operator::desired::{Entry, Snapshot};
@@ -174,8 +175,20 @@ fn statuses(fixture: &Fixture, agents: &Agents, nodes: &BTreeSet<String>) {
                 nodes,
                 agents: by_node,
                 local: None,
+                // Advice from the first observation, so the rules see
+                // whatever the fuzzer reports.
+                tuning: &advice::Options {
+                    advice_after: std::time::Duration::ZERO,
+                    interval: std::time::Duration::ZERO,
+                },
             };
             let status = status::compute(&inputs, None, now.clone());
+            if let Some(r) = &status.recommendation
+                && let (Some(size), Some(idle), Some(streams)) = (r.size, r.max_idle, r.max_streams)
+            {
+                assert!(size >= 1 && streams >= 1, "{r:?}");
+                assert!((0..=size).contains(&idle), "{r:?}");
+            }
             assert!(status.addresses.len() <= MAX_STATUS_ADDRESSES);
             let agents = status.agents.as_ref().expect("agent counts");
             assert!(

@@ -196,7 +196,20 @@ pub fn all() -> Vec<Seed> {
                     idle: 1,
                     streams: 25,
                     overflow: 0,
-                    observed: None,
+                    observed: Some(pb::Observation {
+                        window_seconds: 600,
+                        peak_streams: 37,
+                        p95_streams: 30,
+                        peak_connections: 2,
+                        waits: 4,
+                        wait_millis: 40,
+                        server_max_streams: 100,
+                        closes: Some(pb::Closes {
+                            idle: 3,
+                            ..pb::Closes::default()
+                        }),
+                        ..pb::Observation::default()
+                    }),
                 })
                 .into(),
         }],
