@@ -23,7 +23,9 @@ use crate::clients::ClientMap;
 use crate::config::{PoolConfig, ProxyOptions};
 use crate::metrics::{Metrics, PoolStreamMetrics};
 use crate::pool::h2::H2Connector;
-use crate::pool::{self, AddressOccupancy, Observation, Pool, PoolMetrics, SettingsError};
+use crate::pool::{
+    self, AddressOccupancy, Observation, ObserveWindow, Pool, PoolMetrics, SettingsError,
+};
 use crate::router::Routes;
 use crate::shutdown::Drain;
 
@@ -99,6 +101,9 @@ pub struct RuntimeOptions {
     pub connector: H2Connector,
     /// How listeners serve clients.
     pub proxy: ProxyOptions,
+    /// The window every pool observes its addresses over
+    /// (`--observe-window`).
+    pub observe_window: ObserveWindow,
 }
 
 /// One running pool.
@@ -393,11 +398,12 @@ impl Runtime {
                     }
                 }
                 None => {
-                    let pool = Pool::new(
+                    let pool = Pool::with_window(
                         key.clone(),
                         settings,
                         self.inner.options.connector.clone(),
                         self.inner.pool_metrics.clone(),
+                        self.inner.options.observe_window,
                     )
                     .map_err(|source| ApplyError::Settings {
                         pool: key.clone(),
