@@ -560,6 +560,14 @@ async fn occupancy_and_metrics_report_the_state() {
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
+    // Once the first bucket (a minute, by default) is complete, the
+    // window's peak: three streams at once.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line =
+        r#"tidepool_pool_observed_peak_streams{pool="shop/payments",address="10.0.0.1:50051"} 3"#;
+    assert!(text.contains(line), "missing {line} in\n{text}");
     drop((a, b));
     pool.retain_addresses(&[]);
     let mut text = String::new();

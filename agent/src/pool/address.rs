@@ -937,6 +937,8 @@ impl<Conn: Clone> State<Conn> {
             rq_active: self.streams,
             rq_pending_active: self.queue.len(),
             rq_total: self.requests,
+            // The window's, filled in by the pool (another lock).
+            observed_peak_streams: 0,
         }
     }
 

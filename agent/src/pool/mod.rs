@@ -587,7 +587,14 @@ impl<C: Connector> Source for Inner<C> {
         let counts = self
             .addresses()
             .iter()
-            .map(|a| (a.name.clone(), a.lock().counts()))
+            .map(|a| {
+                let observed = a.observed();
+                let counts = AddressCounts {
+                    observed_peak_streams: observed.peak_streams,
+                    ..a.lock().counts()
+                };
+                (a.name.clone(), counts)
+            })
             .collect();
         (self.name.clone(), counts)
     }
