@@ -22,8 +22,8 @@ use tidepool_common::supervise::{Exit, Health, Supervisor};
 
 use crate::config::{Config, ProxyOptions};
 use crate::metrics::Metrics;
-use crate::pool::PoolMetrics;
 use crate::pool::h2::H2Connector;
+use crate::pool::{ObserveWindow, PoolMetrics};
 use crate::runtime::{Runtime, RuntimeOptions, bind};
 use crate::shutdown::Drain;
 use crate::{admin, proxy};
@@ -77,6 +77,8 @@ pub struct AppOptions {
     pub proxy: ProxyOptions,
     /// How backend connections are made.
     pub connector: H2Connector,
+    /// The window pools observe their addresses over.
+    pub observe_window: ObserveWindow,
 }
 
 impl From<&Config> for AppOptions {
@@ -86,6 +88,7 @@ impl From<&Config> for AppOptions {
             admin_listen: config.admin_listen,
             proxy: config.proxy.clone(),
             connector: config.connector.clone(),
+            observe_window: config.observe_window,
         }
     }
 }
@@ -119,6 +122,7 @@ impl App {
                 shared_port: proxy_addr.port(),
                 connector: options.connector,
                 proxy: options.proxy,
+                observe_window: options.observe_window,
             },
             Arc::new(|listener, port, runtime, stop| {
                 tokio::spawn(proxy::serve(

@@ -12,6 +12,7 @@ use tidepool_common::flags::{duration, log_filter};
 pub use tidepool_common::log::LogFormat;
 use tidepool_crds::{ConnectionPoolSpec, PoolKey};
 
+use crate::pool::ObserveWindow;
 use crate::pool::h2::H2Connector;
 
 /// One ConnectionPool as the agent runs it.
@@ -99,6 +100,13 @@ pub struct Args {
     /// connection counts as dead.
     #[arg(long, env = "TIDEPOOL_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub keepalive_timeout: Duration,
+
+    /// How long each pool observes its addresses (peaks of streams and
+    /// connections, waits, dials, closes) for the operator's tuning
+    /// advice: ten buckets of a tenth each, reported once a bucket is
+    /// complete. Between 10s and 24h.
+    #[arg(long, env = "TIDEPOOL_OBSERVE_WINDOW", default_value = "10m", value_parser = observe_window)]
+    pub observe_window: ObserveWindow,
 
     /// How often standalone mode checks its file for changes.
     #[arg(long, env = "TIDEPOOL_RELOAD_INTERVAL", default_value = "1s", value_parser = duration)]
@@ -233,6 +241,8 @@ pub struct Config {
     pub proxy: ProxyOptions,
     /// How backend connections are made.
     pub connector: H2Connector,
+    /// The window pools observe their addresses over.
+    pub observe_window: ObserveWindow,
     /// Runtime worker threads; `None` for one per CPU.
     pub worker_threads: Option<usize>,
     /// Log format.
@@ -332,11 +342,20 @@ impl Config {
                 keepalive_interval: args.keepalive_interval,
                 keepalive_timeout: args.keepalive_timeout,
             },
+            observe_window: args.observe_window,
             worker_threads: (args.worker_threads > 0).then(|| usize::from(args.worker_threads)),
             log_format: args.log_format,
             log_filter: args.log_filter,
         })
     }
+}
+
+/// Parses `--observe-window` (`TIDEPOOL_OBSERVE_WINDOW`): a duration
+/// between [`ObserveWindow::MIN`] and [`ObserveWindow::MAX`].
+fn observe_window(s: &str) -> Result<ObserveWindow, String> {
+    ObserveWindow::new(duration(s)?).map_err(|_| {
+        format!("TIDEPOOL_OBSERVE_WINDOW {s:?} is out of range: it must be between 10s and 24h")
+    })
 }
 
 /// The control client's TLS settings for `url`.
@@ -420,6 +439,36 @@ mod tests {
             err.contains("--drain-timeout") && err.contains("soon"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_observe_window_is_a_duration_from_ten_seconds_to_a_day() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tidepool-agent", "--standalone", "p.yaml"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv)
+        };
+        let config = Config::from_args(parse(&[]).unwrap()).unwrap();
+        assert_eq!(config.observe_window.length(), Duration::from_secs(600));
+        let args = parse(&["--observe-window", "20s"]).unwrap();
+        assert_eq!(args.observe_window.length(), Duration::from_secs(20));
+        assert_eq!(
+            parse(&["--observe-window", "24h"])
+                .unwrap()
+                .observe_window
+                .length(),
+            Duration::from_secs(86_400)
+        );
+        for bad in ["9s", "25h", "0s", "soon"] {
+            let err = parse(&["--observe-window", bad]).unwrap_err().to_string();
+            assert!(
+                err.contains("--observe-window") && err.contains(bad),
+                "{bad}: {err}"
+            );
+            if bad != "soon" {
+                assert!(err.contains("between 10s and 24h"), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -41,6 +41,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::config::PoolConfig;
+use crate::pool::Observation;
 use crate::runtime::{ApplyError, PoolReport, Runtime};
 
 /// What the control client drives: the agent's running configuration.
@@ -118,6 +119,36 @@ fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+fn total(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The wire form of an address's observation (`Observation` in
+/// control.proto): durations in whole seconds and milliseconds, a server
+/// limit of "none" as 0.
+pub fn observation_to_pb(o: &Observation) -> pb::Observation {
+    pb::Observation {
+        window_seconds: total(o.window.as_secs()),
+        peak_streams: count(o.peak_streams),
+        p95_streams: count(o.p95_streams),
+        peak_connections: count(o.peak_connections),
+        waits: total(o.waits),
+        wait_millis: i64::try_from(o.wait_time.as_millis()).unwrap_or(i64::MAX),
+        wait_timeouts: total(o.wait_timeouts),
+        overflow_dials: total(o.overflow_dials),
+        dials: total(o.dials),
+        dial_failures: total(o.dial_failures),
+        closes: Some(pb::Closes {
+            ttl: total(o.closes.ttl),
+            idle: total(o.closes.idle),
+            goaway: total(o.closes.goaway),
+            failure: total(o.closes.failure),
+            other: total(o.closes.other),
+        }),
+        server_max_streams: o.server_max_streams.map_or(0, i64::from),
+    }
+}
+
 /// The wire form of a pool's report.
 pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
     pb::PoolReport {
@@ -135,7 +166,7 @@ pub fn report_to_pb(r: PoolReport) -> pb::PoolReport {
                 idle: count(a.idle),
                 streams: count(a.streams),
                 overflow: count(a.overflow),
-                observed: None,
+                observed: Some(observation_to_pb(&a.observed)),
             })
             .collect(),
     }
@@ -934,6 +965,60 @@ mod tests {
             nack.error
         );
         assert!(fake.applied.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_observation_goes_on_the_wire_in_seconds_milliseconds_and_classes() {
+        let o = Observation {
+            window: Duration::from_secs(600),
+            peak_streams: 37,
+            p95_streams: 30,
+            peak_connections: 2,
+            waits: 4,
+            wait_time: Duration::from_micros(1_300_900),
+            wait_timeouts: 1,
+            overflow_dials: 5,
+            dials: 7,
+            dial_failures: 3,
+            closes: crate::pool::Closes {
+                ttl: 1,
+                idle: 2,
+                goaway: 3,
+                failure: 4,
+                other: 5,
+            },
+            server_max_streams: Some(100),
+        };
+        assert_eq!(
+            observation_to_pb(&o),
+            pb::Observation {
+                window_seconds: 600,
+                peak_streams: 37,
+                p95_streams: 30,
+                peak_connections: 2,
+                waits: 4,
+                wait_millis: 1_300,
+                wait_timeouts: 1,
+                overflow_dials: 5,
+                dials: 7,
+                dial_failures: 3,
+                closes: Some(pb::Closes {
+                    ttl: 1,
+                    idle: 2,
+                    goaway: 3,
+                    failure: 4,
+                    other: 5,
+                }),
+                server_max_streams: 100,
+            }
+        );
+        let none = Observation {
+            server_max_streams: None,
+            peak_streams: usize::MAX,
+            ..o
+        };
+        let pb = observation_to_pb(&none);
+        assert_eq!((pb.server_max_streams, pb.peak_streams), (0, i64::MAX));
     }
 
     #[test]

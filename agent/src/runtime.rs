@@ -23,7 +23,9 @@ use crate::clients::ClientMap;
 use crate::config::{PoolConfig, ProxyOptions};
 use crate::metrics::{Metrics, PoolStreamMetrics};
 use crate::pool::h2::H2Connector;
-use crate::pool::{self, AddressOccupancy, Pool, PoolMetrics, SettingsError};
+use crate::pool::{
+    self, AddressOccupancy, Observation, ObserveWindow, Pool, PoolMetrics, SettingsError,
+};
 use crate::router::Routes;
 use crate::shutdown::Drain;
 
@@ -99,6 +101,9 @@ pub struct RuntimeOptions {
     pub connector: H2Connector,
     /// How listeners serve clients.
     pub proxy: ProxyOptions,
+    /// The window every pool observes its addresses over
+    /// (`--observe-window`).
+    pub observe_window: ObserveWindow,
 }
 
 /// One running pool.
@@ -148,8 +153,9 @@ pub struct PoolReport {
     pub generation: i64,
     /// The settings running.
     pub settings: pool::Settings,
-    /// Every declared address, sorted (all zero for an unused one), then
-    /// any address still draining after it was removed.
+    /// Every declared address, sorted (all zero for an unused one, its
+    /// observation too but for the time the pool has watched), then any
+    /// address still draining after it was removed.
     pub addresses: Vec<AddressOccupancy>,
     /// `spec.clients.namespaces`; `None` when every client may use it.
     pub clients: Option<Vec<String>>,
@@ -392,11 +398,12 @@ impl Runtime {
                     }
                 }
                 None => {
-                    let pool = Pool::new(
+                    let pool = Pool::with_window(
                         key.clone(),
                         settings,
                         self.inner.options.connector.clone(),
                         self.inner.pool_metrics.clone(),
+                        self.inner.options.observe_window,
                     )
                     .map_err(|source| ApplyError::Settings {
                         pool: key.clone(),
@@ -484,9 +491,10 @@ fn report(entry: &PoolEntry) -> PoolReport {
     let mut declared: Vec<&String> = entry.config.addresses.iter().collect();
     declared.sort();
     declared.dedup();
+    let coverage = entry.pool.coverage();
     let mut addresses: Vec<AddressOccupancy> = declared
         .into_iter()
-        .map(|a| used.remove(a).unwrap_or_else(|| unused(a)))
+        .map(|a| used.remove(a).unwrap_or_else(|| unused(a, coverage)))
         .collect();
     let mut rest: Vec<AddressOccupancy> = used.into_values().collect();
     rest.sort_by(|a, b| a.address.cmp(&b.address));
@@ -507,7 +515,9 @@ fn report(entry: &PoolEntry) -> PoolReport {
     }
 }
 
-fn unused(address: &str) -> AddressOccupancy {
+/// An address the pool has not used: zero, observed idle for `coverage`
+/// (the time its pool has watched).
+fn unused(address: &str, coverage: std::time::Duration) -> AddressOccupancy {
     AddressOccupancy {
         address: address.to_owned(),
         connections: 0,
@@ -521,6 +531,10 @@ fn unused(address: &str) -> AddressOccupancy {
         overflow_total: 0,
         evictions: Default::default(),
         waiters: 0,
+        observed: Observation {
+            window: coverage,
+            ..Observation::default()
+        },
     }
 }
 

@@ -171,6 +171,13 @@ async fn snapshots_are_acked_or_nacked_whole_and_a_redial_says_what_runs() {
         ("uid-api", 3)
     );
     assert_eq!(report.pools[0].addresses[0].address, "127.0.0.2:50051");
+    // Unused, the address is observed idle for as long as the pool ran
+    // (less than a bucket of the default 10-minute window here).
+    let observed = report.pools[0].addresses[0].observed.as_ref();
+    assert_eq!(
+        observed.map(|o| (o.window_seconds, o.peak_streams, o.waits)),
+        Some((0, 0, 0))
+    );
 
     // The node's pod map: not answered, so the Nack below (the agent reads
     // in order) shows it was taken; a bad IP is left out.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tidepool_agent::pool::memory::{MemoryConn, MemoryConnector};
 use tidepool_agent::pool::{
-    CloseReason, ConnEvent, Connected, ConnectionState, Connector, Error, EvictionReason, Outcome,
-    Pool, PoolMetrics, Settings, WhenFull,
+    CloseReason, ConnEvent, Connected, ConnectionState, Connector, Error, EvictionReason,
+    Observation, ObserveWindow, Outcome, Pool, PoolMetrics, Settings, WhenFull,
 };
 use tidepool_testkit::memory_pool;
 use tokio::time::{Instant, advance};
@@ -560,6 +560,14 @@ async fn occupancy_and_metrics_report_the_state() {
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
+    // Once the first bucket (a minute, by default) is complete, the
+    // window's peak: three streams at once.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line =
+        r#"tidepool_pool_observed_peak_streams{pool="shop/payments",address="10.0.0.1:50051"} 3"#;
+    assert!(text.contains(line), "missing {line} in\n{text}");
     drop((a, b));
     pool.retain_addresses(&[]);
     let mut text = String::new();
@@ -636,4 +644,124 @@ async fn a_dropped_pool_closes_idle_connections_and_busy_ones_at_their_last_stre
         0,
         "a connection outlived its pool and its last stream"
     );
+}
+
+// 11. Observation over a sliding window (tuning advice, #17).
+
+/// A pool over the in-memory connector observed over 10 s: buckets of one
+/// second, one sample each.
+fn observed_pool(settings: Settings) -> (Pool<MemoryConnector>, MemoryConnector) {
+    let connector = MemoryConnector::new();
+    let window = ObserveWindow::new(Duration::from_secs(10)).unwrap();
+    let pool = Pool::with_window(
+        "shop/payments",
+        settings,
+        connector.clone(),
+        PoolMetrics::unregistered(),
+        window,
+    )
+    .unwrap();
+    (pool, connector)
+}
+
+fn observed(pool: &Pool<MemoryConnector>, addr: &str) -> Observation {
+    occupancy(pool, addr).observed
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_streams_show_as_the_peak_with_the_connections_they_took() {
+    let (pool, connector) = observed_pool(Settings::default().max_streams(20));
+    connector.set_server_max_streams(Some(50));
+    let mut held = Vec::new();
+    for _ in 0..37 {
+        held.push(pool.acquire(A).await.unwrap());
+    }
+    // Seconds 0, 1, 2 are sampled with 37 streams; the sample of second 3
+    // (at 3 s, before the sleep's end at 3.5 s) completes bucket 2.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let o = observed(&pool, A);
+    assert_eq!(o.window, Duration::from_secs(3));
+    assert_eq!((o.peak_streams, o.p95_streams), (37, 37));
+    // min(maxStreams 20, the server's 50) = 20 a connection: 20 + 17 on two
+    // pooled connections (size 100 has room, so no overflow).
+    assert_eq!(o.peak_connections, 2);
+    assert_eq!((o.dials, o.overflow_dials, o.dial_failures), (2, 0, 0));
+    assert_eq!(o.server_max_streams, Some(50));
+    assert_eq!(pool.coverage(), Duration::from_secs(3));
+
+    // Released at 3.5 s: the sample of second 4 still has 37 (the most
+    // since second 3), and leaves the window 10 s later.
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(observed(&pool, A).peak_streams, 37, "seconds 4..14");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let o = observed(&pool, A);
+    assert_eq!((o.peak_streams, o.peak_connections), (0, 0));
+    assert_eq!((o.window, o.dials), (Duration::from_secs(10), 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn overflow_and_draining_connections_count_as_in_use_and_closes_by_class() {
+    let (pool, connector) = observed_pool(Settings::default().size(1).max_idle(1).max_streams(1));
+    let leases = futures::future::join_all((0..3).map(|_| pool.acquire(A))).await;
+    let leases: Vec<_> = leases.into_iter().map(Result::unwrap).collect();
+    // The server sends GOAWAY on the pooled connection: it drains.
+    let pooled = leases[0].conn().id();
+    assert!(connector.goaway(pooled));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let o = observed(&pool, A);
+    assert_eq!((o.peak_streams, o.peak_connections), (3, 3));
+    assert_eq!((o.dials, o.overflow_dials), (3, 2));
+    assert_eq!(o.closes.goaway, 1);
+    assert_eq!(o.server_max_streams, None);
+    drop(leases);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_callers_count_as_waits_with_their_time_and_timeouts() {
+    let settings = Settings::default()
+        .size(1)
+        .max_idle(1)
+        .max_streams(1)
+        .when_full(WhenFull::Wait)
+        .acquire_timeout(Duration::from_secs(1));
+    let (pool, _connector) = observed_pool(settings);
+    // The first caller queues for the dial (which takes no time here).
+    let first = pool.acquire(A).await.unwrap();
+    // The second queues for 300 ms, until the first lets go.
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.acquire(A).await.map(|lease| lease.connection_id()) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    assert!(second.await.unwrap().is_ok());
+    // The third gives up after its acquire timeout.
+    let holder = pool.acquire(A).await.unwrap();
+    assert!(matches!(pool.acquire(A).await, Err(Error::Full { .. })));
+    drop(holder);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let o = observed(&pool, A);
+    assert_eq!(
+        o.waits, 3,
+        "the dial's caller, the served one, the refused one"
+    );
+    // Paused time: exactly 300 ms and the 1 s timeout.
+    assert_eq!(o.wait_time, Duration::from_millis(1_300));
+    assert_eq!(o.wait_timeouts, 1);
+    assert_eq!(o.peak_streams, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sampler_ends_with_its_pool() {
+    let (pool, _connector) = observed_pool(Settings::default());
+    drop(pool.acquire(A).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // The sampler and the connection's watcher.
+    assert_eq!(metrics.num_alive_tasks(), 2);
+    drop(pool);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metrics.num_alive_tasks(), 0);
 }

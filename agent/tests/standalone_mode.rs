@@ -317,3 +317,49 @@ async fn a_long_lived_task_ending_fails_healthz_and_ends_the_agent_with_an_error
     .await
     .unwrap();
 }
+
+/// `--observe-window` reaches every pool the file declares (the binary's
+/// flag becomes [`AppOptions::observe_window`] through `Config`).
+#[tokio::test]
+async fn the_observe_window_reaches_every_pool() {
+    use tidepool_agent::app::{App, AppOptions};
+    use tidepool_agent::config::{Args, Config};
+    use tidepool_agent::pool::ObserveWindow;
+
+    let config = Config::from_args(
+        <Args as clap::Parser>::try_parse_from([
+            "tidepool-agent",
+            "--standalone",
+            "pools.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--observe-window",
+            "20s",
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let options = AppOptions::from(&config);
+    assert_eq!(
+        options.observe_window,
+        ObserveWindow::new(Duration::from_secs(20)).unwrap()
+    );
+    let app = App::start(options).await.unwrap();
+    let pools = standalone::parse(
+        Path::new("pools.yaml"),
+        &(manifest("a", &["127.0.0.1:1".to_owned()], "")
+            + &manifest("b", &["127.0.0.1:2".to_owned()], "")),
+    )
+    .unwrap();
+    app.runtime().apply(pools).unwrap();
+    for (key, entry) in &app.runtime().table().pools {
+        assert_eq!(
+            entry.pool.window().length(),
+            Duration::from_secs(20),
+            "{key}"
+        );
+    }
+    assert_eq!(app.runtime().table().pools.len(), 2);
+}

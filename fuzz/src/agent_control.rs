@@ -45,6 +45,7 @@ fn runtime() -> Runtime {
             shared_port: 15000,
             connector: H2Connector::default(),
             proxy: ProxyOptions::default(),
+            observe_window: Default::default(),
         },
         Arc::new(|_listener, _port, _runtime, _stop| {}),
         Metrics::new(&mut registry),

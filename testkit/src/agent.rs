@@ -23,6 +23,7 @@ pub async fn agent_with(proxy: ProxyOptions) -> App {
             connect_timeout: Duration::from_secs(2),
             ..H2Connector::default()
         },
+        observe_window: Default::default(),
     })
     .await
     .unwrap()

@@ -14,6 +14,7 @@ use super::error::Error;
 use super::list::{Linked, Links, List};
 use super::load::AddressLoad;
 use super::metrics::{AddressCounts, AddressMetrics};
+use super::observe::{Counters, Observation, Sample, Window};
 use super::occupancy::{
     AddressOccupancy, ConnectionInfo, ConnectionState, EvictionReason, Evictions,
 };
@@ -56,6 +57,10 @@ pub(crate) trait Hooks<Conn>: Send + Sync {
 ///   clone is what closes the connection once no lease holds one.
 /// - No lock is held across a dial, handshake or close; nothing in here
 ///   awaits.
+/// - `window` (the observation window) has a lock of its own, taken by the
+///   pool's sampler once a second and by reports; it is never held together
+///   with `state`'s: the sampler reads a [`Sample`] under `state`, lets go,
+///   then files it.
 ///
 /// Layout: the lock word and the fields every acquire and release writes
 /// (`State`'s first ones) share one cache line of their own, so two threads
@@ -69,6 +74,7 @@ pub(crate) struct Address<Conn> {
     /// What the balancer reads, without the lock.
     pub(crate) load: AddressLoad,
     hooks: Weak<dyn Hooks<Conn>>,
+    window: Mutex<Window>,
 }
 
 /// A connection in the slab.
@@ -200,7 +206,7 @@ impl<Conn> Effects<Conn> {
     }
 }
 
-/// The fields an [`Address`]'s lock guards. The first five are the ones the
+/// The fields an [`Address`]'s lock guards. The first seven are the ones the
 /// fast path writes or checks; they sit next to the lock word (see
 /// [`Address`]), everything after them is read-mostly.
 #[repr(C)]
@@ -209,6 +215,12 @@ pub(crate) struct State<Conn> {
     idle: usize,
     /// Streams handed out since the address was first used (`rq_total`).
     requests: u64,
+    /// The most `streams` since the last [`State::sample`]; never below
+    /// `streams`.
+    peak_streams: usize,
+    /// The most connections carrying a stream (`conns.len() - idle`) since
+    /// the last [`State::sample`]; never below the current number.
+    peak_in_use: usize,
     dialing: bool,
     retired: bool,
     settings: Settings,
@@ -225,6 +237,15 @@ pub(crate) struct State<Conn> {
     dial_failures: u64,
     overflow_total: u64,
     evictions: Evictions,
+    /// The SETTINGS_MAX_CONCURRENT_STREAMS last advertised by one of the
+    /// address's connections (at its dial or later); `None` for none.
+    server_max: Option<u32>,
+    /// Callers that queued ([`Miss::Wait`]), since the address was first used.
+    waits: u64,
+    /// The time they spent queued, summed.
+    wait_time: Duration,
+    /// Callers refused with [`Error::Full`].
+    wait_timeouts: u64,
 }
 
 /// What a caller that found no free stream should do.
@@ -256,12 +277,14 @@ impl<Conn: Clone> Address<Conn> {
         settings: Settings,
         metrics: AddressMetrics,
         hooks: Weak<dyn Hooks<Conn>>,
+        window: Window,
     ) -> Self {
         Self {
             name,
             metrics,
             load: AddressLoad::default(),
             hooks,
+            window: Mutex::new(window),
             state: Mutex::new(State {
                 settings,
                 conns: Slab::new(),
@@ -282,6 +305,12 @@ impl<Conn: Clone> Address<Conn> {
                 overflow_total: 0,
                 evictions: Evictions::default(),
                 requests: 0,
+                peak_streams: 0,
+                peak_in_use: 0,
+                server_max: None,
+                waits: 0,
+                wait_time: Duration::ZERO,
+                wait_timeouts: 0,
             }),
         }
     }
@@ -292,6 +321,24 @@ impl<Conn> Address<Conn> {
     /// each a consistent step, so poisoning is ignored rather than spread.
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<Conn>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<Conn: Clone> Address<Conn> {
+    /// Files this second's sample in the observation window (the sampler
+    /// calls it once a second, `elapsed` after it started).
+    pub(crate) fn sample(&self, elapsed: Duration) {
+        let sample = self.lock().sample();
+        self.window().record(elapsed, sample);
+    }
+
+    /// The observation over the window's whole buckets.
+    pub(crate) fn observed(&self) -> Observation {
+        self.window().observed()
+    }
+
+    fn window(&self) -> MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -361,9 +408,12 @@ impl<Conn: Clone> State<Conn> {
             }
             if streams == 0 {
                 self.idle -= 1;
+                // Every slab entry but the idle listed ones carries a stream.
+                self.peak_in_use = self.peak_in_use.max(self.conns.len() - self.idle);
             }
             entry.set_streams(streams + 1);
             self.streams += 1;
+            self.peak_streams = self.peak_streams.max(self.streams);
             let grant = Grant(Arc::clone(&entry.cell));
             if streams + 1 >= cap {
                 self.move_to(key, Place::Busy);
@@ -395,6 +445,7 @@ impl<Conn: Clone> State<Conn> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id;
         self.next_id += 1;
+        self.waits += 1;
         let key = self.waiters.insert(Waiter {
             id,
             tx,
@@ -486,6 +537,7 @@ impl<Conn: Clone> State<Conn> {
         self.dials += 1;
         m.cx.inc();
         self.failures_in_row = 0;
+        self.server_max = connected.max_concurrent_streams;
         address.load.clear_backoff();
         let (stop_tx, stop_rx) = oneshot::channel();
         let jitter = rand::random_range((1.0 - JITTER)..=(1.0 + JITTER));
@@ -524,6 +576,8 @@ impl<Conn: Clone> State<Conn> {
             entry.set_streams(1);
             self.streams += 1;
             self.requests += 1;
+            self.peak_streams = self.peak_streams.max(self.streams);
+            self.peak_in_use = self.peak_in_use.max(self.conns.len() - self.idle);
             let grant = Grant(Arc::clone(&entry.cell));
             return (Some(grant), Some(watch));
         }
@@ -764,6 +818,8 @@ impl<Conn: Clone> State<Conn> {
         match event {
             ConnEvent::MaxConcurrentStreams(max) => {
                 self.conns[key].server_max = Some(max);
+                // u32::MAX is the connector's word for "no limit any more".
+                self.server_max = (max != u32::MAX).then_some(max);
                 if matches!(self.conns[key].place, Place::Available | Place::Busy) {
                     self.fix_place(key);
                 }
@@ -881,10 +937,45 @@ impl<Conn: Clone> State<Conn> {
             rq_active: self.streams,
             rq_pending_active: self.queue.len(),
             rq_total: self.requests,
+            // The window's, filled in by the pool (another lock).
+            observed_peak_streams: 0,
         }
     }
 
-    pub(crate) fn occupancy(&self, address: &str) -> AddressOccupancy {
+    /// A waiter leaves the queue after `waited` in it (served, refused,
+    /// sent to start over or cancelled).
+    pub(crate) fn waited(&mut self, waited: Duration) {
+        self.wait_time = self.wait_time.saturating_add(waited);
+    }
+
+    /// A caller is refused with [`Error::Full`].
+    pub(crate) fn refused(&mut self) {
+        self.wait_timeouts += 1;
+    }
+
+    /// Reads this second's sample and starts the next: the peaks go back
+    /// to the current values.
+    fn sample(&mut self) -> Sample {
+        let sample = Sample {
+            peak_streams: self.peak_streams,
+            peak_in_use: self.peak_in_use,
+            server_max: self.server_max,
+            counters: Counters {
+                waits: self.waits,
+                wait_time: self.wait_time,
+                wait_timeouts: self.wait_timeouts,
+                overflow_dials: self.overflow_total,
+                dials: self.dials,
+                dial_failures: self.dial_failures,
+                evictions: self.evictions,
+            },
+        };
+        self.peak_streams = self.streams;
+        self.peak_in_use = self.conns.len() - self.idle;
+        sample
+    }
+
+    pub(crate) fn occupancy(&self, address: &str, observed: Observation) -> AddressOccupancy {
         AddressOccupancy {
             address: address.to_owned(),
             connections: self.pooled(),
@@ -898,6 +989,7 @@ impl<Conn: Clone> State<Conn> {
             overflow_total: self.overflow_total,
             evictions: self.evictions,
             waiters: self.queue.len(),
+            observed,
         }
     }
 

@@ -29,6 +29,7 @@
 //! | `rq_error_total` | counter | `upstream_rq_error` | streams that ended with a transport error |
 //! | `rq_pending_active` | gauge | `upstream_rq_pending_active` | callers waiting for a stream |
 //! | `rq_pending_overflow_total` | counter | `upstream_rq_pending_overflow` | callers refused with "pool full" |
+//! | `observed_peak_streams` | gauge | | the most streams open at once over the observation window's whole buckets ([`observe`](super::observe)) |
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -96,6 +97,8 @@ pub(crate) struct AddressCounts {
     pub(crate) rq_active: usize,
     pub(crate) rq_pending_active: usize,
     pub(crate) rq_total: u64,
+    /// Computed once per observation bucket, not at scrape time.
+    pub(crate) observed_peak_streams: usize,
 }
 
 /// The live pools of a [`PoolMetrics`]. A pool adds itself when it is made
@@ -153,7 +156,7 @@ struct OccupancyCollector {
 type Read = fn(&AddressCounts) -> usize;
 
 /// The gauges the collector reports: name, help, and how to read the value.
-const GAUGES: [(&str, &str, Read); 7] = [
+const GAUGES: [(&str, &str, Read); 8] = [
     (
         "cx_active",
         "Open connections: pooled, draining and overflow",
@@ -179,6 +182,11 @@ const GAUGES: [(&str, &str, Read); 7] = [
     ("rq_pending_active", "Callers waiting for a stream", |c| {
         c.rq_pending_active
     }),
+    (
+        "observed_peak_streams",
+        "The most streams open at once over the observation window",
+        |c| c.observed_peak_streams,
+    ),
 ];
 
 impl Collector for OccupancyCollector {
@@ -331,6 +339,7 @@ mod tests {
                 let counts = AddressCounts {
                     cx_active: 3,
                     rq_total: 7,
+                    observed_peak_streams: 37,
                     ..AddressCounts::default()
                 };
                 (
@@ -360,6 +369,12 @@ mod tests {
         );
         assert!(
             text.contains("tidepool_pool_cx_connect_fail_total{"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"tidepool_pool_observed_peak_streams{pool="shop/payments",address="10.0.0.1:50051"} 37"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#"reason="goaway"} 1"#), "{text}");

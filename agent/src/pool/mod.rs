@@ -29,6 +29,11 @@
 //!    stream.
 //! 10. [`Pool::snapshot`] reports occupancy per address, and
 //!     [`PoolMetrics`] exports it to Prometheus.
+//! 11. Each address is observed over a sliding window ([`observe`]): peaks
+//!     of streams and of connections in use, waits, overflow, dials and
+//!     closes, for the operator's tuning advice. A sampler task per pool
+//!     reads every address once a second; the data path only keeps the
+//!     peaks (a compare and a store where the counts grow).
 //!
 //! Connections come from a [`Connector`]: [`h2::H2Connector`] opens h2c
 //! HTTP/2 connections for the agent's proxy; [`memory::MemoryConnector`]
@@ -48,17 +53,19 @@ pub(crate) mod list;
 pub mod load;
 pub mod memory;
 pub mod metrics;
+pub mod observe;
 mod occupancy;
 mod outcome;
 mod settings;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use address::{Address, Effects, Hooks, Miss, WaiterMsg};
 
@@ -66,6 +73,7 @@ pub use connector::{CloseReason, ConnEvent, Connected, Connector};
 pub use error::{Error, Result};
 pub use lease::Lease;
 pub use metrics::PoolMetrics;
+pub use observe::{Closes, Observation, ObserveWindow, ObserveWindowError};
 pub use outcome::Outcome;
 
 use metrics::{AddressCounts, Source};
@@ -109,6 +117,9 @@ impl<C: Connector> Clone for Pool<C> {
 ///   start from. It changes under `writer`, and the list of addresses to
 ///   update is read under it too; an address created meanwhile reads
 ///   `settings` under `writer`, so it cannot miss the change.
+/// - `runtime` is set once, by [`Inner::start`], which also starts the
+///   sampler: one per pool, holding only a `Weak`, so it ends at its first
+///   tick after the pool is dropped.
 struct Inner<C: Connector> {
     name: String,
     connector: C,
@@ -119,26 +130,42 @@ struct Inner<C: Connector> {
     /// Bumped on every reconfigure: connection watchers recompute their TTL
     /// deadline.
     settings_changed: watch::Sender<()>,
-    /// The runtime dial and watcher tasks run on, taken from the first
-    /// `acquire` (a lease may be dropped outside any runtime).
+    /// The runtime dial, watcher and sampler tasks run on, taken when the
+    /// pool is made inside one or else from the first `acquire` (a lease
+    /// may be dropped outside any runtime).
     runtime: OnceLock<Handle>,
+    /// The observation window's length.
+    window: ObserveWindow,
+    /// When the sampler started: the origin of every address's buckets.
+    sampling_since: OnceLock<Instant>,
 }
+
+/// How often the sampler reads every address of a pool.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 impl<C: Connector> Pool<C> {
     /// Makes a pool named `name` (its ConnectionPool's `namespace/name`,
-    /// used in errors and metric labels). Refuses out-of-range settings.
+    /// used in errors and metric labels), observed over the default window
+    /// ([`ObserveWindow::DEFAULT`]). Refuses out-of-range settings.
     pub fn new(
         name: impl Into<String>,
         settings: Settings,
         connector: C,
         metrics: PoolMetrics,
     ) -> Result<Self, SettingsError> {
+        Self::with_window(name, settings, connector, metrics, ObserveWindow::DEFAULT)
+    }
+
+    /// [`Pool::new`] with an observation window of `window`.
+    pub fn with_window(
+        name: impl Into<String>,
+        settings: Settings,
+        connector: C,
+        metrics: PoolMetrics,
+        window: ObserveWindow,
+    ) -> Result<Self, SettingsError> {
         settings.validate()?;
         let (settings_changed, _) = watch::channel(());
-        let runtime = OnceLock::new();
-        if let Ok(handle) = Handle::try_current() {
-            let _ = runtime.set(handle);
-        }
         let inner = Arc::new(Inner {
             name: name.into(),
             connector,
@@ -147,10 +174,15 @@ impl<C: Connector> Pool<C> {
             writer: Mutex::new(()),
             metrics,
             settings_changed,
-            runtime,
+            runtime: OnceLock::new(),
+            window,
+            sampling_since: OnceLock::new(),
         });
         let source: Weak<dyn Source> = Arc::downgrade(&inner) as Weak<dyn Source>;
         inner.metrics.add_pool(source);
+        if let Ok(handle) = Handle::try_current() {
+            inner.start(handle);
+        }
         Ok(Self { inner })
     }
 
@@ -174,7 +206,7 @@ impl<C: Connector> Pool<C> {
     /// Cancelling the returned future at any point leaks nothing.
     pub async fn acquire(&self, addr: &str) -> Result<Lease<C::Conn>, Error> {
         if self.inner.runtime.get().is_none() {
-            let _ = self.inner.runtime.set(Handle::current());
+            self.inner.start(Handle::current());
         }
         match self.inner.try_take(addr) {
             Some(lease) => Ok(lease),
@@ -229,6 +261,7 @@ impl<C: Connector> Pool<C> {
                         key: slot.key,
                         id: slot.id,
                         rx: slot.rx,
+                        queued: now,
                     };
                     let msg = if settings.when_full == WhenFull::Wait {
                         let deadline = started + settings.acquire_timeout;
@@ -256,6 +289,7 @@ impl<C: Connector> Pool<C> {
     /// Counts and builds a "pool full" error.
     fn full(&self, address: &Address<C::Conn>, started: Instant) -> Error {
         address.metrics.rq_pending_overflow.inc();
+        address.lock().refused();
         Error::Full {
             pool: self.inner.name.clone(),
             addr: address.name.clone(),
@@ -395,10 +429,31 @@ impl<C: Connector> Pool<C> {
             .inner
             .addresses()
             .iter()
-            .map(|a| a.lock().occupancy(&a.name))
+            .map(|a| {
+                let observed = a.observed();
+                a.lock().occupancy(&a.name, observed)
+            })
             .collect();
         out.sort_by(|a, b| a.address.cmp(&b.address));
         out
+    }
+
+    /// How much of the observation window the pool has watched, in whole
+    /// buckets: what an address the pool has not used reports as its
+    /// [`Observation::window`], with every count zero (the pool had no
+    /// stream on it all that time). Zero before the pool has a runtime.
+    pub fn coverage(&self) -> Duration {
+        self.inner
+            .sampling_since
+            .get()
+            .map_or(Duration::ZERO, |since| {
+                self.inner.window.coverage(since.elapsed())
+            })
+    }
+
+    /// The observation window's length.
+    pub fn window(&self) -> ObserveWindow {
+        self.inner.window
     }
 
     /// Every connection of `addr`, ordered by id (empty for an unknown
@@ -452,11 +507,13 @@ impl<C: Connector> Inner<C> {
         }
         let settings = *self.settings.lock().unwrap_or_else(PoisonError::into_inner);
         let hooks: Weak<dyn Hooks<C::Conn>> = Arc::downgrade(self) as Weak<dyn Hooks<C::Conn>>;
+        let since = self.sampling_since.get().map(|t| t.elapsed());
         let address = Arc::new(Address::new(
             addr.to_owned(),
             settings,
             self.metrics.address(&self.name, addr),
             hooks,
+            observe::Window::new(self.window, since),
         ));
         let mut next = AddressMap::clone(&current);
         next.insert(addr.to_owned(), Arc::clone(&address));
@@ -466,6 +523,16 @@ impl<C: Connector> Inner<C> {
 
     fn addresses(&self) -> Vec<Arc<Address<C::Conn>>> {
         self.addresses.load().values().cloned().collect()
+    }
+
+    /// Takes `handle` as the pool's runtime if it has none yet, and then
+    /// starts the sampler on it.
+    fn start(self: &Arc<Self>, handle: Handle) {
+        if self.runtime.set(handle.clone()).is_err() {
+            return;
+        }
+        let origin = *self.sampling_since.get_or_init(Instant::now);
+        handle.spawn(sample(Arc::downgrade(self), origin));
     }
 
     fn runtime(&self) -> Handle {
@@ -480,6 +547,23 @@ impl<C: Connector> Inner<C> {
         let settings_changed = self.settings_changed.subscribe();
         self.runtime()
             .spawn(address::watch(weak, watch, settings_changed));
+    }
+}
+
+/// The pool's sampler: once a second, every address's sample into its
+/// window. Holds the pool weakly and ends once it is gone.
+async fn sample<C: Connector>(pool: Weak<Inner<C>>, origin: Instant) {
+    let mut ticks = tokio::time::interval_at(origin, SAMPLE_EVERY);
+    // After a stall, one sample for the missed seconds, on the grid; the
+    // peaks cover the whole gap.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        let at = ticks.tick().await;
+        let Some(inner) = pool.upgrade() else { return };
+        let elapsed = at.saturating_duration_since(origin);
+        for address in inner.addresses.load().values() {
+            address.sample(elapsed);
+        }
     }
 }
 
@@ -503,7 +587,14 @@ impl<C: Connector> Source for Inner<C> {
         let counts = self
             .addresses()
             .iter()
-            .map(|a| (a.name.clone(), a.lock().counts()))
+            .map(|a| {
+                let observed = a.observed();
+                let counts = AddressCounts {
+                    observed_peak_streams: observed.peak_streams,
+                    ..a.lock().counts()
+                };
+                (a.name.clone(), counts)
+            })
             .collect();
         (self.name.clone(), counts)
     }
@@ -544,11 +635,17 @@ struct Waiter<Conn: Clone> {
     key: usize,
     id: u64,
     rx: tokio::sync::oneshot::Receiver<WaiterMsg<Conn>>,
+    /// When it joined the queue, for the observation's wait time.
+    queued: Instant,
 }
 
 impl<Conn: Clone> Drop for Waiter<Conn> {
     fn drop(&mut self) {
-        self.address.lock().leave_queue(self.key, self.id);
+        {
+            let mut state = self.address.lock();
+            state.leave_queue(self.key, self.id);
+            state.waited(self.queued.elapsed());
+        }
         // Granted just before the caller gave up: give the stream back.
         if let Ok(WaiterMsg::Grant(grant)) = self.rx.try_recv() {
             drop(Lease::new(grant));

@@ -7,6 +7,7 @@ use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use tokio::time::Instant;
 
 use super::connector::CloseReason;
+use super::observe::Observation;
 
 /// Why the pool took a connection out of service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -127,6 +128,11 @@ impl Evictions {
     }
 
     pub(crate) fn bump(&mut self, reason: EvictionReason) {
+        self.add(reason, 1);
+    }
+
+    /// Adds `n` to the counter for `reason`.
+    pub(crate) fn add(&mut self, reason: EvictionReason, n: u64) {
         let counter = match reason {
             EvictionReason::Ttl => &mut self.ttl,
             EvictionReason::Idle => &mut self.idle,
@@ -138,7 +144,7 @@ impl Evictions {
             EvictionReason::Resize => &mut self.resize,
             EvictionReason::Removed => &mut self.removed,
         };
-        *counter += 1;
+        *counter += n;
     }
 
     /// All evictions.
@@ -176,6 +182,9 @@ pub struct AddressOccupancy {
     pub evictions: Evictions,
     /// Callers queued for a stream or for a dial in flight.
     pub waiters: usize,
+    /// What the address went through over the observation window's whole
+    /// buckets (computed once per bucket, not when this is read).
+    pub observed: Observation,
 }
 
 /// Where a connection is, as [`ConnectionInfo`] reports it.
