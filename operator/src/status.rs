@@ -351,7 +351,9 @@ fn tune(
                 >= i64::try_from(options.interval.as_secs()).unwrap_or(i64::MAX)
         });
         match advice.settings() {
-            Some(a) if *a != running && due => Some(tuned(a, now)),
+            // The first advice is applied even when it matches the spec, so
+            // `status.tuned` says what runs from then on.
+            Some(a) if (before.is_none() || *a != running) && due => Some(tuned(a, now)),
             _ => before.map(|t| {
                 let kept = within(bounds, Running::of_tuned(t));
                 if kept == Running::of_tuned(t) {

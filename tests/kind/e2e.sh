@@ -433,7 +433,9 @@ s_local() {
   # watches (which never end by themselves) are cut sooner: delay 5 s,
   # drain 6 s.
   if ! out=$(h upgrade "$release" "$repo_dir/charts/tidepool" --namespace "$ns" --reuse-values \
-    --set agent.hostPort=false --set agent.terminationGracePeriodSeconds=12 --wait --timeout 5m 2>&1); then
+    --set agent.hostPort=false --set agent.terminationGracePeriodSeconds=12 \
+    --set tuning.observeWindow=20s --set tuning.adviceAfter=20s --set tuning.interval=10s \
+    --wait --timeout 5m 2>&1); then
     fail local "helm upgrade --set agent.hostPort=false failed: $out"
     return 1
   fi
@@ -638,7 +640,67 @@ s_spread() {
   pass spread "3 -> 6: every node's clients reached the 3 new backends ${t_all} s after they were Ready (TTL 30 s); over 60 s of steady load calls per backend $shown: max/min $ratio (load $(cut -d' ' -f1-3 /proc/loadavg))"
 }
 
-# 13. helm uninstall: every object of the release is gone, the CRD stays.
+# 13. Tuning advice on pods: the agents (observing over 20 s, set by the
+# `local` upgrade) report, the operator advises within 20 s more; the
+# advice holds together (size at least 1, maxIdle within it, maxStreams at
+# most 100, a reason with the peak) and shows in the ADVICE column; then
+# spec.tuning.mode: Apply runs it on every agent, live, under the clients'
+# load, with no failed unary call; back to Recommend, the spec's settings
+# run again.
+s_tuning() {
+  local bad="" r since t0 secs size idle streams summary peak c
+  advised() { [ "$(pool_json | jq -r '.status.recommendation.size // empty')" != "" ]; }
+  eventually 90 advised || { fail tuning "no advice within 90 s: $(pool_json | jq -c '.status.recommendation')"; return 1; }
+  r=$(pool_json | jq -c '.status.recommendation')
+  read -r size idle streams <<<"$(jq -r '"\(.size) \(.maxIdle) \(.maxStreams)"' <<<"$r")"
+  summary=$(jq -r '.summary' <<<"$r")
+  peak=$(jq -r '.reasons.size' <<<"$r" | sed -n 's/^peak \([0-9]*\) concurrent streams.*/\1/p')
+  [ "$size" -ge 1 ] && [ "$idle" -ge 0 ] && [ "$idle" -le "$size" ] || bad+=" advice size $size maxIdle $idle does not hold together;"
+  [ "$streams" -ge 1 ] && [ "$streams" -le 100 ] || bad+=" advised maxStreams $streams outside 1..100;"
+  [ -n "$peak" ] && [ "$peak" -ge 1 ] || bad+=" the size reason names no peak: $(jq -r '.reasons.size' <<<"$r");"
+  local column
+  column=$(k -n shop get cpool payments --no-headers -o custom-columns=A:.status.recommendation.summary)
+  k -n shop get cpool payments | head -n 1 | grep -q ADVICE || bad+=" kubectl get cpool has no ADVICE column;"
+  [ "$column" = "$summary" ] || bad+=" ADVICE [$column], want [$summary];"
+  since=$(now_ms)
+  t0=$SECONDS
+  k -n shop patch connectionpool payments --type=merge -p '{"spec":{"tuning":{"mode":"Apply","size":{"min":1,"max":10}}}}' >/dev/null ||
+    { fail tuning "patching spec.tuning failed"; return 1; }
+  tuned_everywhere() {
+    local want p got
+    want=$(pool_json | jq -r '.status.tuned | "\(.size) \(.maxIdle) \(.maxStreams)"')
+    [ "$want" != "null null null" ] || return 1
+    for p in $(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}'); do
+      got=$(k get --raw "/api/v1/namespaces/$ns/pods/$p:15021/proxy/pools" |
+        jq -r '(if type == "array" then . else .pools end)[] | select(.namespace == "shop" and .name == "payments") | .settings | "\(.size) \(.maxIdle) \(.maxStreams)"')
+      [ "$got" = "$want" ] || return 1
+    done
+  }
+  eventually 60 tuned_everywhere || bad+=" the agents did not all run status.tuned ($(pool_json | jq -c '.status.tuned')) within 60 s;"
+  secs=$((SECONDS - t0))
+  local tuned
+  tuned=$(pool_json | jq -r '.status.tuned | "size \(.size), maxIdle \(.maxIdle), maxStreams \(.maxStreams)"')
+  sleep 5
+  c=$(calls clients-local "$since")
+  read -r ok failed stalled <<<"$c"
+  [ "$ok" -gt 0 ] || bad+=" no call was answered while tuning;"
+  [ "$failed" = 0 ] || bad+=" $failed unary calls failed while tuning (of $((ok + failed)));"
+  k -n shop get events --field-selector reason=Tuned -o name | grep -q . || bad+=" no Tuned event;"
+  k -n shop patch connectionpool payments --type=json -p '[{"op":"remove","path":"/spec/tuning"}]' >/dev/null
+  spec_again() {
+    local p got
+    for p in $(k -n "$ns" get pods -l app.kubernetes.io/component=agent -o jsonpath='{.items[*].metadata.name}'); do
+      got=$(k get --raw "/api/v1/namespaces/$ns/pods/$p:15021/proxy/pools" |
+        jq -r '(if type == "array" then . else .pools end)[] | select(.namespace == "shop" and .name == "payments") | .settings.size')
+      [ "$got" = 2 ] || return 1
+    done
+  }
+  eventually 30 spec_again || bad+=" back to Recommend, the agents did not return to the spec's size 2 within 30 s;"
+  [ -z "$bad" ] || { fail tuning "${bad# } (advice: $r)"; return 1; }
+  pass tuning "advice after the agents' 20 s window: $summary (peak $peak streams per address and node; advised size $size, maxIdle $idle, maxStreams $streams); Apply ran $tuned on all 3 agents ${secs} s after the patch, under load: $ok unary calls answered, $failed failed; back to Recommend, the spec's settings again"
+}
+
+# 14. helm uninstall: every object of the release is gone, the CRD stays.
 s_uninstall() {
   local out left
   # The pool first: its node-local Service and slices go with it (owner
@@ -670,7 +732,7 @@ need jq "apt-get install jq"
 failed=0
 skip=""
 # E2E_ONLY narrows the scenarios (for working on one; the order stays).
-for s in ${E2E_ONLY:-install traffic security clients scale agent_restart leader_failover upgrade local surge rollout spread uninstall}; do
+for s in ${E2E_ONLY:-install traffic security clients scale agent_restart leader_failover upgrade local surge rollout spread tuning uninstall}; do
   name=${s//_/-}
   if [ -n "$skip" ]; then
     fail "$name" "not run: $skip failed"

@@ -179,6 +179,7 @@ async fn a_known_load_gets_the_expected_advice_and_apply_runs_it_without_a_faile
     let described = kubectl(&["describe", "cpool", "api", "-n", &ns])
         .await?
         .ok()?;
+    println!("$ kubectl describe cpool api\n{described}");
     assert!(
         described.contains("Recommendation:") && described.contains("AdviceDiffers"),
         "{described}"
