@@ -418,15 +418,19 @@ async fn overflow_never_refuses_a_burst_larger_than_the_queue_on_a_cold_address(
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn wait_queues_in_order_and_then_reports_the_pool_full() {
-    let settings = Settings::default()
+/// One connection of one stream, and callers queue for it for at most 1 s.
+fn one_stream_then_wait() -> Settings {
+    Settings::default()
         .size(1)
         .max_idle(1)
         .max_streams(1)
         .when_full(WhenFull::Wait)
-        .acquire_timeout(Duration::from_secs(1));
-    let (pool, connector) = memory_pool(settings);
+        .acquire_timeout(Duration::from_secs(1))
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_queues_in_order_and_then_reports_the_pool_full() {
+    let (pool, connector) = memory_pool(one_stream_then_wait());
     let first = pool.acquire(A).await.unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let waiters: Vec<_> = (0..3)
@@ -719,13 +723,7 @@ async fn overflow_and_draining_connections_count_as_in_use_and_closes_by_class()
 
 #[tokio::test(start_paused = true)]
 async fn queued_callers_count_as_waits_with_their_time_and_timeouts() {
-    let settings = Settings::default()
-        .size(1)
-        .max_idle(1)
-        .max_streams(1)
-        .when_full(WhenFull::Wait)
-        .acquire_timeout(Duration::from_secs(1));
-    let (pool, _connector) = observed_pool(settings);
+    let (pool, _connector) = observed_pool(one_stream_then_wait());
     // The first caller queues for the dial (which takes no time here).
     let first = pool.acquire(A).await.unwrap();
     // The second queues for 300 ms, until the first lets go.

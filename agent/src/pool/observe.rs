@@ -78,7 +78,13 @@ impl ObserveWindow {
     /// How much of the window the sampler has covered `elapsed` after it
     /// started: whole buckets, at most the window.
     pub fn coverage(self, elapsed: Duration) -> Duration {
-        let whole = self.index(elapsed).min(u64::from(BUCKETS));
+        self.covered(self.index(elapsed))
+    }
+
+    /// The time covered once bucket `index` has begun: the whole buckets
+    /// before it, at most the window.
+    fn covered(self, index: u64) -> Duration {
+        let whole = index.min(u64::from(BUCKETS));
         // At most BUCKETS, so it fits.
         self.bucket() * u32::try_from(whole).unwrap_or(BUCKETS)
     }
@@ -355,7 +361,7 @@ impl Window {
             self.buckets.pop_front();
         }
         let mut observed = Observation {
-            window: self.length.bucket() * u32::try_from(now.min(u64::from(BUCKETS))).unwrap_or(0),
+            window: self.length.covered(now),
             server_max_streams: self.server_max,
             ..Observation::default()
         };
