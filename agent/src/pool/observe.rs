@@ -6,7 +6,7 @@
 //! sample (an integer compare and store where those counts grow), and
 //! cumulative counters of waits, refusals, dials and closes. Once a second
 //! the pool's sampler reads and resets the peaks (to the current values,
-//! not to 0) and takes the counters ([`Sample`]); each address's [`Window`]
+//! not to 0) and takes the counters (`Sample`); each address's `Window`
 //! files the sample in one of [`BUCKETS`] buckets of `window / BUCKETS`
 //! each and drops the buckets older than the window.
 //!
