@@ -97,6 +97,7 @@ async fn get_prints_the_pool_health_columns() -> Result<()> {
             "DESIRED",
             "READY",
             "LOCAL",
+            "ADVICE",
             "AGE"
         ]
     );
